@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh clone: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+STORE  ?= ./store
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: install run test clean
+
+install: $(STAMP)
+
+# constraints.txt pins every package to the versions checked together (torch 2.13.0 CPU build,
+# prefect 3.8.8 with fastapi <0.151 and sqlalchemy <2.1; DESIGN.md §7).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# The main job, end to end, on the small real sample shipped in sample/.
+run: install
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(VENV)/bin/benchroute ingest sample --store $(STORE)
+	$(VENV)/bin/benchroute inspect --store $(STORE)
+
+test: install
+	PREFECT_HOME=$$(mktemp -d) $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(STORE) .prefect .pytest_cache

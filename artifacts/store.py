@@ -1,0 +1,245 @@
+"""The data store: canonical tables as Parquet parts under one fsspec URL, with a commit log.
+
+Layout under the root (a local path, ``memory://…``, ``s3://…``)::
+
+    tables/<table>/part-<batch>.parquet   immutable data parts
+    _log/<seq>.json                        one commit per batch, numbered 0000000001, 0000000002…
+
+A part is visible only once a commit names it, and the commit file is written last in one put,
+so a crash at any point leaves the store exactly as it was after the previous commit (the
+orphaned parts are ignored and removed by ``gc``). A commit *appends* parts to a table or
+*replaces* a table's parts (derived tables such as labels), and records which source units (with
+their content fingerprints) it ingested, so re-ingesting an unchanged unit is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import fsspec
+import polars as pl
+from fsspec.core import url_to_fs
+
+from benchroute.schemas import KEYS, TABLES, empty
+
+_TABLE_NAME = re.compile(r"^[a-z0-9_][a-z0-9_./=-]*$")
+LOG_DIR = "_log"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be read or written as asked."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    seq: int
+    batch: str
+    created: str
+    append: dict[str, list[str]]
+    replace: dict[str, list[str]]
+    units: dict[str, str]
+    info: dict
+
+    @classmethod
+    def from_json(cls, data: dict) -> Commit:
+        return cls(
+            seq=int(data["seq"]),
+            batch=data["batch"],
+            created=data["created"],
+            append=data.get("append", {}),
+            replace=data.get("replace", {}),
+            units=data.get("units", {}),
+            info=data.get("info", {}),
+        )
+
+
+class Store:
+    """Parquet tables at an fsspec URL (see module docstring for the layout)."""
+
+    def __init__(self, url: str, **storage_options):
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = url_to_fs(self.url, **storage_options)
+        self.root = self.root.rstrip("/")
+
+    # ---------------------------------------------------------------- paths
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def url_of(self, relpath: str) -> str:
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+        full = self.path(relpath)
+        return full if protocol in ("file", "local") else f"{protocol}://{full.lstrip('/')}"
+
+    # ---------------------------------------------------------------- log
+    def commits(self) -> list[Commit]:
+        """Every commit, oldest first."""
+        log = self.path(LOG_DIR)
+        if not self.fs.exists(log):
+            return []
+        names = sorted(p for p in self.fs.ls(log, detail=False) if p.endswith(".json"))
+        out = []
+        for name in names:
+            with self.fs.open(name, "rb") as f:
+                try:
+                    out.append(Commit.from_json(json.loads(f.read())))
+                except (ValueError, KeyError) as exc:
+                    raise StoreError(f"{self.url}: commit file {name} is corrupt: {exc}") from exc
+        return sorted(out, key=lambda c: c.seq)
+
+    def parts(self, table: str, commits: list[Commit] | None = None) -> list[str]:
+        """Relative paths of the parts that make up ``table`` now."""
+        parts: list[str] = []
+        for c in self.commits() if commits is None else commits:
+            if table in c.replace:
+                parts = list(c.replace[table])
+            parts.extend(c.append.get(table, []))
+        return parts
+
+    def tables(self) -> list[str]:
+        names: set[str] = set()
+        for c in self.commits():
+            names.update(c.append)
+            names.update(c.replace)
+        return sorted(names)
+
+    def units(self) -> dict[str, str]:
+        """Source units ingested so far: unit key -> content fingerprint of its last ingest."""
+        out: dict[str, str] = {}
+        for c in self.commits():
+            out.update(c.units)
+        return out
+
+    # ---------------------------------------------------------------- read
+    def read(self, table: str, columns: list[str] | None = None) -> pl.DataFrame:
+        """The whole table as one frame (empty, with the declared columns, if never written)."""
+        frames = []
+        for rel in self.parts(table):
+            with self.fs.open(self.path(rel), "rb") as f:
+                frames.append(pl.read_parquet(f, columns=columns))
+        if not frames:
+            base = empty(table) if table in TABLES else pl.DataFrame()
+            return base.select(columns) if columns and base.width else base
+        return pl.concat(frames, how="vertical_relaxed")
+
+    # ---------------------------------------------------------------- write
+    def commit(
+        self,
+        *,
+        append: Mapping[str, pl.DataFrame] | None = None,
+        replace: Mapping[str, pl.DataFrame] | None = None,
+        units: Mapping[str, str] | None = None,
+        info: Mapping | None = None,
+    ) -> Commit:
+        """Write the frames as new parts, then make them visible in one commit.
+
+        Empty appended frames write nothing; an empty replacement empties the table.
+        """
+        batch = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        written_append: dict[str, list[str]] = {}
+        written_replace: dict[str, list[str]] = {}
+        for table, df in (append or {}).items():
+            if df.height:
+                written_append[table] = [self._write_part(table, batch, df)]
+        for table, df in (replace or {}).items():
+            written_replace[table] = [self._write_part(table, batch, df)] if df.height else []
+        return self._write_commit(
+            batch,
+            append=written_append,
+            replace=written_replace,
+            units=dict(units or {}),
+            info=dict(info or {}),
+        )
+
+    def _write_part(self, table: str, batch: str, df: pl.DataFrame) -> str:
+        if not _TABLE_NAME.match(table) or ".." in table:
+            raise StoreError(f"invalid table name {table!r}")
+        rel = f"tables/{table}/part-{batch}.parquet"
+        full = self.path(rel)
+        self.fs.makedirs(self.path("tables", table), exist_ok=True)
+        with self.fs.open(full, "wb") as f:
+            df.write_parquet(f, compression="zstd", statistics=True)
+        return rel
+
+    def _write_commit(self, batch: str, **fields) -> Commit:
+        log = self.path(LOG_DIR)
+        self.fs.makedirs(log, exist_ok=True)
+        for _ in range(100):
+            seq = self._next_seq()
+            entry = {
+                "seq": seq,
+                "batch": batch,
+                "created": dt.datetime.now(dt.UTC).isoformat(),
+                **fields,
+            }
+            payload = json.dumps(entry, indent=1, sort_keys=True).encode()
+            target = self.path(LOG_DIR, f"{seq:010d}.json")
+            try:
+                _create_exclusive(self.fs, target, payload)
+            except FileExistsError:
+                continue  # another writer took this number: take the next one
+            return Commit.from_json(entry)
+        raise StoreError(f"{self.url}: could not claim a commit number after 100 tries")
+
+    def _next_seq(self) -> int:
+        log = self.path(LOG_DIR)
+        names = [os.path.basename(p) for p in self.fs.ls(log, detail=False)]
+        seqs = [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
+        return max(seqs, default=0) + 1
+
+    # ---------------------------------------------------------------- upkeep
+    def gc(self) -> list[str]:
+        """Remove parts that no commit references (left by crashed writers). Returns them."""
+        referenced: set[str] = set()
+        for c in self.commits():
+            for paths in (*c.append.values(), *c.replace.values()):
+                referenced.update(paths)
+        tables_dir = self.path("tables")
+        if not self.fs.exists(tables_dir):
+            return []
+        removed = []
+        for full in self.fs.find(tables_dir):
+            rel = full[len(self.root) + 1 :] if full.startswith(self.root) else full
+            if rel.endswith(".parquet") and rel not in referenced:
+                self.fs.rm(full)
+                removed.append(rel)
+        return removed
+
+
+def new_rows(existing: pl.DataFrame, incoming: pl.DataFrame, table: str) -> pl.DataFrame:
+    """Rows of ``incoming`` whose key is not in ``existing`` (and not repeated in incoming)."""
+    key = KEYS[table]
+    incoming = incoming.unique(key, keep="first", maintain_order=True, nulls_equal=True)
+    if existing.height == 0 or incoming.height == 0:
+        return incoming
+    return incoming.join(existing.select(key), on=key, how="anti", nulls_equal=True)
+
+
+def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
+    """Write ``path`` only if it does not exist yet (FileExistsError otherwise)."""
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(payload)
+        return
+    except (NotImplementedError, ValueError, TypeError):
+        pass  # this filesystem has no exclusive create: check, then write
+    if fs.exists(path):
+        raise FileExistsError(path)
+    fs.pipe_file(path, payload)
+
+
+def concat_tables(results: Iterable[Mapping[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
+    """Stack the per-unit frames table by table."""
+    stacked: dict[str, list[pl.DataFrame]] = {}
+    for tables in results:
+        for name, df in tables.items():
+            stacked.setdefault(name, []).append(df)
+    return {
+        name: pl.concat(frames, how="vertical_relaxed") if frames else empty(name)
+        for name, frames in stacked.items()
+    }

@@ -1,0 +1,260 @@
+"""What every source reader returns, and the helper readers use to build it.
+
+A reader maps one *unit* of a source (a HELM run folder, one CSV, one Parquet table…) to the
+canonical tables and nothing else. Bad records never raise: they become quarantine rows naming
+the file, the record and the field, and the rest of the unit is still read. A unit that cannot be
+parsed at all raises ``UnreadableSource`` with the file's name; the caller reports it and goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from benchroute.schemas import empty, validate
+from benchroute.transforms.ids import ModelNames, input_id, normalize_text
+
+TABLE_NAMES = ("inputs", "memberships", "outcomes", "models", "quarantine")
+
+
+class UnreadableSource(Exception):
+    """A whole file or folder could not be parsed (message names it)."""
+
+
+class UnknownLayout(UnreadableSource):
+    """A source whose layout this version of benchroute does not know."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Canonical frames for one unit of one source, already validated."""
+
+    source: str
+    unit: str
+    inputs: pl.DataFrame
+    memberships: pl.DataFrame
+    outcomes: pl.DataFrame
+    models: pl.DataFrame
+    quarantine: pl.DataFrame
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        return {name: getattr(self, name) for name in TABLE_NAMES}
+
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name).height for name in TABLE_NAMES}
+
+
+def from_frames(
+    *,
+    source: str,
+    unit: str,
+    file: str,
+    names: ModelNames,
+    inputs: pl.DataFrame,
+    memberships: pl.DataFrame,
+    outcomes: pl.DataFrame,
+    quarantine: pl.DataFrame | None = None,
+) -> IngestResult:
+    """Validate frames built by a vectorised reader and assemble an ``IngestResult``.
+
+    ``outcomes`` carries ``source_model`` (the raw name); ``model`` is filled here through the
+    alias table. ``source`` columns are filled when absent. Rows that fail a schema rule move to
+    quarantine; outcomes whose input was quarantined follow it.
+    """
+    q_parts = [quarantine if quarantine is not None else empty("quarantine")]
+    if "source" not in memberships.columns:
+        memberships = memberships.with_columns(pl.lit(source).alias("source"))
+    if "source" not in outcomes.columns:
+        outcomes = outcomes.with_columns(pl.lit(source).alias("source"))
+    if "perturbation" not in outcomes.columns:
+        outcomes = outcomes.with_columns(pl.lit(None, pl.String).alias("perturbation"))
+    outcomes = outcomes.with_columns(model=names.canonical_series(outcomes["source_model"]))
+
+    inputs = inputs.unique("input_id", keep="first", maintain_order=True)
+    memberships = memberships.unique(
+        ["input_id", "dataset", "source"], keep="first", maintain_order=True
+    )
+    valid: dict[str, pl.DataFrame] = {}
+    for name, df in (("inputs", inputs), ("memberships", memberships), ("outcomes", outcomes)):
+        valid[name], bad = validate(name, df, source=source, file=file)
+        q_parts.append(bad)
+    known = valid["inputs"].select("input_id")
+    valid["memberships"] = valid["memberships"].join(known, on="input_id", how="semi")
+    valid["outcomes"] = valid["outcomes"].join(known, on="input_id", how="semi")
+    models = _models_frame(valid["outcomes"], names, source)
+    return IngestResult(
+        source=source,
+        unit=unit,
+        inputs=valid["inputs"],
+        memberships=valid["memberships"],
+        outcomes=valid["outcomes"],
+        models=models,
+        quarantine=pl.concat(q_parts, how="vertical_relaxed"),
+    )
+
+
+def _models_frame(outcomes: pl.DataFrame, names: ModelNames, source: str) -> pl.DataFrame:
+    models = outcomes["model"].unique(maintain_order=True).to_list()
+    df = pl.DataFrame(
+        {
+            "model": models,
+            "display_name": [names.display.get(m, m) for m in models],
+            "params_b": [names.params_b.get(m) for m in models],
+            "cost_per_1k_tokens": [None] * len(models),
+            "source": [source] * len(models),
+        },
+        schema={
+            "model": pl.String,
+            "display_name": pl.String,
+            "params_b": pl.Float64,
+            "cost_per_1k_tokens": pl.Float64,
+            "source": pl.String,
+        },
+    )
+    return validate("models", df, source=source)[0]
+
+
+@dataclass
+class Collector:
+    """Row-by-row builder for streaming readers (HELM, MixInstruct, JSONL).
+
+    ``add_input`` returns the input id (or ``None`` after quarantining a bad text);
+    ``add_outcome`` takes a raw model name and any value, and quarantines non-numeric, NaN or
+    infinite values with the field that held them.
+    """
+
+    source: str
+    unit: str
+    names: ModelNames
+    _inputs: dict[str, str] = field(default_factory=dict)
+    _members: list[tuple] = field(default_factory=list)
+    _outcomes: list[tuple] = field(default_factory=list)
+    _quarantine: list[tuple] = field(default_factory=list)
+
+    def quarantine(
+        self, file: str, record: object, field_: str | None, reason: str, value: object = None
+    ) -> None:
+        self._quarantine.append(
+            (
+                self.source,
+                str(file),
+                None if record is None else str(record),
+                field_,
+                reason,
+                None if value is None else _short(value),
+            )
+        )
+
+    def add_input(
+        self,
+        text: object,
+        *,
+        dataset: str,
+        file: str,
+        record: object,
+        field_: str = "text",
+        split: str | None = None,
+        source_instance_id: str | None = None,
+    ) -> str | None:
+        if not isinstance(text, str):
+            self.quarantine(file, record, field_, f"input text is {type(text).__name__}, not str", text)
+            return None
+        if not normalize_text(text):
+            self.quarantine(file, record, field_, "input text is empty", text)
+            return None
+        iid = input_id(text)
+        self._inputs.setdefault(iid, text)
+        self._members.append((iid, dataset, self.source, split, source_instance_id))
+        return iid
+
+    def add_outcome(
+        self,
+        iid: str,
+        *,
+        dataset: str,
+        model: str,
+        metric: str,
+        value: object,
+        run_id: str,
+        file: str,
+        record: object,
+        perturbation: str | None = None,
+    ) -> bool:
+        number = to_float(value)
+        if number is None or not math.isfinite(number):
+            self.quarantine(
+                file, record, metric, f"metric value {value!r} is not a finite number", value
+            )
+            return False
+        self._outcomes.append(
+            (iid, dataset, metric, number, run_id, self.source, perturbation, model)
+        )
+        return True
+
+    def result(self, file: str) -> IngestResult:
+        inputs = pl.DataFrame(
+            {"input_id": list(self._inputs), "text": list(self._inputs.values())},
+            schema={"input_id": pl.String, "text": pl.String},
+        )
+        members = pl.DataFrame(
+            self._members,
+            schema=["input_id", "dataset", "source", "split", "source_instance_id"],
+            orient="row",
+            schema_overrides={c: pl.String for c in ("split", "source_instance_id")},
+        )
+        outcomes = pl.DataFrame(
+            self._outcomes,
+            schema={
+                "input_id": pl.String,
+                "dataset": pl.String,
+                "metric": pl.String,
+                "value": pl.Float64,
+                "run_id": pl.String,
+                "source": pl.String,
+                "perturbation": pl.String,
+                "source_model": pl.String,
+            },
+            orient="row",
+        )
+        quarantine = pl.DataFrame(
+            self._quarantine,
+            schema=empty("quarantine").schema,
+            orient="row",
+        )
+        return from_frames(
+            source=self.source,
+            unit=self.unit,
+            file=file,
+            names=self.names,
+            inputs=inputs,
+            memberships=members,
+            outcomes=outcomes,
+            quarantine=quarantine,
+        )
+
+
+def to_float(value: object) -> float | None:
+    """A metric value as float: numbers, bools and numeric strings (HELM judges write "1.0")."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return 1.0 if text.lower() == "true" else 0.0
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    try:  # decimal.Decimal from ijson
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
