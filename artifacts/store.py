@@ -243,3 +243,36 @@ def concat_tables(results: Iterable[Mapping[str, pl.DataFrame]]) -> dict[str, pl
         name: pl.concat(frames, how="vertical_relaxed") if frames else empty(name)
         for name, frames in stacked.items()
     }
+
+
+class Appender:
+    """Appends ingested frames to a store, keeping only rows whose key is new.
+
+    Loads the key columns of the existing tables once, so appending many batches costs one read
+    of the store, not one per batch. Not safe against a second writer appending the same rows at
+    the same time (the commit itself is; duplicates would then be removed on read by key).
+    """
+
+    TABLES = ("inputs", "memberships", "outcomes", "models", "quarantine")
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._keys = {t: store.read(t, columns=KEYS[t]) for t in self.TABLES}
+
+    def append(
+        self, tables: Mapping[str, pl.DataFrame], units: Mapping[str, str], info: Mapping
+    ) -> dict[str, pl.DataFrame]:
+        """Commit the new rows of ``tables`` and record ``units``; returns the rows added."""
+        fresh = {}
+        for name in self.TABLES:
+            df = tables.get(name)
+            if df is None:
+                continue
+            fresh[name] = new_rows(self._keys[name], df, name)
+        self.store.commit(append=fresh, units=units, info=info)
+        for name, df in fresh.items():
+            if df.height:
+                self._keys[name] = pl.concat(
+                    [self._keys[name], df.select(KEYS[name])], how="vertical_relaxed"
+                )
+        return fresh

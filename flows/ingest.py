@@ -1,0 +1,162 @@
+"""The ``ingest`` Prefect flow: source dumps -> validated canonical tables -> labels.
+
+Thin wiring only: discovery and reading live in ``transforms.ingest``, range checks and labels in
+``transforms.binarize``, storage in ``artifacts.store``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from tqdm.auto import tqdm
+
+from benchroute import __version__
+from benchroute.artifacts.store import Appender, Store, concat_tables
+from benchroute.transforms import binarize as bz
+from benchroute.transforms.ids import ModelNames
+from benchroute.transforms.ingest import Unit, UnreadableSource, discover, read_unit
+
+# Commit after this many outcome rows (or at the end): a crash keeps every committed batch.
+BATCH_OUTCOME_ROWS = 250_000
+
+
+@dataclass
+class IngestSummary:
+    """What one ingest run did, per source, plus the units it skipped or could not read."""
+
+    store: str
+    units_found: int = 0
+    units_skipped: int = 0
+    units_failed: dict[str, str] = field(default_factory=dict)
+    added: dict[str, dict[str, int]] = field(default_factory=dict)
+    labels: int = 0
+    seconds: float = 0.0
+
+    def add(self, source: str, counts: dict[str, int]) -> None:
+        row = self.added.setdefault(source, {})
+        for k, v in counts.items():
+            row[k] = row.get(k, 0) + v
+
+    def table(self) -> pl.DataFrame:
+        rows = [{"source": s, **c} for s, c in sorted(self.added.items())]
+        return pl.DataFrame(rows) if rows else pl.DataFrame({"source": []})
+
+    def to_dict(self) -> dict:
+        return {
+            "store": self.store,
+            "units_found": self.units_found,
+            "units_skipped": self.units_skipped,
+            "units_failed": self.units_failed,
+            "added": self.added,
+            "labels": self.labels,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@task(retries=2, retry_delay_seconds=2)
+def discover_task(sources: list[str], kinds: list[str] | None) -> list[Unit]:
+    return discover(sources, kinds)
+
+
+@task(retries=1, retry_delay_seconds=1, persist_result=False)
+def read_task(unit: Unit, aliases: str | None, rules: str | None) -> dict[str, pl.DataFrame]:
+    """One unit -> canonical frames, with out-of-range values moved to quarantine."""
+    result = read_unit(unit, ModelNames.load(aliases))
+    tables = result.tables()
+    in_range, bad = bz.check_ranges(tables["outcomes"], bz.load_rules(rules), file=unit.url)
+    tables["outcomes"] = in_range
+    tables["quarantine"] = pl.concat([tables["quarantine"], bad], how="vertical_relaxed")
+    return tables
+
+
+@task(retries=2, retry_delay_seconds=2, persist_result=False)
+def relabel_task(store: str, rules: str | None) -> int:
+    """Recompute the labels table from every outcome in the store (replaces the old one)."""
+    s = Store(store)
+    rule_list = bz.load_rules(rules)
+    labels = bz.binarize(s.read("outcomes"), rule_list)
+    s.commit(
+        replace={"labels": labels},
+        info={"kind": "labels", "rules": bz.rules_to_json(rule_list), "code_version": __version__},
+    )
+    return labels.height
+
+
+@flow(name="ingest", log_prints=False)
+def ingest_flow(
+    sources: list[str],
+    store: str,
+    kinds: list[str] | None = None,
+    aliases: str | None = None,
+    rules: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Ingest every unit under ``sources`` that the store does not hold yet, then relabel.
+
+    ``kinds`` restricts the readers tried; ``aliases`` is a model-alias CSV extending the shipped
+    one; ``rules`` a binarization-rule JSON. Returns the summary (also logged).
+    """
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    summary = IngestSummary(store=store)
+    target = Store(store)
+    units = discover_task(sources, kinds)
+    summary.units_found = len(units)
+    done_prints = set(target.units().values())
+    todo = [u for u in units if u.fingerprint not in done_prints]
+    summary.units_skipped = len(units) - len(todo)
+    log.info("found %d units, %d already ingested, %d to read", len(units), summary.units_skipped, len(todo))
+
+    if todo:
+        appender = Appender(target)
+        pending: list[tuple[Unit, dict[str, pl.DataFrame]]] = []
+        futures = [(u, read_task.submit(u, aliases, rules)) for u in todo]
+        bar = tqdm(total=len(todo), unit="unit", desc="ingest", disable=not progress)
+        for unit, future in futures:
+            try:
+                pending.append((unit, future.result()))
+            except UnreadableSource as exc:
+                summary.units_failed[unit.key] = str(exc)
+                log.warning("could not read %s: %s", unit.url, exc)
+            bar.update(1)
+            if sum(t["outcomes"].height for _, t in pending) >= BATCH_OUTCOME_ROWS:
+                _commit(appender, pending, summary, log)
+                pending = []
+        bar.close()
+        _commit(appender, pending, summary, log)
+    if todo or not target.parts("labels"):
+        summary.labels = relabel_task(store, rules)
+    else:
+        summary.labels = target.read("labels", columns=["y"]).height
+    summary.seconds = time.perf_counter() - t0
+    log.info("ingest done in %.1f s: %s", summary.seconds, summary.to_dict())
+    return summary.to_dict()
+
+
+def _commit(appender: Appender, pending, summary: IngestSummary, log) -> None:
+    if not pending:
+        return
+    t0 = time.perf_counter()
+    rows = sum(t["outcomes"].height for _, t in pending)
+    fresh = appender.append(
+        concat_tables(t for _, t in pending),
+        units={u.key: u.fingerprint for u, _ in pending},
+        info={"kind": "ingest", "units": [u.key for u, _ in pending], "code_version": __version__},
+    )
+    for unit, _ in pending:
+        summary.add(unit.kind, {"units": 1})
+    for name in ("memberships", "outcomes", "quarantine"):
+        for source, n in fresh[name].group_by("source").len().iter_rows():
+            summary.add(source, {f"new_{name}": n})
+    summary.add("_total", {"new_inputs": fresh["inputs"].height, "new_models": fresh["models"].height})
+    log.info(
+        "committed %d units: %d new inputs, %d new outcomes (%d read) in %.1f s",
+        len(pending),
+        fresh["inputs"].height,
+        fresh["outcomes"].height,
+        rows,
+        time.perf_counter() - t0,
+    )

@@ -1,0 +1,209 @@
+"""Binarization: metric values s(x, m) -> correctness labels y(x, m) in {0, 1} (DESIGN.md §1).
+
+Rules are declared, never implied. A rule names a metric (a glob), optionally the datasets it
+applies to (a glob), its kind and parameters, and the metric's valid range:
+
+- ``threshold``: y = 1 if s >= t (or s > t with ``op: ">"``);
+- ``relative_to_best``: y = 1 if s >= max over models of s on the same input - eps;
+- ``top_k``: y = 1 for the k best models on the input (ties at the boundary all count).
+
+For each dataset the *primary* metric is the one matched by the earliest rule in the list; that
+metric alone makes the dataset's labels. Several runs of one model on one input (two suites of
+the same benchmark) are averaged first; perturbed outcomes never make labels. The rule's text is
+stored with every label.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import fsspec
+import polars as pl
+
+from benchroute.schemas import empty, validate
+
+RuleKind = Literal["threshold", "relative_to_best", "top_k"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    metric: str
+    kind: RuleKind
+    t: float | None = None
+    op: Literal[">=", ">"] = ">="
+    eps: float | None = None
+    k: int | None = None
+    dataset: str = "*"
+    lo: float | None = None
+    hi: float | None = None
+
+    def __post_init__(self) -> None:
+        needs = {"threshold": "t", "relative_to_best": "eps", "top_k": "k"}
+        if self.kind not in needs:
+            raise ValueError(f"rule for {self.metric!r}: unknown kind {self.kind!r}")
+        if getattr(self, needs[self.kind]) is None:
+            raise ValueError(f"rule for {self.metric!r}: kind {self.kind} needs {needs[self.kind]!r}")
+        if self.op not in (">=", ">"):
+            raise ValueError(f"rule for {self.metric!r}: op must be '>=' or '>'")
+
+    def matches(self, dataset: str, metric: str) -> bool:
+        return fnmatch.fnmatchcase(metric, self.metric) and fnmatch.fnmatchcase(dataset, self.dataset)
+
+    def describe(self) -> str:
+        """The rule as stored with each label, e.g. ``threshold(exact_match >= 0.5)``."""
+        if self.kind == "threshold":
+            return f"threshold({self.metric} {self.op} {self.t:g})"
+        if self.kind == "relative_to_best":
+            return f"relative_to_best({self.metric} >= best - {self.eps:g})"
+        return f"top_k({self.metric}, k={self.k})"
+
+
+# Defaults for the metrics in our data, most trusted first (DESIGN.md §1; the SOURCE.md notes).
+DEFAULT_RULES: tuple[Rule, ...] = (
+    # Exact-match style 0/1 scores (HELM, MMLU-Pro, RouteLLM CSVs).
+    Rule("exact_match", "threshold", t=0.5, lo=0, hi=1),
+    Rule("quasi_exact_match", "threshold", t=0.5, lo=0, hi=1),
+    Rule("prefix_exact_match", "threshold", t=0.5, lo=0, hi=1),
+    Rule("correct_rx", "threshold", t=0.5, lo=0, hi=1),
+    Rule("correct", "threshold", t=0.5, lo=0, hi=1),
+    # HELM safety judge scores in [0, 1] (mean of two judges, steps of 0.25): "safe" when both
+    # judges lean safe.
+    Rule("art_score", "threshold", t=0.75, lo=0, hi=1),
+    Rule("harm_bench_score", "threshold", t=0.75, lo=0, hi=1),
+    Rule("sst_score", "threshold", t=0.75, lo=0, hi=1),
+    Rule("xst_score", "threshold", t=0.75, lo=0, hi=1),
+    # AlpacaEval: preference in [1, 2] against a fixed reference; > 1.5 = the model wins.
+    Rule("alpaca_eval/*", "threshold", t=1.5, op=">", lo=1, hi=2),
+    # MT-Bench single-answer grading, 1-10.
+    Rule("judge_score", "threshold", t=8, lo=1, hi=10),
+    Rule("judge_score_turn1", "threshold", t=8, lo=1, hi=10),
+    Rule("judge_score_turn2", "threshold", t=8, lo=1, hi=10),
+    # MixInstruct generation quality: close to the best candidate on the same input.
+    Rule("bertscore", "relative_to_best", eps=0.01),
+    Rule("bleurt", "relative_to_best", eps=0.05),
+    Rule("bartscore", "relative_to_best", eps=0.5),
+    # Other HELM scores.
+    Rule("f1_score", "threshold", t=0.5, lo=0, hi=1),
+    Rule("rouge_l", "top_k", k=3, lo=0, hi=1),
+)
+
+
+def load_rules(url: str | None = None) -> tuple[Rule, ...]:
+    """Defaults, or a user's JSON file: ``{"rules": [{...}], "replace_defaults": false}``.
+
+    The user's rules come first (so they win the choice of primary metric).
+    """
+    if not url:
+        return DEFAULT_RULES
+    with fsspec.open(url, "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    try:
+        user = tuple(Rule(**r) for r in data.get("rules", []))
+    except TypeError as exc:
+        raise ValueError(f"{url}: bad binarization rule: {exc}") from exc
+    return user if data.get("replace_defaults") else user + DEFAULT_RULES
+
+
+def rules_to_json(rules: tuple[Rule, ...]) -> list[dict]:
+    return [{k: v for k, v in asdict(r).items() if v is not None} for r in rules]
+
+
+def primary_metrics(outcomes: pl.DataFrame, rules: tuple[Rule, ...]) -> pl.DataFrame:
+    """For each dataset, the metric that makes its labels and the rule's index.
+
+    Returns columns ``dataset, metric, rule_index``; datasets with no matching metric are absent.
+    """
+    pairs = outcomes.select("dataset", "metric").unique().sort("dataset", "metric")
+    chosen: dict[str, tuple[str, int]] = {}
+    for dataset, metric in pairs.iter_rows():
+        for i, rule in enumerate(rules):
+            if rule.matches(dataset, metric):
+                if dataset not in chosen or i < chosen[dataset][1]:
+                    chosen[dataset] = (metric, i)
+                break
+    return pl.DataFrame(
+        {
+            "dataset": list(chosen),
+            "metric": [m for m, _ in chosen.values()],
+            "rule_index": [i for _, i in chosen.values()],
+        },
+        schema={"dataset": pl.String, "metric": pl.String, "rule_index": pl.Int64},
+    )
+
+
+def binarize(outcomes: pl.DataFrame, rules: tuple[Rule, ...] = DEFAULT_RULES) -> pl.DataFrame:
+    """The labels table: one row per (input, dataset, model) of every dataset with a rule."""
+    primary = primary_metrics(outcomes, rules)
+    if primary.height == 0:
+        return empty("labels")
+    values = (
+        outcomes.filter(pl.col("perturbation").is_null())
+        .join(primary, on=["dataset", "metric"], how="inner")
+        .group_by("input_id", "dataset", "model", "metric", "rule_index")
+        .agg(pl.col("value").mean(), pl.len().cast(pl.Int32).alias("n_outcomes"))
+    )
+    frames = []
+    for i, rule in enumerate(rules):
+        part = values.filter(pl.col("rule_index") == i)
+        if part.height:
+            frames.append(
+                part.with_columns(
+                    y=_label_expr(rule).cast(pl.Int8), rule=pl.lit(rule.describe())
+                )
+            )
+    labels = pl.concat(frames).drop("rule_index").sort("dataset", "input_id", "model")
+    valid, bad = validate("labels", labels, source="binarize")
+    if bad.height:  # cannot happen for validated outcomes; fail loudly if it does
+        raise AssertionError(f"binarize produced invalid labels: {bad.head(3)}")
+    return valid
+
+
+def _label_expr(rule: Rule) -> pl.Expr:
+    v = pl.col("value")
+    group = ["input_id", "dataset"]
+    if rule.kind == "threshold":
+        return v > rule.t if rule.op == ">" else v >= rule.t
+    if rule.kind == "relative_to_best":
+        return v >= v.max().over(group) - rule.eps
+    return v.rank(method="min", descending=True).over(group) <= rule.k
+
+
+def check_ranges(
+    outcomes: pl.DataFrame, rules: tuple[Rule, ...] = DEFAULT_RULES, *, file: str = ""
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split off outcomes outside their metric's declared range (first matching rule's range).
+
+    Returns ``(in_range, quarantine_rows)``.
+    """
+    if outcomes.height == 0:
+        return outcomes, empty("quarantine")
+    pairs = outcomes.select("dataset", "metric").unique()
+    bounds = []
+    for dataset, metric in pairs.iter_rows():
+        rule = next((r for r in rules if r.matches(dataset, metric)), None)
+        if rule is not None and (rule.lo is not None or rule.hi is not None):
+            bounds.append((dataset, metric, rule.lo, rule.hi))
+    if not bounds:
+        return outcomes, empty("quarantine")
+    b = pl.DataFrame(bounds, schema=["dataset", "metric", "lo", "hi"], orient="row").cast(
+        {"lo": pl.Float64, "hi": pl.Float64}
+    )
+    joined = outcomes.join(b, on=["dataset", "metric"], how="left")
+    bad_mask = (pl.col("lo").is_not_null() & (pl.col("value") < pl.col("lo"))) | (
+        pl.col("hi").is_not_null() & (pl.col("value") > pl.col("hi"))
+    )
+    bad = joined.filter(bad_mask)
+    quarantine = bad.select(
+        pl.col("source"),
+        pl.lit(file).alias("file") if file else pl.col("run_id").alias("file"),
+        pl.concat_str(["run_id", "input_id", "model"], separator="/").alias("record"),
+        pl.col("metric").alias("field"),
+        pl.format("value {} outside the metric's range [{}, {}]", "value", "lo", "hi").alias(
+            "reason"
+        ),
+        pl.col("value").cast(pl.String).alias("value"),
+    )
+    return joined.filter(~bad_mask).drop("lo", "hi"), quarantine
