@@ -214,7 +214,7 @@ class Store:
 def new_rows(existing: pl.DataFrame, incoming: pl.DataFrame, table: str) -> pl.DataFrame:
     """Rows of ``incoming`` whose key is not in ``existing`` (and not repeated in incoming)."""
     key = KEYS[table]
-    incoming = incoming.unique(key, keep="first", maintain_order=True, nulls_equal=True)
+    incoming = incoming.unique(key, keep="first", maintain_order=True)
     if existing.height == 0 or incoming.height == 0:
         return incoming
     return incoming.join(existing.select(key), on=key, how="anti", nulls_equal=True)
