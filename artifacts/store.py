@@ -266,9 +266,7 @@ class Appender:
         fresh = {}
         for name in self.TABLES:
             df = tables.get(name)
-            if df is None:
-                continue
-            fresh[name] = new_rows(self._keys[name], df, name)
+            fresh[name] = new_rows(self._keys[name], empty(name) if df is None else df, name)
         self.store.commit(append=fresh, units=units, info=info)
         for name, df in fresh.items():
             if df.height:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from benchroute import __version__
 from benchroute.artifacts.store import Appender, Store, concat_tables
+from benchroute.schemas import empty
 from benchroute.transforms import binarize as bz
 from benchroute.transforms.ids import ModelNames
 from benchroute.transforms.ingest import Unit, UnreadableSource, discover, read_unit
@@ -61,10 +62,17 @@ def discover_task(sources: list[str], kinds: list[str] | None) -> list[Unit]:
     return discover(sources, kinds)
 
 
-@task(retries=1, retry_delay_seconds=1, persist_result=False)
-def read_task(unit: Unit, aliases: str | None, rules: str | None) -> dict[str, pl.DataFrame]:
-    """One unit -> canonical frames, with out-of-range values moved to quarantine."""
-    result = read_unit(unit, ModelNames.load(aliases))
+@task(retries=2, retry_delay_seconds=2, persist_result=False)
+def read_task(unit: Unit, aliases: str | None, rules: str | None) -> dict[str, pl.DataFrame] | str:
+    """One unit -> canonical frames, with out-of-range values moved to quarantine.
+
+    A unit that cannot be parsed at all is an expected outcome, not a task failure: its error
+    message is returned instead (retries are for I/O errors only).
+    """
+    try:
+        result = read_unit(unit, ModelNames.load(aliases))
+    except UnreadableSource as exc:
+        return str(exc)
     tables = result.tables()
     in_range, bad = bz.check_ranges(tables["outcomes"], bz.load_rules(rules), file=unit.url)
     tables["outcomes"] = in_range
@@ -116,13 +124,14 @@ def ingest_flow(
         futures = [(u, read_task.submit(u, aliases, rules)) for u in todo]
         bar = tqdm(total=len(todo), unit="unit", desc="ingest", disable=not progress)
         for unit, future in futures:
-            try:
-                pending.append((unit, future.result()))
-            except UnreadableSource as exc:
-                summary.units_failed[unit.key] = str(exc)
-                log.warning("could not read %s: %s", unit.url, exc)
+            tables = future.result()
+            if isinstance(tables, str):
+                summary.units_failed[unit.key] = tables
+                log.warning("could not read %s: %s", unit.url, tables)
+                tables = {"quarantine": _unreadable_row(unit, tables)}
+            pending.append((unit, tables))
             bar.update(1)
-            if sum(t["outcomes"].height for _, t in pending) >= BATCH_OUTCOME_ROWS:
+            if sum(t["outcomes"].height for _, t in pending if "outcomes" in t) >= BATCH_OUTCOME_ROWS:
                 _commit(appender, pending, summary, log)
                 pending = []
         bar.close()
@@ -136,11 +145,24 @@ def ingest_flow(
     return summary.to_dict()
 
 
+def _unreadable_row(unit: Unit, message: str) -> pl.DataFrame:
+    """The quarantine record for a unit that could not be parsed at all (kept until it changes)."""
+    row = {
+        "source": unit.kind,
+        "file": unit.url,
+        "record": None,
+        "field": None,
+        "reason": f"unreadable: {message}",
+        "value": None,
+    }
+    return pl.DataFrame([row], schema=empty("quarantine").schema)
+
+
 def _commit(appender: Appender, pending, summary: IngestSummary, log) -> None:
     if not pending:
         return
     t0 = time.perf_counter()
-    rows = sum(t["outcomes"].height for _, t in pending)
+    rows = sum(t["outcomes"].height for _, t in pending if "outcomes" in t)
     fresh = appender.append(
         concat_tables(t for _, t in pending),
         units={u.key: u.fingerprint for u, _ in pending},
