@@ -1,0 +1,349 @@
+"""Router bundles: write, publish atomically, read and verify (DESIGN.md §5).
+
+A bundle lives at ``<store>/bundles/<name>/<version>/``: data files (Parquet, ``.npy``, JSON
+only — never pickles) and ``manifest.json``, which lists every file with its sha256 and size.
+Publishing writes the data files, reads them back to verify them, and writes the manifest last
+(one put, exclusive), so a version folder without a manifest is invisible; the ``latest`` ref
+(``refs/latest.json``) moves only after that. A reader therefore sees the old bundle or the new
+one, never a mix. Identical content (same files and metadata) publishes no new version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import polars as pl
+from fsspec.core import url_to_fs
+
+from benchroute.schemas.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    ManifestError,
+    check_manifest,
+    check_relpath,
+)
+
+BUNDLES_DIR = "bundles"
+REFS_DIR = "refs"
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be published or loaded (message names the bundle and file)."""
+
+
+# ------------------------------------------------------------------------------ encoding
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def parquet_bytes(df: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="zstd")
+    return buf.getvalue()
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class BundleContent:
+    """What a builder hands to ``publish``: named file bytes plus manifest metadata."""
+
+    name: str
+    files: Mapping[str, bytes]
+    meta: Mapping = field(default_factory=dict)  # embedder, rules, sources, parameters, …
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for rel in sorted(self.files):
+            h.update(f"{rel}\0{sha256(self.files[rel])}\n".encode())
+        h.update(json_bytes(dict(self.meta)))
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: str
+    url: str
+    created: bool  # False: identical content was already published as this version
+
+
+# ------------------------------------------------------------------------------ locations
+class BundleStore:
+    """The bundles of one store root (any fsspec URL)."""
+
+    def __init__(self, store_url: str, **storage_options):
+        self.url = str(store_url).rstrip("/")
+        self.fs, root = url_to_fs(self.url, **storage_options)
+        self.root = root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, BUNDLES_DIR, *parts])
+
+    def names(self) -> list[str]:
+        base = self.path()
+        if not self.fs.exists(base):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+
+    def versions(self, name: str) -> list[str]:
+        """Published versions (those with a manifest), oldest first (version ids sort by time)."""
+        base = self.path(name)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for p in self.fs.ls(base, detail=False):
+            v = posixpath.basename(p.rstrip("/"))
+            if v != REFS_DIR and not v.startswith("_") and self.fs.exists(f"{p}/{MANIFEST_FILE}"):
+                out.append(v)
+        return sorted(out)
+
+    # refs ---------------------------------------------------------------------------
+    def ref(self, name: str, ref: str = "latest") -> str | None:
+        p = self.path(name, REFS_DIR, f"{ref}.json")
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "rb") as f:
+            return json.loads(f.read())["version"]
+
+    def refs(self, name: str) -> dict[str, str]:
+        base = self.path(name, REFS_DIR)
+        if not self.fs.exists(base):
+            return {}
+        out = {}
+        for p in self.fs.ls(base, detail=False):
+            ref = posixpath.basename(p)
+            if ref.endswith(".json"):
+                out[ref[:-5]] = self.ref(name, ref[:-5])
+        return out
+
+    def set_ref(self, name: str, ref: str, version: str) -> None:
+        if version not in self.versions(name):
+            raise BundleError(f"bundle {name}: no published version {version!r}")
+        if not ref.replace("-", "").replace("_", "").isalnum():
+            raise BundleError(f"bundle {name}: bad ref name {ref!r}")
+        _atomic_put(self.fs, self.path(name, REFS_DIR, f"{ref}.json"), json_bytes({"version": version}))
+
+    def delete_ref(self, name: str, ref: str) -> None:
+        p = self.path(name, REFS_DIR, f"{ref}.json")
+        if self.fs.exists(p):
+            self.fs.rm(p)
+
+    def resolve(self, name: str, version: str = "latest") -> str:
+        """A version id from a version id or a ref name (``latest``, a pin)."""
+        if version in self.versions(name):
+            return version
+        resolved = self.ref(name, version)
+        if resolved is None:
+            raise BundleError(f"bundle {name} in {self.url}: no version or ref {version!r}")
+        return resolved
+
+    def manifest(self, name: str, version: str) -> dict:
+        p = self.path(name, version, MANIFEST_FILE)
+        try:
+            with self.fs.open(p, "rb") as f:
+                data = json.loads(f.read())
+        except FileNotFoundError as exc:
+            raise BundleError(f"bundle {name}/{version}: no manifest.json") from exc
+        except ValueError as exc:
+            raise BundleError(f"bundle {name}/{version}: manifest.json is not JSON: {exc}") from exc
+        return data
+
+    # publish ------------------------------------------------------------------------
+    def publish(self, content: BundleContent, *, code_version: str) -> Published:
+        """Publish ``content`` as a new version (or return the version that already holds it)."""
+        name = content.name
+        for rel in content.files:
+            check_relpath(rel, f"bundle {name}")
+        digest = content.content_hash()
+        for v in reversed(self.versions(name)):
+            if self.manifest(name, v).get("content_hash") == digest:
+                if self.ref(name) is None:
+                    self.set_ref(name, "latest", v)
+                return Published(name, v, self._url(name, v), created=False)
+
+        now = dt.datetime.now(dt.UTC)
+        version = f"{now:%Y%m%dT%H%M%S%fZ}-{digest[:12]}"
+        folder = self.path(name, version)
+        if self.fs.exists(f"{folder}/{MANIFEST_FILE}"):
+            raise BundleError(f"bundle {name}: version {version} exists already")
+        files = {}
+        for rel, data in sorted(content.files.items()):
+            target = f"{folder}/{rel}"
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            self.fs.pipe_file(target, data)
+            files[rel] = {"sha256": sha256(data), "size": len(data)}
+        for rel, entry in files.items():  # verify what landed before making it visible
+            with self.fs.open(f"{folder}/{rel}", "rb") as f:
+                if sha256(f.read()) != entry["sha256"]:
+                    raise BundleError(f"bundle {name}/{version}: {rel} did not verify after write")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version,
+            "content_hash": digest,
+            "created": now.isoformat(),
+            "code_version": code_version,
+            **dict(content.meta),
+            "files": files,
+        }
+        check_manifest(manifest, f"bundle {name}/{version}")
+        try:
+            _exclusive_put(self.fs, f"{folder}/{MANIFEST_FILE}", json_bytes(manifest))
+        except FileExistsError as exc:
+            raise BundleError(
+                f"bundle {name}: another publisher wrote version {version} at the same time"
+            ) from exc
+        self.set_ref(name, "latest", version)
+        return Published(name, version, self._url(name, version), created=True)
+
+    def _url(self, name: str, version: str) -> str:
+        return f"{self.url}/{BUNDLES_DIR}/{name}/{version}"
+
+
+# ------------------------------------------------------------------------------ loading
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose every file matched its manifest hash; files are held in memory."""
+
+    url: str
+    manifest: dict
+    files: Mapping[str, bytes]
+
+    def npy(self, rel: str) -> np.ndarray:
+        try:
+            return np.load(io.BytesIO(self.files[rel]), allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(f"{self.url}/{rel}: not a plain .npy array ({exc})") from exc
+
+    def parquet(self, rel: str) -> pl.DataFrame:
+        return pl.read_parquet(io.BytesIO(self.files[rel]))
+
+    def json(self, rel: str):
+        return json.loads(self.files[rel])
+
+
+def open_bundle(url: str, name: str | None = None, version: str = "latest") -> VerifiedBundle:
+    """Load and verify a bundle.
+
+    ``url`` is a store root (then ``name`` is required), a bundle's folder
+    (``<store>/bundles/<name>``) or a version folder (``…/<name>/<version>``). Every listed file
+    is hashed; an unknown schema version, a file not in the manifest, a path escaping the folder,
+    a size or hash mismatch, or a pickle in an ``.npy`` is refused with the file's name.
+    """
+    fs, path = url_to_fs(str(url).rstrip("/"))
+    path = path.rstrip("/")
+    if fs.exists(f"{path}/{MANIFEST_FILE}"):
+        folder = path
+    else:
+        if name is None:
+            parent, name = posixpath.dirname(path), posixpath.basename(path)
+            store_root = posixpath.dirname(parent)
+        else:
+            store_root = path
+        bs = BundleStore.__new__(BundleStore)
+        bs.url, bs.fs, bs.root = str(url).rstrip("/"), fs, store_root
+        folder = bs.path(name, bs.resolve(name, version))
+    label = fs.unstrip_protocol(folder) if hasattr(fs, "unstrip_protocol") else folder
+    try:
+        with fs.open(f"{folder}/{MANIFEST_FILE}", "rb") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, ValueError) as exc:
+        raise BundleError(f"{label}: cannot read manifest.json: {exc}") from exc
+    try:
+        check_manifest(manifest, label)
+    except ManifestError as exc:
+        raise BundleError(str(exc)) from exc
+    listed = set(manifest["files"]) | {MANIFEST_FILE}
+    for full in fs.find(folder):
+        rel = full[len(folder) + 1 :]
+        if rel not in listed:
+            raise BundleError(f"{label}: file {rel!r} is not listed in the manifest")
+    files = {}
+    for rel, entry in manifest["files"].items():
+        try:
+            with fs.open(f"{folder}/{rel}", "rb") as f:
+                data = f.read()
+        except FileNotFoundError as exc:
+            raise BundleError(f"{label}: listed file {rel!r} is missing") from exc
+        if len(data) != entry["size"]:
+            raise BundleError(f"{label}: {rel} has {len(data)} bytes, manifest says {entry['size']}")
+        if sha256(data) != entry["sha256"]:
+            raise BundleError(f"{label}: {rel} does not match its sha256 in the manifest")
+        files[rel] = data
+    bundle = VerifiedBundle(label, manifest, files)
+    for rel in files:
+        if rel.endswith(".npy"):
+            bundle.npy(rel)  # refuses object arrays (pickles) up front
+    return bundle
+
+
+# ------------------------------------------------------------------------------ puts
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` in one step: rename on a local disk, a single put elsewhere."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if _is_local(fs):
+        import os
+
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _tmp_name(path: str) -> str:
+    """A temporary file beside the bundle's folders (``_tmp-…``, skipped by every listing)."""
+    import uuid
+
+    return f"{posixpath.dirname(posixpath.dirname(path))}/_tmp-{uuid.uuid4().hex}"
+
+
+def _exclusive_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` only if absent (FileExistsError otherwise), whole or not at all."""
+    if _is_local(fs):
+        import os
+
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if path exists; atomic
+        finally:
+            os.unlink(tmp)
+        return
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return
+    except (NotImplementedError, ValueError, TypeError):
+        pass
+    if fs.exists(path):
+        raise FileExistsError(path)
+    fs.pipe_file(path, data)
