@@ -97,22 +97,24 @@ class BundleStore:
         return "/".join([self.root, BUNDLES_DIR, *parts])
 
     def names(self) -> list[str]:
-        base = self.path()
-        if not self.fs.exists(base):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(base, detail=False))
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self._ls(self.path()))
 
     def versions(self, name: str) -> list[str]:
         """Published versions (those with a manifest), oldest first (version ids sort by time)."""
-        base = self.path(name)
-        if not self.fs.exists(base):
-            return []
         out = []
-        for p in self.fs.ls(base, detail=False):
+        for p in self._ls(self.path(name)):
             v = posixpath.basename(p.rstrip("/"))
             if v != REFS_DIR and not v.startswith("_") and self.fs.exists(f"{p}/{MANIFEST_FILE}"):
                 out.append(v)
         return sorted(out)
+
+    def _ls(self, path: str) -> list[str]:
+        """Fresh listing (other processes publish too), empty when the folder is absent."""
+        self.fs.invalidate_cache(path)
+        try:
+            return self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
 
     # refs ---------------------------------------------------------------------------
     def ref(self, name: str, ref: str = "latest") -> str | None:
@@ -123,11 +125,8 @@ class BundleStore:
             return json.loads(f.read())["version"]
 
     def refs(self, name: str) -> dict[str, str]:
-        base = self.path(name, REFS_DIR)
-        if not self.fs.exists(base):
-            return {}
         out = {}
-        for p in self.fs.ls(base, detail=False):
+        for p in self._ls(self.path(name, REFS_DIR)):
             ref = posixpath.basename(p)
             if ref.endswith(".json"):
                 out[ref[:-5]] = self.ref(name, ref[:-5])

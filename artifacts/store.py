@@ -79,10 +79,7 @@ class Store:
     # ---------------------------------------------------------------- log
     def commits(self) -> list[Commit]:
         """Every commit, oldest first."""
-        log = self.path(LOG_DIR)
-        if not self.fs.exists(log):
-            return []
-        names = sorted(p for p in self.fs.ls(log, detail=False) if p.endswith(".json"))
+        names = sorted(p for p in self._ls(self.path(LOG_DIR)) if p.endswith(".json"))
         out = []
         for name in names:
             with self.fs.open(name, "rb") as f:
@@ -114,6 +111,14 @@ class Store:
         for c in self.commits():
             out.update(c.units)
         return out
+
+    def _ls(self, path: str) -> list[str]:
+        """Fresh listing (other processes write here too), empty when the folder is absent."""
+        self.fs.invalidate_cache(path)
+        try:
+            return self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
 
     # ---------------------------------------------------------------- read
     def read(self, table: str, columns: list[str] | None = None) -> pl.DataFrame:
@@ -187,8 +192,7 @@ class Store:
         raise StoreError(f"{self.url}: could not claim a commit number after 100 tries")
 
     def _next_seq(self) -> int:
-        log = self.path(LOG_DIR)
-        names = [os.path.basename(p) for p in self.fs.ls(log, detail=False)]
+        names = [os.path.basename(p) for p in self._ls(self.path(LOG_DIR))]
         seqs = [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
         return max(seqs, default=0) + 1
 

@@ -42,3 +42,40 @@ def memory_url(request) -> str:
     path = fs._strip_protocol(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto's server mode), reached through s3fs like real S3.
+
+    fsspec's per-protocol config points every ``s3://`` URL at it for the session.
+    """
+    import socket
+
+    import boto3
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"aws_access_key_id": "test", "aws_secret_access_key": "test"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds).create_bucket(
+        Bucket="benchroute-test"
+    )
+    old = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "key": "test",
+        "secret": "test",
+        "skip_instance_cache": True,
+    }
+    yield "s3://benchroute-test"
+    if old is None:
+        fsspec.config.conf.pop("s3", None)
+    else:
+        fsspec.config.conf["s3"] = old
+    server.stop()

@@ -207,3 +207,15 @@ def test_concurrent_publishers_leave_exactly_their_versions(tmp_path):
     assert bs.ref("demo") in reported
     for v in reported:
         open_bundle(store, "demo", version=v)
+
+
+def test_publish_and_load_through_s3(s3_server):
+    """A real S3 API on loopback (moto server) through s3fs, not a mock of fsspec."""
+    url = f"{s3_server}/bundles-test"
+    bs = BundleStore(url)
+    first = bs.publish(_content(1), code_version="t")
+    second = bs.publish(_content(2), code_version="t")
+    assert bs.versions("demo") == [first.version, second.version]
+    assert open_bundle(url, "demo").manifest["version"] == second.version
+    assert registry.rollback(url, "demo") == first.version
+    assert open_bundle(url, "demo").npy("index/embeddings.npy").shape == (5, 4)

@@ -87,3 +87,12 @@ def test_appender_is_idempotent(store):
 def test_bad_table_name_is_refused(store):
     with pytest.raises(StoreError):
         store.commit(append={"../escape": _inputs("a")})
+
+
+def test_store_on_s3(s3_server):
+    """The same store code against a real S3 API (moto server on loopback) through s3fs."""
+    store = Store(f"{s3_server}/store-test")
+    Appender(store).append({"inputs": _inputs("a", "b")}, units={"u": "1"}, info={})
+    Appender(store).append({"inputs": _inputs("b", "c")}, units={"u2": "2"}, info={})
+    assert sorted(store.read("inputs")["text"]) == ["a", "b", "c"]
+    assert store.units() == {"u": "1", "u2": "2"}
