@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from benchroute.schemas import empty, validate
+from benchroute.schemas import OUTCOME_KEY, empty, validate
 from benchroute.transforms.ids import ModelNames, input_id, normalize_text
 
 TABLE_NAMES = ("inputs", "memberships", "outcomes", "models", "quarantine")
@@ -76,6 +76,8 @@ def from_frames(
     memberships = memberships.unique(
         ["input_id", "dataset", "source"], keep="first", maintain_order=True
     )
+    outcomes, dups = _split_repeats(outcomes, file=file, source=source)
+    q_parts.append(dups)
     valid: dict[str, pl.DataFrame] = {}
     for name, df in (("inputs", inputs), ("memberships", memberships), ("outcomes", outcomes)):
         valid[name], bad = validate(name, df, source=source, file=file)
@@ -93,6 +95,28 @@ def from_frames(
         models=models,
         quarantine=pl.concat(q_parts, how="vertical_relaxed"),
     )
+
+
+def _split_repeats(
+    outcomes: pl.DataFrame, *, file: str, source: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Keep the first of several outcomes with one key; the repeats go to quarantine."""
+    first = pl.struct(OUTCOME_KEY).is_first_distinct()
+    repeats = outcomes.filter(~first)
+    if repeats.height == 0:
+        return outcomes, empty("quarantine")
+    bad = repeats.select(
+        pl.lit(source).alias("source"),
+        pl.lit(file).alias("file"),
+        pl.concat_str(["run_id", "input_id", "model", "metric"], separator="/").alias("record"),
+        pl.lit("input_id").alias("field"),
+        pl.lit(
+            "duplicate observation: same input, dataset, model, metric, run and perturbation as "
+            "an earlier record (the first is kept)"
+        ).alias("reason"),
+        pl.col("value").cast(pl.String).alias("value"),
+    )
+    return outcomes.filter(first), bad
 
 
 def _models_frame(outcomes: pl.DataFrame, names: ModelNames, source: str) -> pl.DataFrame:
