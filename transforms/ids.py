@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,12 +17,10 @@ from importlib import resources
 import fsspec
 import polars as pl
 
-_WS = re.compile(r"\s+")
-
 
 def normalize_text(text: str) -> str:
     """Unicode NFC, whitespace runs collapsed to one space, ends stripped."""
-    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def input_id(text: str) -> str:
