@@ -1,0 +1,219 @@
+"""The LODO evaluation: selection and tie rules, the benchmark arrays, and end to end on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats
+
+from benchroute.transforms.evaluate import (
+    BenchmarkArrays,
+    EvalConfig,
+    evaluate_lodo,
+    format_table1,
+)
+from benchroute.transforms.knn import KNNCorrectness
+from benchroute.transforms.scores import binarized_accuracy
+from benchroute.transforms.selection import (
+    choice_metrics,
+    choose,
+    choose_rows,
+    pearson,
+    ranks,
+    spearman,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "eval"
+
+
+# ---------------------------------------------------------------- selection and tie rules
+def test_choose_ties_in_expectation_and_by_training_accuracy():
+    s = np.array([0.5, 0.7, 0.7, np.nan, 0.7 - 1e-12])
+    np.testing.assert_allclose(choose(s, "expectation"), [0, 1 / 3, 1 / 3, 0, 1 / 3])
+    train = np.array([0.9, 0.1, 0.3, 0.99, 0.3])
+    # tied: models 1, 2, 4; best training accuracy 0.3 (2 and 4) -> first in order: 2
+    np.testing.assert_allclose(choose(s, "train_acc", train), [0, 0, 1, 0, 0])
+    np.testing.assert_allclose(choose(np.full(3, np.nan)), [1 / 3] * 3)
+
+
+def test_choose_rows_per_input():
+    G = np.array([[0.2, 0.8, 0.8], [1.0, 0.0, np.nan]])
+    np.testing.assert_allclose(choose_rows(G, "expectation"), [[0, 0.5, 0.5], [1, 0, 0]])
+    np.testing.assert_allclose(choose_rows(G, "train_acc", np.array([0.1, 0.2, 0.3])), [[0, 0, 1], [1, 0, 0]])
+
+
+def test_ranks_share_the_best_rank():
+    np.testing.assert_allclose(ranks(np.array([0.5, 0.9, 0.5, 0.1])), [2, 1, 2, 4])
+
+
+def test_correlations_match_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(12), rng.random(12)
+    a[3] = a[5]  # a tie for the rank correlation
+    assert pearson(a, b) == pytest.approx(stats.pearsonr(a, b).statistic)
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic)
+    assert np.isnan(pearson(np.ones(4), b[:4]))
+
+
+def test_choice_metrics_by_hand():
+    acc = np.array([0.6, 0.8, 0.4])
+    w = np.array([0.5, 0.5, 0.0])
+    m = choice_metrics(w, acc, w_bma=np.array([0, 1.0, 0]), params_b=np.array([7.0, np.nan, 70.0]),
+                       scores=np.array([0.1, 0.2, 0.0]))
+    assert m["acc"] == pytest.approx(0.7)
+    assert m["ratio_to_best"] == pytest.approx(0.7 / 0.8)
+    assert m["rank"] == pytest.approx(1.5)
+    assert m["pct_bma"] == pytest.approx(0.5)
+    assert m["params_b"] == pytest.approx(7.0)  # only the chosen models with a known size
+    assert m["pearson"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- benchmark arrays
+def _frames():
+    ids = [f"{i:032x}" for i in range(4)]
+    labels = pl.DataFrame(
+        {
+            "input_id": [ids[0], ids[0], ids[1], ids[1], ids[2], ids[3], ids[3], ids[3]],
+            "dataset": ["a", "a", "a", "a", "b", "b", "c", "c"],
+            "model": ["m1", "m2", "m1", "m2", "m1", "m1", "m1", "m2"],
+            "y": [1, 0, 0, 1, 1, 1, 0, 1],
+            "value": [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+        }
+    )
+    memberships = pl.DataFrame({"input_id": ids + [ids[3]], "dataset": ["a", "a", "b", "b", "c"]})
+    models = pl.DataFrame({"model": ["m1", "m2"], "params_b": [7.0, None]})
+    emb = np.eye(4, 3, dtype=np.float32) + 0.1
+    return emb, ids, labels, memberships, models
+
+
+def test_benchmark_arrays_from_frames():
+    emb, ids, labels, memberships, models = _frames()
+    b = BenchmarkArrays.from_frames(emb, ids, labels, memberships, models)
+    assert b.models == ["m1", "m2"] and b.datasets == ["a", "b", "c"]
+    np.testing.assert_array_equal(b.member[3], [False, True, True])
+    # input 3 is in b (m1 = 1) and c (m1 = 0, m2 = 1): training label = mean over its datasets
+    np.testing.assert_allclose(b.Y[3], [0.5, 1.0])
+    np.testing.assert_allclose(b.Y[2], [1.0, np.nan])
+    np.testing.assert_allclose(b.params_b, [7.0, np.nan])
+    assert b.dataset_rows[1].tolist() == [2, 3]
+    np.testing.assert_allclose(b.dataset_y[1], [[1.0, np.nan], [1.0, np.nan]])
+    assert b.complete_rows(0).tolist() == [0, 1] and b.complete_rows(1).size == 0
+    assert b.row_groups[0] == b.row_groups[1] != b.row_groups[3]
+    np.testing.assert_allclose(b.dataset_accuracy(), [[0.5, 0.5], [1.0, np.nan], [0.0, 1.0]])
+    # leaving out input 3 (e.g. because it also sits in the held-out dataset)
+    np.testing.assert_allclose(b.dataset_accuracy(exclude_rows=np.array([0, 0, 0, 1], bool)),
+                               [[0.5, 0.5], [1.0, np.nan], [np.nan, np.nan]])
+    with pytest.raises(ValueError, match="no embedding"):
+        BenchmarkArrays.from_frames(emb[:3], ids[:3], labels, memberships)
+
+
+def _synthetic(seed=0, n=300, D=5, M=4):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 12)).astype(np.float32)
+    ds = rng.integers(0, D, n)
+    ids = [f"{i:032x}" for i in range(n)]
+    recs = []
+    for i in range(n):
+        for m in range(M):
+            y = int(rng.random() < 1 / (1 + np.exp(-(X[i, 0] * (m - 1.5) + 0.4 * m - 0.6))))
+            recs.append((ids[i], f"d{ds[i]}", f"m{m}", float(y), y))
+    labels = pl.DataFrame(recs, schema=["input_id", "dataset", "model", "value", "y"], orient="row")
+    memberships = pl.DataFrame({"input_id": ids, "dataset": [f"d{d}" for d in ds]})
+    # the first 6 inputs of d0 also belong to d1 (same text in two datasets)
+    shared = [ids[i] for i in np.flatnonzero(ds == 0)[:6]]
+    memberships = pl.concat([memberships, pl.DataFrame({"input_id": shared, "dataset": ["d1"] * 6})])
+    return X, ids, labels, memberships
+
+
+def test_held_out_inputs_are_never_neighbours_even_when_shared():
+    X, ids, labels, memberships = _synthetic()
+    b = BenchmarkArrays.from_frames(X, ids, labels, memberships)
+    ev = evaluate_lodo(b, EvalConfig(k=5, alphas=(0.0,)))
+    d1 = b.datasets.index("d1")
+    local = b.complete_rows(d1)
+    rows = b.dataset_rows[d1][local]
+    train = ~b.member[:, d1]
+    assert train.sum() == len(b.input_ids) - b.member[:, d1].sum()
+    # the evaluation's p_true on d1 equals a predictor fitted on the non-d1 rows only
+    knn = KNNCorrectness(5).fit(b.X[train], b.Y[train])
+    G = knn.predict_proba(b.X[rows])
+    got = ev.predictor.filter(pl.col("dataset") == "d1").sort("model")["p_true"].to_numpy()
+    np.testing.assert_allclose(got, binarized_accuracy(G, b.dataset_y[d1][local]))
+    # ... and that predictor never saw a shared input: none of the 6 is in its index
+    shared_rows = np.flatnonzero(b.member[:, 0] & b.member[:, d1])
+    assert shared_rows.size == 6 and not train[shared_rows].any()
+
+
+def test_lodo_invariants_and_determinism():
+    X, ids, labels, memberships = _synthetic(seed=1)
+    b = BenchmarkArrays.from_frames(X, ids, labels, memberships)
+    cfg = EvalConfig(k=5, seed=7)
+    ev = evaluate_lodo(b, cfg)
+    pt = ev.per_task
+    for ties in ("expectation", "train_acc"):
+        t = pt.filter(pl.col("ties") == ties)
+        oracle = t.filter(pl.col("method") == "Oracle").sort("dataset")
+        assert (oracle["ratio_to_best"] == 1.0).all() and (oracle["rank"] == 1.0).all()
+        for method in ("S1", "S2", "S3", "S3_true_p", "BMA", "Random"):
+            acc = t.filter(pl.col("method") == method).sort("dataset")["acc"].to_numpy()
+            assert (acc <= oracle["acc"].to_numpy() + 1e-12).all()
+    # Random = the mean model's accuracy on the task
+    pred = ev.predictor.group_by("dataset").agg(pl.col("acc").mean()).sort("dataset")
+    rnd = pt.filter((pl.col("method") == "Random") & (pl.col("ties") == "expectation")).sort("dataset")
+    np.testing.assert_allclose(rnd["acc"].to_numpy(), pred["acc"].to_numpy())
+    assert ev.table1.filter(pl.col("method") == "BMA")["pct_bma"].to_list() == [1.0, 1.0]
+    assert set(ev.alpha["alpha"].unique().to_list()) == {0.0, 0.01, 0.05, 0.1}
+    # Table 2: oracle ≥ router ≥ nothing odd; calls per input
+    t2 = {(r["router"], r["ties"]): r for r in ev.table2.iter_rows(named=True)}
+    assert t2[("oracle", "-")]["quality"] >= t2[("argmax g_m(x)", "train_acc")]["quality"]
+    assert t2[("oracle", "-")]["mcpi"] == len(b.models) and t2[("random", "expectation")]["mcpi"] == 1
+    again = evaluate_lodo(b, cfg)
+    assert again.table1.equals(ev.table1) and again.alpha.equals(ev.alpha)
+    assert 0.0 <= ev.summary["kernel_mae"] <= 1.0
+
+
+def test_log_likelihood_baseline_where_the_data_has_it():
+    X, ids, labels, memberships = _synthetic(seed=2)
+    b = BenchmarkArrays.from_frames(X, ids, labels, memberships)
+    # a log-likelihood that is the label itself: LL's task score is the true accuracy
+    loglik = labels.select("input_id", "dataset", "model", value=pl.col("y").cast(pl.Float64))
+    ev = evaluate_lodo(b, EvalConfig(k=5, alphas=(0.0,)), loglik=loglik)
+    t1 = ev.table1.filter(pl.col("ties") == "train_acc")
+    row = dict(zip(t1["method"], t1["acc"]))
+    assert row["LL"] == pytest.approx(row["Oracle"])
+    assert t1.filter(pl.col("method") == "LL")["pearson"][0] == pytest.approx(1.0)
+    assert "LL" not in evaluate_lodo(b, EvalConfig(k=5, alphas=(0.0,))).table1["method"].to_list()
+
+
+# ---------------------------------------------------------------- the real fixture
+@pytest.fixture(scope="module")
+def fixture_eval():
+    emb = np.load(FIXTURE / "embeddings.npy").astype(np.float32)
+    ids = pl.read_parquet(FIXTURE / "inputs.parquet")["input_id"].to_list()
+    b = BenchmarkArrays.from_frames(
+        emb, ids, pl.read_parquet(FIXTURE / "labels.parquet"),
+        pl.read_parquet(FIXTURE / "memberships.parquet"), pl.read_parquet(FIXTURE / "models.parquet"),
+    )
+    return b, evaluate_lodo(b, EvalConfig(k=5, seed=0))
+
+
+def test_fixture_end_to_end(fixture_eval):
+    b, ev = fixture_eval
+    assert len(b.models) == 28 and len(b.datasets) == 5 and len(b.input_ids) == 200
+    # DeepSeek-Coder-V2 lacks most chemistry results: only complete inputs are compared
+    assert b.complete_rows(b.datasets.index("mmlu_pro/chemistry")).size < 40
+    assert ev.summary["n_tasks"] == 5
+    t1 = ev.table1.filter(pl.col("ties") == "expectation")
+    acc = dict(zip(t1["method"], t1["acc"]))
+    assert set(acc) == {"S1", "S2", "S3", "S3_true_p", "BMA", "Oracle", "Random", "S3_nbr_p"}
+    assert max(acc.values()) == acc["Oracle"]
+    assert acc["S1"] > acc["Random"] + 0.1  # far better than picking at random
+    assert 0.5 < ev.summary["predictor_accuracy"] < 0.8
+    assert 0.0 < ev.summary["kernel_mae"] < 0.3
+    t2 = {(r["router"], r["ties"]): r["quality"] for r in ev.table2.iter_rows(named=True)}
+    assert t2[("argmax g_m(x)", "train_acc")] > t2[("random", "expectation")]
+    md = format_table1(ev.table1)
+    assert md.splitlines()[0].startswith("| metric | S1 | S2 | S3")

@@ -1,0 +1,108 @@
+"""The p-estimator: LODO accuracies, the kNN-distance descriptor and the Gaussian kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchroute.transforms.kernel import (
+    NadarayaWatson,
+    lodo_accuracies,
+    mean_knn_distance,
+    neighbor_share_estimate,
+    task_descriptor,
+)
+from benchroute.transforms.knn import KNNCorrectness, Neighbors, grouped_topk, normalize_rows
+from benchroute.transforms.scores import binarized_accuracy
+
+
+def test_kernel_prediction_by_hand():
+    nw = NadarayaWatson(bandwidth=1.0).fit(np.array([0.0, 1.0]), np.array([[0.2], [0.8]]))
+    np.testing.assert_allclose(nw.predict(0.5), [[0.5]])
+    w = np.exp(-0.5)
+    np.testing.assert_allclose(nw.predict(0.0), [[(0.2 + 0.8 * w) / (1 + w)]])
+
+
+def test_kernel_tiny_bandwidth_is_nearest_dataset_without_underflow():
+    nw = NadarayaWatson(bandwidth=1e-3).fit(np.array([0.0, 100.0]), np.array([[0.2, 0.1], [0.8, 0.9]]))
+    np.testing.assert_allclose(nw.predict([1.0, 99.0, 500.0]), [[0.2, 0.1], [0.8, 0.9], [0.8, 0.9]])
+
+
+def test_kernel_skips_missing_accuracies():
+    P = np.array([[0.2, np.nan], [0.6, 0.5]])
+    nw = NadarayaWatson(bandwidth=10.0).fit(np.array([0.0, 0.1]), P)
+    pred = nw.predict(0.05)
+    assert pred[0, 0] == pytest.approx(0.4, abs=1e-3)
+    assert pred[0, 1] == pytest.approx(0.5)
+
+
+def test_bandwidth_is_chosen_by_leave_one_out_error():
+    u = np.array([0.0, 0.1, 0.2, 1.0, 1.1, 1.2])
+    P = np.array([[0.3], [0.3], [0.35], [0.8], [0.8], [0.85]])
+    grid = [0.01, 0.1, 1.0, 10.0]
+    nw = NadarayaWatson(grid=grid).fit(u, P)
+    scale = np.median(np.abs(u[:, None] - u[None, :])[~np.eye(6, dtype=bool)])
+    # brute-force leave-one-out MAE for each bandwidth
+    errs = []
+    for h in scale * np.array(grid):
+        e = []
+        for i in range(6):
+            j = np.arange(6) != i
+            w = np.exp(-0.5 * ((u[i] - u[j]) / h) ** 2)
+            e.append(abs((w @ P[j, 0]) / w.sum() - P[i, 0]))
+        errs.append(np.mean(e))
+    np.testing.assert_allclose(nw.grid_errors_, errs, rtol=1e-9)
+    assert nw.bandwidth_ == pytest.approx(scale * grid[int(np.argmin(errs))])
+    assert nw.loo_error_ == pytest.approx(min(errs))
+    # clustered data: a small bandwidth beats the global mean
+    assert nw.loo_error_ < errs[-1]
+
+
+def test_mean_knn_distance_by_hand():
+    nb = Neighbors(np.array([[0, 1], [2, -1]]), np.array([[0.9, 0.7], [0.6, -np.inf]], np.float32))
+    # query 0: (0.1 + 0.3) / 2 = 0.2; query 1: 0.4 (one neighbour) -> mean 0.3
+    assert mean_knn_distance(nb) == pytest.approx(0.3, abs=1e-6)
+    assert mean_knn_distance(nb, k=1) == pytest.approx((0.1 + 0.4) / 2, abs=1e-6)
+
+
+def test_task_descriptor_is_zero_for_inputs_in_the_index():
+    X = np.random.default_rng(0).normal(size=(20, 5))
+    assert task_descriptor(X[:5], X, k=1) == pytest.approx(0.0, abs=1e-6)
+    assert task_descriptor(X[:5], X[5:], k=3) > 0.1
+
+
+def test_lodo_accuracies_equal_separate_fits_per_fold():
+    rng = np.random.default_rng(2)
+    n, D, M, k = 90, 3, 4, 5
+    X = normalize_rows(rng.normal(size=(n, 6)))
+    member = np.zeros((n, D), bool)
+    member[np.arange(n), rng.integers(0, D, n)] = True
+    member[:4, 2] = True  # four inputs sit in two datasets
+    Y = (rng.random((n, M)) < 0.5).astype(float)
+    Y[rng.random((n, M)) < 0.1] = np.nan
+    sigs, groups = np.unique(member, axis=0, return_inverse=True)
+    groups = groups.ravel()
+    rows = [np.flatnonzero(member[:, d]) for d in range(D)]
+    labels = [Y[r] for r in rows]
+    grouped = grouped_topk(X, X, groups, k, self_rows=np.arange(n))
+    held = np.array([False, False, True])
+    P, u = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=k, held_out=held)
+    assert member[rows[0], 2].any() or member[rows[1], 2].any()  # the case is exercised
+    assert np.isnan(P[2]).all() and np.isnan(u[2])
+    for d in (0, 1):
+        train = ~(member[:, d] | member[:, 2])  # never d, never the held-out dataset
+        keep = ~member[rows[d], 2]  # d's inputs that also sit in the held-out one: left out
+        knn = KNNCorrectness(k).fit(X[train], Y[train])
+        G = knn.predict_proba(X[rows[d][keep]])
+        np.testing.assert_allclose(P[d], binarized_accuracy(G, labels[d][keep]))
+        nb = knn.kneighbors(X[rows[d][keep]])
+        assert u[d] == pytest.approx(mean_knn_distance(nb), abs=1e-6)
+
+
+def test_neighbor_share_estimate_by_hand():
+    member = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 1]], bool)
+    P = np.array([[0.9, 0.5], [0.3, np.nan], [np.nan, np.nan]])
+    nb = Neighbors(np.array([[0, 1, 2], [3, -1, -1]]), np.zeros((2, 3), np.float32))
+    # neighbours: rows 0, 1 (d0), 2 (d1), 3 (d1 and d2) -> shares d0: 2, d1: 2, d2: 1
+    # model 0: (2·0.9 + 2·0.3) / 4 (d2 has no p); model 1: only d0 -> 0.5
+    np.testing.assert_allclose(neighbor_share_estimate(nb, member, P), [0.6, 0.5])

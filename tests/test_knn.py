@@ -1,0 +1,177 @@
+"""The shared kNN search and g_m: hand-checked values, brute force, and scikit-learn's reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+
+from benchroute.transforms.knn import (
+    KNNCorrectness,
+    Neighbors,
+    aggregate_labels,
+    cosine_topk,
+    grouped_topk,
+    normalize_rows,
+    topk_of_rows,
+)
+
+
+def _data(n=120, nq=30, dim=8, M=4, seed=0, missing=0.0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    Q = rng.normal(size=(nq, dim)).astype(np.float32)
+    Y = (rng.random((n, M)) < np.linspace(0.2, 0.8, M)).astype(np.float64)
+    if missing:
+        Y[rng.random((n, M)) < missing] = np.nan
+    return X, Q, Y
+
+
+def _brute(Q, X, k, exclude=None):
+    S = normalize_rows(Q).astype(np.float64) @ normalize_rows(X).T.astype(np.float64)
+    if exclude is not None:
+        S[:, exclude] = -np.inf
+    return np.argsort(-S, axis=1, kind="stable")[:, :k]
+
+
+def test_normalize_rows_unit_norm_and_zero_row():
+    X = np.array([[3.0, 4.0], [0.0, 0.0]])
+    N = normalize_rows(X)
+    assert N.dtype == np.float32
+    np.testing.assert_allclose(N, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_topk_of_rows_orders_by_value_then_column_and_marks_missing():
+    S = np.array([[0.1, 0.9, 0.5, 0.9], [0.3, -np.inf, -np.inf, -np.inf]], np.float32)
+    idx, val = topk_of_rows(S, 3)
+    assert idx.tolist() == [[1, 3, 2], [0, -1, -1]]
+    np.testing.assert_allclose(val[0], [0.9, 0.9, 0.5])
+    idx, val = topk_of_rows(S[:, :2], 3)  # fewer columns than k: padded
+    assert idx.tolist() == [[1, 0, -1], [0, -1, -1]]
+
+
+def test_topk_ties_at_the_cut_go_to_the_lower_column():
+    S = np.array([[0.5, 0.9, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]], np.float32)
+    assert topk_of_rows(S, 2)[0].tolist() == [[1, 0], [0, 1]]
+    assert topk_of_rows(S, 3)[0].tolist() == [[1, 0, 2], [0, 1, 2]]
+
+
+def test_cosine_topk_matches_brute_force_across_blocks_with_exclusions():
+    X, Q, _ = _data()
+    Xn, Qn = normalize_rows(X), normalize_rows(Q)
+    exclude = np.zeros(len(X), bool)
+    exclude[::7] = True
+    got = cosine_topk(Qn, Xn, 6, exclude=exclude, max_block_bytes=4 * len(X) * 4)  # 4 rows/block
+    np.testing.assert_array_equal(got.indices, _brute(Q, X, 6, exclude))
+    assert not np.isin(got.indices, np.flatnonzero(exclude)).any()
+    sims = np.sum(Qn[:, None, :] * Xn[got.indices], axis=2)
+    np.testing.assert_allclose(got.similarities, sims, atol=1e-5)
+
+
+def test_cosine_topk_self_rows_leave_one_out():
+    X, _, _ = _data(n=50)
+    Xn = normalize_rows(X)
+    got = cosine_topk(Xn, Xn, 3, self_rows=np.arange(50))
+    assert not (got.indices == np.arange(50)[:, None]).any()
+    plain = cosine_topk(Xn, Xn, 1)
+    assert (plain.indices[:, 0] == np.arange(50)).all()
+
+
+def test_aggregate_labels_skips_missing_and_falls_back():
+    nb = Neighbors(np.array([[0, 1, 2], [2, -1, -1]]), np.array([[0.9, 0.8, 0.7], [0.5, -np.inf, -np.inf]], np.float32))
+    Y = np.array([[1.0, np.nan, np.nan], [0.0, 1.0, np.nan], [1.0, np.nan, np.nan]])
+    G = aggregate_labels(nb, Y)
+    # model 0: (1 + 0 + 1) / 3; model 1: only row 1 has a label -> 1; model 2: none -> NaN
+    np.testing.assert_allclose(G[0], [2 / 3, 1.0, np.nan])
+    np.testing.assert_allclose(G[1], [1.0, np.nan, np.nan])  # a missing label is not a 0
+    G = aggregate_labels(nb, Y, fallback=np.array([0.1, 0.2, 0.3]))
+    np.testing.assert_allclose(G[1], [1.0, 0.2, 0.3])
+
+
+def test_aggregate_labels_distance_weights_by_hand():
+    nb = Neighbors(np.array([[0, 1]]), np.array([[0.9, 0.5]], np.float32))
+    Y = np.array([[1.0], [0.0]])
+    # distances 0.1 and 0.5 -> weights 10 and 2 -> 10 / 12
+    np.testing.assert_allclose(aggregate_labels(nb, Y, weights="distance"), [[10 / 12]], rtol=1e-5)
+
+
+def test_aggregate_labels_zero_distance_takes_all_weight_among_labelled():
+    nb = Neighbors(np.array([[0, 1, 2]]), np.array([[1.0, 0.9, 0.5]], np.float32))
+    Y = np.array([[1.0, np.nan], [0.0, 0.0], [0.0, 1.0]])
+    G = aggregate_labels(nb, Y, weights="distance")
+    # model 0: the exact match decides; model 1: it has no label, so 1/d weights of the others
+    np.testing.assert_allclose(G, [[1.0, 2.0 / 12.0]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_equals_scikit_learn_kneighbors_classifier(weights):
+    X, Q, Y = _data(n=150, nq=40, M=5, seed=3)
+    k = 7
+    ours = KNNCorrectness(k, weights=weights).fit(X, Y)
+    G = ours.predict_proba(Q)
+    for m in range(Y.shape[1]):
+        ref = KNeighborsClassifier(k, metric="cosine", algorithm="brute", weights=weights)
+        ref.fit(X, Y[:, m].astype(int))
+        proba = ref.predict_proba(Q)
+        p1 = proba[:, list(ref.classes_).index(1)] if 1 in ref.classes_ else np.zeros(len(Q))
+        np.testing.assert_allclose(G[:, m], p1, atol=1e-5)
+        # same neighbours, in the same order (the data has no distance ties)
+        np.testing.assert_array_equal(ours.kneighbors(Q).indices, ref.kneighbors(Q, return_distance=False))
+
+
+def test_missing_labels_match_a_shared_reference_search():
+    X, Q, Y = _data(n=150, nq=40, M=5, seed=4, missing=0.3)
+    k = 6
+    G = KNNCorrectness(k, fallback="nan").fit(X, Y).predict_proba(Q)
+    ref = KNeighborsClassifier(k, metric="cosine", algorithm="brute").fit(X, np.zeros(len(X), int))
+    idx = ref.kneighbors(Q, return_distance=False)
+    with np.errstate(invalid="ignore"):
+        expected = np.nanmean(Y[idx], axis=1)  # mean of the available labels of the k neighbours
+    np.testing.assert_allclose(G, expected, atol=1e-12)
+
+
+def test_estimator_habits_and_fallback():
+    X, Q, Y = _data(n=40, M=3)
+    Y[:, 2] = np.nan
+    Y[:5, 2] = 1.0
+    est = KNNCorrectness(3)
+    assert est.fit(X, Y) is est
+    assert est.n_features_in_ == 8 and est.n_outputs_ == 3
+    np.testing.assert_allclose(est.train_mean_[2], 1.0)
+    G = est.predict_proba(Q)
+    assert not np.isnan(G).any()  # no labelled neighbour -> the training mean
+    assert set(np.unique(est.predict(Q))) <= {0, 1}
+    with pytest.raises(ValueError):
+        KNNCorrectness(3, weights="cosine").fit(X, Y)
+    with pytest.raises(ValueError):
+        KNNCorrectness(3).fit(X, Y[:10])
+
+
+def test_grouped_merge_is_exact_for_every_union_of_groups():
+    X, _, _ = _data(n=200, seed=5)
+    Xn = normalize_rows(X)
+    groups = np.random.default_rng(1).integers(0, 5, len(X))
+    grouped = grouped_topk(Xn, Xn, groups, 4, self_rows=np.arange(len(X)), max_block_bytes=30 * 200 * 4)
+    for allowed in ([1, 1, 1, 1, 1], [0, 1, 1, 0, 1], [1, 0, 0, 0, 0]):
+        allowed = np.array(allowed, bool)
+        got = grouped.merge(allowed, rows=np.arange(0, 200, 3))
+        ref = cosine_topk(Xn[::3], Xn, 4, exclude=~allowed[groups], self_rows=np.arange(0, 200, 3))
+        np.testing.assert_array_equal(got.indices, ref.indices)
+        np.testing.assert_allclose(got.similarities, ref.similarities, atol=1e-6)
+
+
+def test_grouped_merge_equals_one_search_with_duplicate_vectors():
+    rng = np.random.default_rng(7)
+    base = normalize_rows(rng.normal(size=(30, 6)))
+    X = np.vstack([base, base, base[:10]])  # every vector at least twice: exact ties everywhere
+    groups = np.repeat([2, 0, 1], [30, 30, 10])
+    grouped = grouped_topk(X, X, groups, 5)
+    for allowed in ([1, 1, 1], [0, 1, 1], [1, 0, 1]):
+        allowed = np.array(allowed, bool)
+        got = grouped.merge(allowed)
+        ref = cosine_topk(X, X, 5, exclude=~allowed[groups])
+        np.testing.assert_allclose(got.similarities, ref.similarities, atol=1e-6)
+        # the same vectors (bitwise-equal ties resolve to the same rows; BLAS rounding that
+        # splits a tie may pick the other copy of a vector, never another vector)
+        vec = np.r_[0:30, 0:30, 0:10]
+        np.testing.assert_array_equal(np.sort(vec[got.indices]), np.sort(vec[ref.indices]))

@@ -1,0 +1,435 @@
+"""The paper's leave-one-dataset-out (LODO) evaluation: Table 1 (task-level model choice) and
+Table 2 (per-input routing) of Shnitzer et al. 2023 (DESIGN.md §1).
+
+Inputs are plain: an embedding matrix aligned to input ids, the labels frame (input_id, dataset,
+model, y, value), the memberships frame (input_id, dataset) and optionally the models frame
+(model, params_b) and a log-likelihood frame (input_id, dataset, model, value). No store access.
+
+Protocol, for every dataset d' with at least ``min_inputs`` *complete* inputs (inputs on which
+every model has a label in d' — models are only compared on data where they all have labels):
+
+1. The index is every other labelled input: an input that belongs to d' (by input id, per the
+   memberships) is never a neighbour, even if it also sits in a training dataset. A training
+   input's label for a model is the mean of its y over its datasets.
+2. g_m on d''s complete inputs from the shared k neighbours; the true accuracy A(d', m) is the
+   mean of y on them.
+3. Nested LODO on the training datasets: p(d, m) and u(d) for every d ≠ d' with neighbours from
+   datasets other than d and d' (inputs of d that also sit in d' are left out); a Gaussian kernel (bandwidth by leave-one-out) gives p̂(d', m)
+   from u(d'). S1, S2, S3 (p̂), S3 with the true p(d', m), LL (where given), BMA (best mean
+   per-dataset accuracy over the training datasets), Oracle, Random (in expectation); and, ours,
+   S3_nbr_p: S3 with p from ``kernel.neighbor_share_estimate`` instead of the kernel.
+4. Each method picks a model under both tie rules of ``selection`` ("expectation" and
+   "train_acc": ties broken by that training accuracy); Table 1 averages the metrics over d'.
+5. α curve: a seeded random fraction α of d''s complete inputs (at least one when α > 0) is
+   labelled; it joins the index and p(d', m) is measured on it (``scores.score_task``); the other
+   inputs are scored; the selected model's accuracy is on all of d''s complete inputs. Rows:
+   S1, S2, S3 (measured p), S3_kernel_p (the enlarged index's S2 with the kernel's p̂), with the
+   predictor accuracy on the unlabelled inputs and the MAE of the p used by S3.
+6. Table 2 (per input, over all complete inputs of all d' pooled): each model alone, random
+   (expected), the task-level BMA, argmax_m g_m(x) per input (both tie rules), oracle
+   (max over models); quality is the label's ``value`` (the metric, e.g. 0/1 correctness).
+   Model calls per input: 1 for a single model, random or the router (the kNN lookup calls no
+   model), M for the oracle (it needs every model's output).
+
+Everything is deterministic given ``EvalConfig.seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import polars as pl
+
+from benchroute.transforms.kernel import (
+    NadarayaWatson,
+    lodo_accuracies,
+    mean_knn_distance,
+    neighbor_share_estimate,
+)
+from benchroute.transforms.knn import (
+    Fallback,
+    KNNCorrectness,
+    Neighbors,
+    Weights,
+    aggregate_labels,
+    grouped_topk,
+    normalize_rows,
+)
+from benchroute.transforms.scores import binarized_accuracy, s3, score_task, task_scores
+from benchroute.transforms.selection import TIE_RULES, choice_metrics, choose, choose_rows
+
+METHODS_WITH_SCORES = ("S1", "S2", "S3", "S3_true_p", "LL")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Hyper-parameters of the evaluation."""
+
+    k: int = 10
+    weights: Weights = "uniform"
+    fallback: Fallback = "train_mean"
+    k_descriptor: int | None = None  # neighbours for u(d); None = k
+    alphas: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1)
+    seed: int = 0
+    min_inputs: int = 10
+
+
+@dataclass(frozen=True)
+class BenchmarkArrays:
+    """The benchmark as arrays: one index row per labelled input (n), M models, D datasets.
+
+    ``Y`` (n × M): training label of each row (mean y over its datasets; NaN = none);
+    ``member`` (n × D): the row's datasets (from memberships and labels); ``row_groups``: rows with
+    the same set of datasets share a group; ``group_members`` (G × D); per dataset d,
+    ``dataset_rows[d]`` (its rows), ``dataset_y[d]`` and ``dataset_value[d]`` (their y and value
+    in d, NaN = none). ``params_b`` (M,): sizes, NaN where unknown.
+    """
+
+    input_ids: list[str]
+    X: np.ndarray
+    models: list[str]
+    datasets: list[str]
+    Y: np.ndarray
+    member: np.ndarray
+    row_groups: np.ndarray
+    group_members: np.ndarray
+    dataset_rows: list[np.ndarray]
+    dataset_y: list[np.ndarray]
+    dataset_value: list[np.ndarray]
+    params_b: np.ndarray
+
+    @classmethod
+    def from_frames(
+        cls,
+        embeddings: np.ndarray,
+        input_ids: list[str],
+        labels: pl.DataFrame,
+        memberships: pl.DataFrame,
+        models: pl.DataFrame | None = None,
+    ) -> BenchmarkArrays:
+        """Assemble from the canonical frames; ``embeddings[i]`` belongs to ``input_ids[i]``."""
+        if len(input_ids) != len(embeddings):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(input_ids)} input ids")
+        pos = {iid: i for i, iid in enumerate(input_ids)}
+        lab = labels.select("input_id", "dataset", "model", "y", "value")
+        ids = sorted(lab["input_id"].unique().to_list())
+        missing = [i for i in ids if i not in pos]
+        if missing:
+            raise ValueError(f"no embedding for {len(missing)} labelled inputs, e.g. {missing[:3]}")
+        model_names = sorted(lab["model"].unique().to_list())
+        mem = pl.concat(
+            [memberships.select("input_id", "dataset"), lab.select("input_id", "dataset")]
+        )
+        mem = mem.filter(pl.col("input_id").is_in(ids)).unique()
+        dataset_names = sorted(mem["dataset"].unique().to_list())
+        row_of = {iid: r for r, iid in enumerate(ids)}
+        d_of = {d: j for j, d in enumerate(dataset_names)}
+        m_of = {m: j for j, m in enumerate(model_names)}
+        n, D, M = len(ids), len(dataset_names), len(model_names)
+        member = np.zeros((n, D), bool)
+        member[[row_of[i] for i in mem["input_id"]], [d_of[d] for d in mem["dataset"]]] = True
+        rows = np.array([row_of[i] for i in lab["input_id"]], np.int64)
+        dcol = np.array([d_of[d] for d in lab["dataset"]], np.int64)
+        mcol = np.array([m_of[m] for m in lab["model"]], np.int64)
+        y = lab["y"].cast(pl.Float64).to_numpy()
+        v = lab["value"].cast(pl.Float64).to_numpy()
+        ysum = np.zeros((n, M))
+        ycnt = np.zeros((n, M))
+        np.add.at(ysum, (rows, mcol), y)
+        np.add.at(ycnt, (rows, mcol), 1.0)
+        with np.errstate(invalid="ignore"):
+            Y = np.where(ycnt > 0, ysum / np.maximum(ycnt, 1), np.nan)
+        d_rows, d_y, d_v = [], [], []
+        for d in range(D):
+            r_d = np.flatnonzero(member[:, d])
+            local = np.full(n, -1, np.int64)
+            local[r_d] = np.arange(r_d.size)
+            sel = dcol == d
+            yd = np.full((r_d.size, M), np.nan)
+            vd = np.full((r_d.size, M), np.nan)
+            yd[local[rows[sel]], mcol[sel]] = y[sel]
+            vd[local[rows[sel]], mcol[sel]] = v[sel]
+            d_rows.append(r_d)
+            d_y.append(yd)
+            d_v.append(vd)
+        signatures, row_groups = np.unique(member, axis=0, return_inverse=True)
+        params = np.full(M, np.nan)
+        if models is not None and "params_b" in models.columns:
+            for name, size in models.select("model", "params_b").iter_rows():
+                if name in m_of and size is not None:
+                    params[m_of[name]] = float(size)
+        X = normalize_rows(np.asarray(embeddings)[[pos[i] for i in ids]])
+        return cls(
+            ids, X, model_names, dataset_names, Y, member, row_groups.ravel().astype(np.int64),
+            signatures.astype(bool), d_rows, d_y, d_v, params,
+        )
+
+    def complete_rows(self, d: int) -> np.ndarray:
+        """Positions (within ``dataset_rows[d]``) of d's inputs labelled for every model."""
+        return np.flatnonzero(~np.isnan(self.dataset_y[d]).any(axis=1))
+
+    def dataset_accuracy(self, exclude_rows: np.ndarray | None = None) -> np.ndarray:
+        """Accuracy of each model on each dataset over its labelled inputs (D × M, NaN = none),
+        leaving out the index rows where ``exclude_rows`` (n bool) is true."""
+        out = np.full((len(self.datasets), len(self.models)), np.nan)
+        for d, yd in enumerate(self.dataset_y):
+            if exclude_rows is not None:
+                yd = yd[~exclude_rows[self.dataset_rows[d]]]
+            cnt = (~np.isnan(yd)).sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[d] = np.where(cnt > 0, np.nansum(yd, axis=0) / np.maximum(cnt, 1), np.nan)
+        return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluation's tables (see module docstring).
+
+    ``table1``: method, ties, acc, ratio_to_best, pearson, spearman, pct_bma, params_b, rank,
+    n_tasks (means over held-out tasks; pearson/spearman over tasks where defined).
+    ``per_task``: the same per task, with the most likely chosen ``model``.
+    ``predictor``: per task and model, the true accuracy ``acc``, ``p_true``, the kernel's
+    ``p_hat``, the constant ``p_const`` (mean over training datasets), ``p_share``, ``u``.
+    ``alpha``: alpha, method, ties, acc, predictor_accuracy, p_mae.
+    ``table2``: router, ties, quality, mcpi, n_inputs.
+    ``summary``: predictor accuracy, kernel MAE (and of the constant and neighbour-share
+    estimates), counts.
+    """
+
+    table1: pl.DataFrame
+    per_task: pl.DataFrame
+    predictor: pl.DataFrame
+    alpha: pl.DataFrame
+    table2: pl.DataFrame
+    summary: dict = field(default_factory=dict)
+
+
+def evaluate_lodo(
+    bench: BenchmarkArrays,
+    config: EvalConfig = EvalConfig(),
+    *,
+    loglik: pl.DataFrame | None = None,
+) -> Evaluation:
+    """Run the LODO protocol over every eligible dataset of ``bench``."""
+    cfg = config
+    k_desc = cfg.k_descriptor or cfg.k
+    k_search = max(cfg.k, k_desc)
+    M = len(bench.models)
+    grouped = grouped_topk(bench.X, bench.X, bench.row_groups, k_search,
+                           self_rows=np.arange(len(bench.input_ids)))
+    ll = _loglik_matrix(loglik, bench) if loglik is not None else None
+    tasks = [d for d in range(len(bench.datasets))
+             if bench.complete_rows(d).size >= cfg.min_inputs and M >= 2]
+    per_task, pred_rows, alpha_rows, route = [], [], [], _RouteTotals(M)
+    for d in tasks:
+        name = bench.datasets[d]
+        local = bench.complete_rows(d)
+        rows = bench.dataset_rows[d][local]
+        Yt, Vt = bench.dataset_y[d][local], bench.dataset_value[d][local]
+        A = Yt.mean(axis=0)
+        allowed = ~bench.group_members[:, d]
+        train_rows = allowed[bench.row_groups]
+        fb = _column_means(bench.Y[train_rows]) if cfg.fallback == "train_mean" else None
+        neigh = grouped.merge(allowed, rows=rows)
+        G = aggregate_labels(_first(neigh, cfg.k), bench.Y, weights=cfg.weights, fallback=fb)
+        p_true = binarized_accuracy(G, Yt)
+        held = np.zeros(len(bench.datasets), bool)
+        held[d] = True
+        P, u = lodo_accuracies(
+            grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
+            bench.dataset_y, k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
+            k_descriptor=k_desc, held_out=held,
+        )
+        fit_on = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
+        u_new = mean_knn_distance(neigh, k_desc)
+        kern = NadarayaWatson().fit(u[fit_on], P[fit_on])
+        p_hat = kern.predict(u_new)[0]
+        p_const = np.nanmean(P[fit_on], axis=0)
+        p_share = neighbor_share_estimate(_first(neigh, cfg.k), bench.member, P)
+        d_acc = bench.dataset_accuracy(exclude_rows=~train_rows)  # no input of d' counts
+        train_acc = np.nanmean(np.where(held[:, None], np.nan, d_acc), axis=0)
+        ts = task_scores(G, p_hat)
+        scores = {"S1": ts.s1, "S2": ts.s2, "S3": ts.s3, "S3_true_p": s3(ts.s2, p_true)}
+        if ll is not None:
+            scores["LL"] = np.nanmean(ll[d][local], axis=0)
+        scores["S3_nbr_p"] = s3(ts.s2, p_share)
+        for ties in TIE_RULES:
+            w_bma = choose(train_acc, ties)
+            choices = {m: (choose(s, ties, train_acc), s) for m, s in scores.items()}
+            choices["BMA"] = (w_bma, None)
+            choices["Oracle"] = (choose(A, ties, train_acc), None)
+            choices["Random"] = (np.full(M, 1.0 / M), None)
+            for method, (w, s) in choices.items():
+                met = choice_metrics(w, A, w_bma=w_bma, params_b=bench.params_b, scores=s)
+                per_task.append({"dataset": name, "method": method, "ties": ties, **met,
+                                 "model": bench.models[int(np.argmax(w))]})
+        for m in range(M):
+            pred_rows.append({"dataset": name, "model": bench.models[m], "acc": A[m],
+                              "p_true": p_true[m], "p_hat": p_hat[m], "p_const": p_const[m],
+                              "p_share": p_share[m],
+                              "u": u_new, "bandwidth": kern.bandwidth_})
+        alpha_rows += _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc,
+                                   G, p_true, name)
+        route.add(G, Vt, train_acc, choose(train_acc, "expectation"))
+    per_task_df = pl.DataFrame(per_task) if per_task else pl.DataFrame()
+    predictor = pl.DataFrame(pred_rows) if pred_rows else pl.DataFrame()
+    return Evaluation(
+        table1=_table1(per_task_df),
+        per_task=per_task_df,
+        predictor=predictor,
+        alpha=_alpha_table(alpha_rows),
+        table2=route.table(bench.models),
+        summary=_summary(bench, cfg, tasks, predictor),
+    )
+
+
+def _first(neigh: Neighbors, k: int) -> Neighbors:
+    return Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k])
+
+
+def _column_means(Y: np.ndarray) -> np.ndarray:
+    cnt = (~np.isnan(Y)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, np.nansum(Y, axis=0) / np.maximum(cnt, 1), np.nan)
+
+
+def _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc, G0, p_true0, name):
+    """Rows of the α curve for one task (α = 0 reuses the main path)."""
+    out = []
+    knn = None
+    for alpha in cfg.alphas:
+        if alpha <= 0:
+            ts, acc_pred = task_scores(G0, p_hat), float(np.nanmean(p_true0))
+            p_mae = float(np.nanmean(np.abs(p_hat - p_true0)))
+        else:
+            if knn is None:
+                knn = KNNCorrectness(cfg.k, weights=cfg.weights, fallback=cfg.fallback).fit(
+                    bench.X[train_rows], bench.Y[train_rows])
+            rng = np.random.default_rng([cfg.seed, d, int(round(alpha * 1e6))])
+            n_lab = min(len(rows) - 1, max(1, int(round(alpha * len(rows)))))
+            lab = np.zeros(len(rows), bool)
+            lab[rng.choice(len(rows), n_lab, replace=False)] = True
+            ts = score_task(knn, bench.X[rows[~lab]], p_hat,
+                            X_labelled=bench.X[rows[lab]], Y_labelled=Yt[lab])
+            p_unl = binarized_accuracy(ts.g, Yt[~lab])
+            acc_pred = float(np.nanmean(p_unl))
+            p_mae = float(np.nanmean(np.abs(ts.p - p_unl)))
+        for ties in TIE_RULES:
+            for method, s in (("S1", ts.s1), ("S2", ts.s2), ("S3", ts.s3),
+                              ("S3_kernel_p", s3(ts.s2, p_hat))):
+                w = choose(s, ties, train_acc)
+                out.append({"dataset": name, "alpha": alpha, "method": method, "ties": ties,
+                            "acc": float(w @ A), "predictor_accuracy": acc_pred, "p_mae": p_mae})
+    return out
+
+
+class _RouteTotals:
+    """Sums for Table 2 over all held-out inputs."""
+
+    def __init__(self, M: int):
+        self.M = M
+        self.n = 0
+        self.model = np.zeros(M)
+        self.oracle = 0.0
+        self.random = 0.0
+        self.bma = 0.0
+        self.router = dict.fromkeys(TIE_RULES, 0.0)
+
+    def add(self, G: np.ndarray, V: np.ndarray, train_acc: np.ndarray, w_bma: np.ndarray) -> None:
+        self.n += V.shape[0]
+        self.model += V.sum(axis=0)
+        self.oracle += V.max(axis=1).sum()
+        self.random += V.mean(axis=1).sum()
+        self.bma += float((V @ w_bma).sum())
+        for ties in TIE_RULES:
+            W = choose_rows(G, ties, train_acc)
+            self.router[ties] += float((W * V).sum())
+
+    def table(self, models: list[str]) -> pl.DataFrame:
+        n = max(self.n, 1)
+        rows = [{"router": f"model:{m}", "ties": "-", "quality": self.model[i] / n, "mcpi": 1.0}
+                for i, m in enumerate(models)]
+        rows.append({"router": "random", "ties": "expectation", "quality": self.random / n,
+                     "mcpi": 1.0})
+        rows.append({"router": "bma (task level)", "ties": "expectation", "quality": self.bma / n,
+                     "mcpi": 1.0})
+        for ties in TIE_RULES:
+            rows.append({"router": "argmax g_m(x)", "ties": ties,
+                         "quality": self.router[ties] / n, "mcpi": 1.0})
+        rows.append({"router": "oracle", "ties": "-", "quality": self.oracle / n,
+                     "mcpi": float(self.M)})
+        return pl.DataFrame(rows).with_columns(n_inputs=pl.lit(self.n))
+
+
+def _table1(per_task: pl.DataFrame) -> pl.DataFrame:
+    if per_task.height == 0:
+        return pl.DataFrame()
+    order = ["S1", "S2", "S3", "S3_true_p", "LL", "BMA", "Oracle", "Random", "S3_nbr_p"]
+    metrics = ["acc", "ratio_to_best", "pearson", "spearman", "pct_bma", "params_b", "rank"]
+    return (
+        per_task.group_by("method", "ties")
+        .agg([pl.col(c).fill_nan(None).mean() for c in metrics] + [pl.len().alias("n_tasks")])
+        .with_columns(_o=pl.col("method").replace_strict(
+            {m: i for i, m in enumerate(order)}, default=len(order)))
+        .sort("ties", "_o")
+        .drop("_o")
+    )
+
+
+def _alpha_table(rows: list[dict]) -> pl.DataFrame:
+    if not rows:
+        return pl.DataFrame()
+    return (
+        pl.DataFrame(rows)
+        .group_by("alpha", "method", "ties")
+        .agg(pl.col("acc").mean(), pl.col("predictor_accuracy").mean(), pl.col("p_mae").mean(),
+             pl.len().alias("n_tasks"))
+        .sort("ties", "method", "alpha")
+    )
+
+
+def _summary(bench, cfg, tasks, predictor: pl.DataFrame) -> dict:
+    out = {"config": asdict(cfg), "n_inputs": len(bench.input_ids), "n_models": len(bench.models),
+           "n_datasets": len(bench.datasets), "n_tasks": len(tasks),
+           "tasks": [bench.datasets[d] for d in tasks]}
+    if predictor.height:
+        p = predictor
+        out["predictor_accuracy"] = float(p["p_true"].fill_nan(None).mean())
+        out["kernel_mae"] = float((p["p_hat"] - p["p_true"]).abs().fill_nan(None).mean())
+        out["constant_mae"] = float((p["p_const"] - p["p_true"]).abs().fill_nan(None).mean())
+        out["neighbor_share_mae"] = float((p["p_share"] - p["p_true"]).abs().fill_nan(None).mean())
+    return out
+
+
+def _loglik_matrix(loglik: pl.DataFrame, bench: BenchmarkArrays) -> list[np.ndarray]:
+    """Per dataset, the log-likelihood of each of its rows for each model (NaN = none)."""
+    row_of = {iid: r for r, iid in enumerate(bench.input_ids)}
+    m_of = {m: j for j, m in enumerate(bench.models)}
+    out = []
+    for d, name in enumerate(bench.datasets):
+        local = np.full(len(bench.input_ids), -1, np.int64)
+        local[bench.dataset_rows[d]] = np.arange(bench.dataset_rows[d].size)
+        mat = np.full((bench.dataset_rows[d].size, len(bench.models)), np.nan)
+        part = loglik.filter(pl.col("dataset") == name)
+        for iid, model, val in part.select("input_id", "model", "value").iter_rows():
+            if iid in row_of and model in m_of and local[row_of[iid]] >= 0:
+                mat[local[row_of[iid]], m_of[model]] = val
+        out.append(mat)
+    return out
+
+
+def format_table1(table1: pl.DataFrame, ties: str = "expectation") -> str:
+    """Table 1 as Markdown: metrics as rows, methods as columns (the paper's layout)."""
+    t = table1.filter(pl.col("ties") == ties)
+    methods = t["method"].to_list()
+    metrics = [("acc", "Acc."), ("ratio_to_best", "Ratio to best"), ("pearson", "Pearson"),
+               ("spearman", "Spearman"), ("pct_bma", "%BMA"), ("params_b", "#Params (B)"),
+               ("rank", "Rank")]
+    lines = ["| metric | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for col, label in metrics:
+        vals = t[col].to_list()
+        cells = ["–" if v is None or (isinstance(v, float) and np.isnan(v)) else
+                 (f"{v:.1f}" if col in ("params_b", "rank") else f"{v:.3f}") for v in vals]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Estimating p(d', m): the accuracy of a model's binarized predictor on a new task (DESIGN §1.4).
+
+- ``lodo_accuracies``: for each benchmark dataset d, the predictors fitted on the *other*
+  datasets (and never on a held-out one) are scored on d: p(d, m) = binarized accuracy, and the
+  task descriptor u(d) = mean over d's inputs of the mean cosine distance to their k nearest
+  neighbours in those other datasets. Uses one grouped neighbour search for every fold.
+- ``NadarayaWatson``: p̂(u) = Σ_d K_h(u − u(d)) p(d, ·) / Σ_d K_h(u − u(d)), K_h Gaussian,
+  with the bandwidth h chosen from a grid by leave-one-dataset-out error (mean absolute error by
+  default; ties go to the larger h). Models with no p on a dataset (NaN) are averaged over the
+  datasets that have one.
+- ``mean_knn_distance``/``task_descriptor``: u for a new task from its inputs alone.
+- ``neighbor_share_estimate``: an alternative to the kernel (ours, not the paper's): p̂(d', m) =
+  Σ_d s_d p(d, m) / Σ_d s_d with s_d the share of the new task's neighbours that belong to d —
+  the accuracy on the datasets the task's inputs actually resemble. No bandwidth to choose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from benchroute.transforms.knn import (
+    GroupedNeighbors,
+    Neighbors,
+    Weights,
+    aggregate_labels,
+    cosine_topk,
+    normalize_rows,
+)
+from benchroute.transforms.scores import binarized_accuracy
+
+
+def mean_knn_distance(neighbors: Neighbors, k: int | None = None) -> float:
+    """u: mean over queries of the mean cosine distance to their first ``k`` neighbours."""
+    d = neighbors.distances if k is None else neighbors.distances[:, :k]
+    ok = ~np.isnan(d)
+    n = ok.sum(axis=1)
+    per_query = np.where(ok, d, 0.0).sum(axis=1)[n > 0] / n[n > 0]
+    return float(per_query.mean()) if per_query.size else float("nan")
+
+
+def task_descriptor(X_task: np.ndarray, X_index: np.ndarray, k: int = 10) -> float:
+    """u(d') of a new task: mean distance of its inputs to their k nearest rows of the index."""
+    return mean_knn_distance(cosine_topk(normalize_rows(X_task), normalize_rows(X_index), k))
+
+
+def neighbor_share_estimate(
+    neighbors: Neighbors, row_members: np.ndarray, P: np.ndarray
+) -> np.ndarray:
+    """p̂ (M,): p(d, ·) averaged with weights = share of the neighbours that lie in each d.
+
+    ``row_members`` (n_index × D bool): the datasets of each index row (a row in two datasets
+    counts for both); ``P`` (D × M) with NaN rows for datasets without an estimate.
+    """
+    idx = neighbors.indices[neighbors.valid]
+    share = row_members[idx].sum(axis=0).astype(np.float64)  # (D,)
+    avail = ~np.isnan(P)
+    num = share @ np.where(avail, P, 0.0)
+    den = share @ avail.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def lodo_accuracies(
+    grouped: GroupedNeighbors,
+    group_members: np.ndarray,
+    row_groups: np.ndarray,
+    Y: np.ndarray,
+    dataset_rows: Sequence[np.ndarray],
+    dataset_labels: Sequence[np.ndarray],
+    *,
+    k: int,
+    weights: Weights = "uniform",
+    fallback: Literal["train_mean", "nan"] = "train_mean",
+    k_descriptor: int | None = None,
+    held_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """p(d, m) (D × M) and u(d) (D,) by leave-one-dataset-out.
+
+    ``grouped``: top-k of every index row (as a query) within each group of rows;
+    ``group_members`` (G × D bool): the datasets of each group; ``row_groups`` (n,): the group of
+    each index row; ``Y`` (n × M): training labels of the rows (NaN = none);
+    ``dataset_rows[d]``: the index rows of d's inputs and ``dataset_labels[d]`` their labels in d.
+    ``held_out`` (D bool): datasets that are never neighbours (and get NaN rows in the output);
+    an input of d that also belongs to a held-out dataset is left out of d's p and u too.
+    """
+    D = group_members.shape[1]
+    M = Y.shape[1]
+    held = np.zeros(D, bool) if held_out is None else np.asarray(held_out, bool)
+    P = np.full((D, M), np.nan)
+    u = np.full(D, np.nan)
+    banned = group_members[:, held].any(axis=1)
+    for d in range(D):
+        keep = ~banned[row_groups[dataset_rows[d]]]  # d's inputs that are not held out
+        if held[d] or not keep.any():
+            continue
+        allowed = ~(banned | group_members[:, d])
+        neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
+        fb = _train_mean(Y, allowed[row_groups]) if fallback == "train_mean" else None
+        G = aggregate_labels(
+            Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k]), Y, weights=weights,
+            fallback=fb,
+        )
+        P[d] = binarized_accuracy(G, dataset_labels[d][keep])
+        u[d] = mean_knn_distance(neigh, k_descriptor or k)
+    return P, u
+
+
+class NadarayaWatson:
+    """Gaussian-kernel regression of p(d, ·) on a 1-D descriptor u(d).
+
+    Parameters: ``bandwidth`` (fixed h; None = choose by leave-one-out), ``grid`` (candidate
+    bandwidths as multiples of the descriptor's scale, the median pairwise |u_i − u_j|),
+    ``loss`` (``"mae"`` or ``"mse"`` for the leave-one-out choice).
+    Learned: ``u_``, ``P_``, ``bandwidth_``, ``loo_error_`` (the chosen h's error),
+    ``grid_bandwidths_``, ``grid_errors_``.
+    """
+
+    def __init__(
+        self,
+        bandwidth: float | None = None,
+        *,
+        grid: Sequence[float] | None = None,
+        loss: Literal["mae", "mse"] = "mae",
+    ):
+        self.bandwidth = bandwidth
+        self.grid = grid
+        self.loss = loss
+
+    def fit(self, u: np.ndarray, P: np.ndarray) -> NadarayaWatson:
+        u = np.asarray(u, np.float64).ravel()
+        P = np.asarray(P, np.float64)
+        if P.ndim == 1:
+            P = P[:, None]
+        if P.shape[0] != u.size:
+            raise ValueError(f"{u.size} descriptors but {P.shape[0]} rows of accuracies")
+        if self.loss not in ("mae", "mse"):
+            raise ValueError(f"loss must be 'mae' or 'mse', got {self.loss!r}")
+        self.u_, self.P_ = u, P
+        if self.bandwidth is not None:
+            self.grid_bandwidths_ = np.array([float(self.bandwidth)])
+        else:
+            diffs = np.abs(u[:, None] - u[None, :])[~np.eye(u.size, dtype=bool)]
+            scale = float(np.median(diffs)) if diffs.size and np.median(diffs) > 0 else 1.0
+            mult = np.geomspace(1e-2, 1e2, 41) if self.grid is None else np.asarray(self.grid)
+            self.grid_bandwidths_ = scale * np.asarray(mult, np.float64)
+        errors = np.array([self._loo_error(h) for h in self.grid_bandwidths_])
+        self.grid_errors_ = errors
+        finite = np.where(np.isfinite(errors), errors, np.inf)
+        best = np.flatnonzero(finite <= finite.min() + 1e-12)
+        i = best[-1] if best.size else len(errors) - 1  # ties: the smoothest
+        self.bandwidth_ = float(self.grid_bandwidths_[i])
+        self.loo_error_ = float(errors[i])
+        return self
+
+    def predict(self, u_new: np.ndarray | float) -> np.ndarray:
+        """p̂ (n × M) at each new descriptor value."""
+        u_new = np.atleast_1d(np.asarray(u_new, np.float64))
+        return _smooth(u_new, self.u_, self.P_, self.bandwidth_, leave_out=False)
+
+    def loo_predict(self) -> np.ndarray:
+        """p̂(d, ·) for each training dataset from the others (D × M) at the chosen bandwidth."""
+        return _smooth(self.u_, self.u_, self.P_, self.bandwidth_, leave_out=True)
+
+    def _loo_error(self, h: float) -> float:
+        err = _smooth(self.u_, self.u_, self.P_, h, leave_out=True) - self.P_
+        err = np.abs(err) if self.loss == "mae" else err**2
+        return float(np.nanmean(err)) if np.isfinite(err).any() else float("nan")
+
+
+def _smooth(
+    u_new: np.ndarray, u: np.ndarray, P: np.ndarray, h: float, *, leave_out: bool
+) -> np.ndarray:
+    """Nadaraya–Watson estimate; weights normalised in log space (no underflow at small h)."""
+    logw = -0.5 * ((u_new[:, None] - u[None, :]) / h) ** 2  # (n, D)
+    if leave_out:
+        np.fill_diagonal(logw, -np.inf)
+    top = logw.max(axis=1, keepdims=True)
+    w = np.exp(logw - np.where(np.isfinite(top), top, 0.0))  # a row with no other dataset: w = 0
+    avail = ~np.isnan(P)  # (D, M)
+    num = w @ np.where(avail, P, 0.0)
+    den = w @ avail.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _train_mean(Y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    Ys = Y[rows]
+    counts = (~np.isnan(Ys)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, np.nansum(Ys, axis=0) / np.maximum(counts, 1), np.nan)

@@ -1,0 +1,354 @@
+"""Exact cosine k-nearest-neighbour search shared by every model, and the kNN predictors g_m.
+
+One search serves all M correctness predictors (DESIGN.md §1.2): the neighbours of a query are
+found once, then every model's label column is read through the same neighbours.
+
+- Search is exact: blocked matrix products of L2-normalised float32 rows (cosine similarity =
+  dot product), top-k per query by ``argpartition``. The neighbours are exactly the first k index
+  rows in the order (similarity descending, row ascending), so equal similarities at the k-th
+  place go to the lower row (real data has them: distinct texts with identical embeddings).
+  scikit-learn cuts such ties arbitrarily, so the reference tests use data without them.
+- ``exclude`` drops index rows for every query (the rows of a held-out dataset, chosen *by input
+  id*: an input that also belongs to the held-out dataset is never a training neighbour), and
+  ``self_rows`` drops one row per query (leave-one-out within the index).
+- Labels are a float matrix ``Y`` (n_index × M) of 0/1 with NaN where a model has no label on an
+  input. Missing labels are skipped, never counted as 0:
+  g_m(x) = Σ_j w_j y_jm / Σ_j w_j over the neighbours j of x that have a label for m, with w_j = 1
+  (``weights="uniform"``) or 1 / cosine distance (``"distance"``; neighbours at distance 0, if
+  any has a label, take all the weight, as in scikit-learn). When no neighbour has a label for m,
+  g_m(x) is the ``fallback``: the model's mean training label (``"train_mean"``) or NaN
+  (``"nan"``). With complete labels this equals scikit-learn's
+  ``KNeighborsClassifier(metric="cosine", algorithm="brute")`` probability of class 1; with
+  missing labels scikit-learn fitted per model would reach past the k shared neighbours instead.
+- ``grouped_topk`` keeps the top-k of every query within each *group* of index rows (rows with
+  the same set of datasets): merging the lists of the allowed groups gives the exact top-k over
+  any union of groups, so one pass of matrix products serves every leave-one-dataset-out fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+DEFAULT_BLOCK_BYTES = 32 * 2**20  # one block of float32 similarities (argpartition adds 2x)
+
+Weights = Literal["uniform", "distance"]
+Fallback = Literal["train_mean", "nan"]
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """The k nearest index rows of each query: ``indices`` (n × k, -1 where fewer exist) and
+    cosine ``similarities`` (n × k, -inf where the index is -1), most similar first."""
+
+    indices: np.ndarray
+    similarities: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.indices >= 0
+
+    @property
+    def distances(self) -> np.ndarray:
+        """Cosine distances 1 - similarity, clipped at 0 (NaN where there is no neighbour)."""
+        d = np.clip(1.0 - self.similarities.astype(np.float64), 0.0, None)
+        return np.where(self.valid, d, np.nan)
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+def normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32 (a zero row stays zero)."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix of embeddings, got shape {X.shape}")
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1.0)
+
+
+def block_rows(n_index: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Query rows per block so that one block of float32 similarities fits ``max_block_bytes``."""
+    return max(1, int(max_block_bytes // (4 * max(n_index, 1))))
+
+
+def topk_of_rows(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of the k largest entries of each row of ``S``, best first.
+
+    Exactly the first k columns in the order (value descending, column ascending): equal values
+    at the k-th place go to the lower column. Entries equal to -inf are reported as index -1;
+    fewer than k columns are padded with -1 / -inf.
+    """
+    n, c = S.shape
+    kk = min(k, c)
+    if kk == 0:
+        return np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
+    if kk < c:
+        part = np.argpartition(S, c - kk, axis=1)[:, c - kk :]
+        kth = S[np.arange(n), part[:, 0]]  # the kk-th largest value of each row
+        tied = np.flatnonzero((S >= kth[:, None]).sum(axis=1) > kk)
+        for r in tied:  # rare: equal values straddle the cut; keep the lowest columns
+            above = np.flatnonzero(S[r] > kth[r])
+            at = np.flatnonzero(S[r] == kth[r])[: kk - above.size]
+            part[r] = np.concatenate([above, at])
+    else:
+        part = np.broadcast_to(np.arange(c), (n, c)).copy()
+    vals = np.take_along_axis(S, part, axis=1)
+    order = np.lexsort((part, -vals), axis=-1)
+    idx = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    vals = np.take_along_axis(vals, order, axis=1).astype(np.float32)
+    idx[~np.isfinite(vals)] = -1
+    if kk < k:
+        idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
+        vals = np.pad(vals, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+    return idx, vals
+
+
+def cosine_topk(
+    Q: np.ndarray,
+    X: np.ndarray,
+    k: int,
+    *,
+    exclude: np.ndarray | None = None,
+    self_rows: np.ndarray | None = None,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Neighbors:
+    """Exact top-k cosine neighbours in ``X`` of each row of ``Q`` (both already L2-normalised).
+
+    ``exclude``: boolean mask over the rows of ``X`` never to return; ``self_rows``: for each query
+    one row of ``X`` not to return (-1 for none).
+    """
+    Q = np.asarray(Q, dtype=np.float32)
+    X = np.asarray(X, dtype=np.float32)
+    if Q.shape[1] != X.shape[1]:
+        raise ValueError(f"queries have dimension {Q.shape[1]}, the index {X.shape[1]}")
+    n = Q.shape[0]
+    out_i = np.empty((n, k), np.int64)
+    out_s = np.empty((n, k), np.float32)
+    step = block_rows(X.shape[0], max_block_bytes)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        S = Q[start:stop] @ X.T
+        if exclude is not None:
+            S[:, exclude] = -np.inf
+        if self_rows is not None:
+            rows = np.asarray(self_rows[start:stop])
+            hit = rows >= 0
+            S[np.nonzero(hit)[0], rows[hit]] = -np.inf
+        out_i[start:stop], out_s[start:stop] = topk_of_rows(S, k)
+    return Neighbors(out_i, out_s)
+
+
+def neighbor_weights(neighbors: Neighbors, weights: Weights) -> np.ndarray:
+    """Per-neighbour weights (n × k, float64): 1 or 1/distance; 0 where there is no neighbour.
+
+    With ``"distance"``, neighbours at distance 0 get +inf here; ``aggregate_labels`` gives them
+    all the weight (per model, among those that have a label).
+    """
+    valid = neighbors.valid
+    if weights == "uniform":
+        return valid.astype(np.float64)
+    if weights == "distance":
+        with np.errstate(divide="ignore"):
+            w = 1.0 / neighbors.distances
+        return np.where(valid, w, 0.0)
+    raise ValueError(f"weights must be 'uniform' or 'distance', got {weights!r}")
+
+
+def aggregate_labels(
+    neighbors: Neighbors,
+    Y: np.ndarray,
+    *,
+    weights: Weights = "uniform",
+    fallback: np.ndarray | None = None,
+    chunk: int = 4096,
+) -> np.ndarray:
+    """g (n_query × M): each model's labels in ``Y`` averaged over the shared neighbours.
+
+    Neighbours without a label for a model (NaN in ``Y``) are skipped for that model. Where no
+    neighbour has a label, the entry is ``fallback[m]`` (NaN if ``fallback`` is None).
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    n, M = len(neighbors), Y.shape[1]
+    W = neighbor_weights(neighbors, weights)
+    G = np.empty((n, M), np.float64)
+    fb = np.full(M, np.nan) if fallback is None else np.asarray(fallback, np.float64)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        idx = neighbors.indices[sl]
+        L = Y[np.where(idx >= 0, idx, 0)]  # (b, k, M)
+        avail = (idx >= 0)[:, :, None] & ~np.isnan(L)
+        w = np.broadcast_to(W[sl][:, :, None], L.shape)
+        inf = np.isinf(w) & avail
+        exact = inf.any(axis=1, keepdims=True)  # a labelled neighbour at distance 0
+        w = np.where(exact, inf.astype(np.float64), np.where(avail, w, 0.0))
+        num = (w * np.where(avail, L, 0.0)).sum(axis=1)
+        den = w.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            G[sl] = np.where(den > 0, num / np.where(den > 0, den, 1.0), fb)
+    return G
+
+
+class KNNCorrectness:
+    """kNN correctness predictors g_m(x) ≈ P(y(x, m) = 1 | x) for M models from one search.
+
+    Parameters: ``n_neighbors`` (k; the paper uses 5-10), ``weights`` (``"uniform"`` or
+    ``"distance"``), ``fallback`` (``"train_mean"``: a model with no labelled neighbour gets its
+    mean training label; ``"nan"``: NaN), ``max_block_bytes`` (memory of one similarity block).
+
+    ``fit(X, Y)``: X embeddings (n × d), Y labels (n × M) in {0, 1} with NaN for missing.
+    Learned: ``X_`` (normalised float32), ``Y_``, ``train_mean_`` (M,), ``n_features_in_``,
+    ``n_outputs_``.
+    """
+
+    def __init__(
+        self,
+        n_neighbors: int = 10,
+        *,
+        weights: Weights = "uniform",
+        fallback: Fallback = "train_mean",
+        max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.fallback = fallback
+        self.max_block_bytes = max_block_bytes
+
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> KNNCorrectness:
+        X = normalize_rows(X)
+        Y = np.asarray(Y, dtype=np.float64)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        if Y.shape[0] != X.shape[0]:
+            raise ValueError(f"{X.shape[0]} embeddings but {Y.shape[0]} label rows")
+        if self.n_neighbors < 1:
+            raise ValueError("n_neighbors must be >= 1")
+        if self.weights not in ("uniform", "distance"):
+            raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
+        if self.fallback not in ("train_mean", "nan"):
+            raise ValueError(f"fallback must be 'train_mean' or 'nan', got {self.fallback!r}")
+        self.X_ = X
+        self.Y_ = Y
+        with np.errstate(invalid="ignore"):
+            counts = (~np.isnan(Y)).sum(axis=0)
+            means = np.nansum(Y, axis=0) / np.maximum(counts, 1)
+        self.train_mean_ = np.where(counts > 0, means, np.nan)
+        self.n_features_in_ = X.shape[1]
+        self.n_outputs_ = Y.shape[1]
+        return self
+
+    def kneighbors(
+        self,
+        Q: np.ndarray,
+        *,
+        exclude: np.ndarray | None = None,
+        self_rows: np.ndarray | None = None,
+    ) -> Neighbors:
+        """The shared k nearest training rows of each query (see ``cosine_topk``)."""
+        return cosine_topk(
+            normalize_rows(Q), self.X_, self.n_neighbors,
+            exclude=exclude, self_rows=self_rows, max_block_bytes=self.max_block_bytes,
+        )
+
+    def predict_from_neighbors(self, neighbors: Neighbors) -> np.ndarray:
+        """g (n × M) from neighbours already found in this index."""
+        fb = self.train_mean_ if self.fallback == "train_mean" else None
+        return aggregate_labels(neighbors, self.Y_, weights=self.weights, fallback=fb)
+
+    def predict_proba(
+        self,
+        Q: np.ndarray,
+        *,
+        exclude: np.ndarray | None = None,
+        self_rows: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """g_m(x) for every query and model (n × M), from one neighbour search."""
+        return self.predict_from_neighbors(self.kneighbors(Q, exclude=exclude, self_rows=self_rows))
+
+    def predict(self, Q: np.ndarray, **kwargs) -> np.ndarray:
+        """Binarized predictions 1[g_m(x) > 0.5] (int8; NaN counts as 0)."""
+        with np.errstate(invalid="ignore"):
+            return (self.predict_proba(Q, **kwargs) > 0.5).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class GroupedNeighbors:
+    """Top-k of every query within each group of index rows: ``indices``/``similarities`` of
+    shape (n_query, n_groups, k), padded with -1 / -inf. ``merge`` gives the exact top-k over
+    any union of groups."""
+
+    indices: np.ndarray
+    similarities: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[2]
+
+    def merge(
+        self, allowed: np.ndarray, rows: np.ndarray | slice | None = None, k: int | None = None
+    ) -> Neighbors:
+        """Top-k over the groups where ``allowed`` (bool, n_groups) is true, for query ``rows``."""
+        k = self.k if k is None else k
+        if k > self.k:
+            raise ValueError(f"searched {self.k} per group; cannot merge to {k}")
+        rows = slice(None) if rows is None else rows
+        allowed = np.asarray(allowed, bool)
+        idx = self.indices[rows][:, allowed, :k]
+        sim = self.similarities[rows][:, allowed, :k]
+        n = idx.shape[0]
+        idx = idx.reshape(n, -1)
+        sim = sim.reshape(n, -1)
+        # (similarity desc, row asc) over every allowed group's candidates: the same order and
+        # the same cut as one search over the union of the groups.
+        key = np.where(idx >= 0, idx, np.iinfo(np.int64).max)
+        order = np.lexsort((key, -sim), axis=-1)[:, :k]
+        out_i = np.take_along_axis(idx, order, axis=1)
+        out_s = np.take_along_axis(sim, order, axis=1)
+        if out_i.shape[1] < k:
+            pad = k - out_i.shape[1]
+            out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
+            out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return Neighbors(out_i, out_s)
+
+
+def grouped_topk(
+    Q: np.ndarray,
+    X: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    *,
+    self_rows: np.ndarray | None = None,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> GroupedNeighbors:
+    """Top-k neighbours of each query within each group of ``X``'s rows (``groups``: int codes
+    0..G-1, one per row of ``X``). Q and X already L2-normalised; one matrix product per block."""
+    Q = np.asarray(Q, dtype=np.float32)
+    X = np.asarray(X, dtype=np.float32)
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    order = np.argsort(groups, kind="stable")
+    Xs = X[order]
+    bounds = np.searchsorted(groups[order], np.arange(n_groups + 1))
+    pos_of_row = np.empty_like(order)
+    pos_of_row[order] = np.arange(order.size)
+    n = Q.shape[0]
+    out_i = np.full((n, n_groups, k), -1, np.int64)
+    out_s = np.full((n, n_groups, k), -np.inf, np.float32)
+    step = block_rows(X.shape[0], max_block_bytes)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        S = Q[start:stop] @ Xs.T
+        if self_rows is not None:
+            rows = np.asarray(self_rows[start:stop])
+            hit = rows >= 0
+            S[np.nonzero(hit)[0], pos_of_row[rows[hit]]] = -np.inf
+        for g in range(n_groups):
+            lo, hi = bounds[g], bounds[g + 1]
+            if hi == lo:
+                continue
+            i, s = topk_of_rows(S[:, lo:hi], k)
+            out_i[start:stop, g] = np.where(i >= 0, order[lo + np.maximum(i, 0)], -1)
+            out_s[start:stop, g] = s
+    return GroupedNeighbors(out_i, out_s)
