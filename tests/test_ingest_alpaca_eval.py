@@ -27,9 +27,15 @@ def read(path: Path | str):
 
 
 def valid_rows(df: pl.DataFrame) -> pl.DataFrame:
-    """Rows with a real judgment, computed independently of the reader."""
+    """Rows with a real judgment of a real model, computed independently of the reader."""
     p = pl.col("preference")
-    return df.filter(p.is_not_null() & ~p.is_nan() & (p != 0))
+    return df.filter(p.is_not_null() & ~p.is_nan() & (p != 0) & ~not_a_model(df))
+
+
+def not_a_model(df: pl.DataFrame) -> pl.Expr:
+    """AlpacaEval's placeholder rows and the reference judged against itself (SOURCE.md)."""
+    self_judged = pl.col("model") == pl.col("reference_model") if "reference_model" in df.columns else pl.lit(False)
+    return pl.col("model").is_in(["example", "gpt4_gamed"]) | self_judged
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +116,11 @@ def test_one_model_with_two_result_folders_keeps_both_runs(long_result):
 def test_missing_or_zero_preference_is_quarantined(long_result):
     raw = pl.read_parquet(LONG).with_row_index("row", offset=1)
     bad = raw.filter(
-        pl.col("preference").is_null() | pl.col("preference").is_nan() | (pl.col("preference") == 0)
+        (pl.col("preference").is_null() | pl.col("preference").is_nan() | (pl.col("preference") == 0))
+        & ~not_a_model(raw)
     )
     assert bad.height == 16  # the fixture's 2 missing + 14 zero preferences
-    q = long_result.quarantine
+    q = long_result.quarantine.filter(pl.col("field") == "preference")
     assert q.height == bad.height
     assert set(q["record"]) == {f"row {r}" for r in bad["row"]}
     assert set(q["field"]) == {"preference"}
@@ -272,12 +279,16 @@ def test_whole_real_source(raw_data):
     assert time.perf_counter() - t0 < 10
     assert res.inputs.height == 805
     assert res.memberships["dataset"].n_unique() == 5
-    assert res.quarantine.height == 197 + 64
-    assert res.outcomes.height == 107_055 - 261
+    raw = pl.read_parquet(src / "annotations_long.parquet")
+    placeholders = raw.filter(not_a_model(raw)).height  # example, gpt4_gamed, reference vs itself
+    assert placeholders == 4 * 805
+    judged = res.quarantine.filter(pl.col("field") == "preference")
+    assert res.quarantine.height == judged.height + placeholders
+    assert res.outcomes.height == valid_rows(raw).height
     weighted = res.outcomes.filter(
         pl.col("metric") == "alpaca_eval/weighted_alpaca_eval_gpt4_turbo"
     )
-    assert weighted["source_model"].n_unique() == 58
+    assert weighted["source_model"].n_unique() == 58 - 3  # less example, gpt4_gamed, the reference
     ae1 = res.outcomes.filter(pl.col("run_id").str.starts_with("alpaca_eval:alpaca_eval_gpt4:"))
     assert ae1["source_model"].n_unique() == 52 and ae1["run_id"].n_unique() == 53
     # win rates (mean preference - 1) equal the published leaderboard where names match

@@ -56,6 +56,10 @@ NATIVE = "annotations.json"
 REQUIRED = ["instruction", "dataset", "annotator", "results_dir", "model", "preference"]
 OPTIONAL = ["annotator_dir", "instruction_id", "reference_model"]
 PREFERENCE_RANGE = (1.0, 2.0)
+# Rows that are not a model's judged output (SOURCE.md): AlpacaEval's placeholder "example", the
+# adversarial "gpt4_gamed" entry, and a reference model judged against itself (always a tie).
+NOT_MODELS = ("example", "gpt4_gamed")
+NOT_A_MODEL_REASON = "not a model's judged output (AlpacaEval placeholder, or the reference judged against itself)"
 
 
 def find_units(fs, root: str) -> list[str]:
@@ -165,6 +169,13 @@ def _row_checks() -> list[Check]:
         Check(empty_text("results_dir"), "results_dir", "missing results_dir"),
         Check(empty_text("dataset"), "dataset", "missing dataset"),
         Check(
+            pl.col("model").is_in(NOT_MODELS)
+            | (pl.col("model") == pl.col("reference_model")).fill_null(False),
+            "model",
+            NOT_A_MODEL_REASON,
+            pl.col("model"),
+        ),
+        Check(
             pl.col("preference").is_not_null() & value.is_null(),
             "preference",
             "preference is not a number",
@@ -239,6 +250,9 @@ def _native_record(item, col: Collector, url: str, record: str, annotator_dir: s
         return None
     if not isinstance(model, str) or not model.strip():
         col.quarantine(url, record, "generator_2", "missing model (generator_2)", model)
+        return None
+    if model in NOT_MODELS or model == item.get("generator_1"):
+        col.quarantine(url, record, "generator_2", NOT_A_MODEL_REASON, model)
         return None
     annotator = item.get("annotator") or annotator_dir
     raw = item.get("preference")
