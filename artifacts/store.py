@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import fsspec
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from benchroute.schemas import KEYS, TABLES, empty
@@ -161,13 +163,30 @@ class Store:
             info=dict(info or {}),
         )
 
-    def _write_part(self, table: str, batch: str, df: pl.DataFrame) -> str:
+    def append_arrow(
+        self, table: str, data: pa.Table, *, info: Mapping | None = None, **parquet_options
+    ) -> Commit:
+        """Append one part written from a pyarrow table with ``pyarrow.parquet.write_table``
+        options (e.g. per-column encodings, schema metadata kept), then commit it. As with
+        ``commit``, the part is invisible until its commit lands."""
+        if data.num_rows == 0:
+            raise StoreError(f"{self.url}: append_arrow({table!r}) with no rows")
+        batch = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        rel = self._part_path(table, batch)
+        with self.fs.open(self.path(rel), "wb") as f:
+            pq.write_table(data, f, **parquet_options)
+        return self._write_commit(batch, append={table: [rel]}, replace={}, units={},
+                                  info=dict(info or {}))
+
+    def _part_path(self, table: str, batch: str) -> str:
         if not _TABLE_NAME.match(table) or ".." in table:
             raise StoreError(f"invalid table name {table!r}")
-        rel = f"tables/{table}/part-{batch}.parquet"
-        full = self.path(rel)
         self.fs.makedirs(self.path("tables", table), exist_ok=True)
-        with self.fs.open(full, "wb") as f:
+        return f"tables/{table}/part-{batch}.parquet"
+
+    def _write_part(self, table: str, batch: str, df: pl.DataFrame) -> str:
+        rel = self._part_path(table, batch)
+        with self.fs.open(self.path(rel), "wb") as f:
             df.write_parquet(f, compression="zstd", statistics=True)
         return rel
 

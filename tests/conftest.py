@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="benchroute-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # no console noise at interpreter exit
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -79,3 +80,15 @@ def s3_server():
     else:
         fsspec.config.conf["s3"] = old
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_sample_store(tmp_path_factory) -> str:
+    """The shipped sample, ingested and embedded with the default small embedder (once)."""
+    from benchroute.flows.embed import embed_store
+    from benchroute.flows.ingest import ingest_flow
+
+    url = str(tmp_path_factory.mktemp("embedded") / "store")
+    ingest_flow(sources=[str(SAMPLE)], store=url, progress=False)
+    embed_store(url, progress=False)
+    return url
