@@ -25,39 +25,16 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Shnitzer et al. 2023, Table 1 (HELM, 29 datasets × 18 models): metric -> method -> value.
-PAPER_TABLE1 = {
-    "acc": {"S1": .662, "S2": .676, "S3": .694, "S3_true_p": .735, "LL": .684, "BMA": .688, "Oracle": .773},
-    "ratio_to_best": {"S1": .855, "S2": .868, "S3": .898, "S3_true_p": .944, "LL": .869, "BMA": .884, "Oracle": 1.0},
-    "pearson": {"S1": .685, "S2": .636, "S3": .727, "S3_true_p": .799, "LL": .714},
-    "spearman": {"S1": .465, "S2": .468, "S3": .492, "S3_true_p": .596, "LL": .459},
-    "pct_bma": {"S1": .17, "S2": .10, "S3": .48, "S3_true_p": .22, "LL": .10, "BMA": 1.0, "Oracle": .21},
-    "params_b": {"S1": 40.3, "S2": 44.3, "S3": 49.8, "S3_true_p": 33.8, "BMA": 70.0},
-    "rank": {"S1": 6.17, "S2": 5.90, "S3": 5.31, "S3_true_p": 3.80, "BMA": 6.07, "Oracle": 1.0},
-}
-PAPER_PREDICTOR_ACC, PAPER_KERNEL_MAE, PAPER_ALPHA_PRED_ACC = 0.59, 0.116, 0.65
-LABELS = {"acc": "Acc.", "ratio_to_best": "Ratio to best", "pearson": "Pearson",
-          "spearman": "Spearman", "pct_bma": "%BMA", "params_b": "#Params (B)", "rank": "Rank"}
-
-
-def _fmt(v, col):
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "–"
-    return f"{v:.1f}" if col in ("params_b", "rank") else f"{v:.3f}"
+from benchroute.transforms.paper import (  # noqa: E402
+    PAPER_ALPHA_PRED_ACC,
+    PAPER_KERNEL_MAE,
+    PAPER_PREDICTOR_ACC,
+)
+from benchroute.transforms.paper import table1_beside_paper as _beside  # noqa: E402
 
 
 def table1_beside_paper(table1: pl.DataFrame, ties: str) -> str:
-    t = table1.filter(pl.col("ties") == ties)
-    methods = t["method"].to_list()
-    lines = ["| metric | " + " | ".join(f"{m} (ours / paper)" for m in methods) + " |",
-             "|---" * (len(methods) + 1) + "|"]
-    for col, label in LABELS.items():
-        cells = []
-        for m, v in zip(methods, t[col].to_list()):
-            paper = PAPER_TABLE1[col].get(m)
-            cells.append(f"{_fmt(v, col)} / {_fmt(paper, col) if paper is not None else '–'}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _beside(table1.filter(pl.col("ties") == ties).to_dicts())
 
 
 def main(argv: list[str] | None = None) -> dict:

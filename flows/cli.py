@@ -31,10 +31,69 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quarantine", action="store_true", help="also show quarantine reasons")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
+    p = sub.add_parser("embed", help="embed every input that has no vector yet (Prefect flow)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--embedder", default=None, help="embedder name (default all-MiniLM-L6-v2)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("evaluate", help="leave-one-dataset-out evaluation with a report (Prefect flow)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="folder (fsspec URL) for the Parquet/Markdown/HTML report")
+    p.add_argument("--embedder", default=None, help="embedder id or name (default: the one stored)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", action="append", dest="sources", help="only these sources")
+    p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
+
     args = parser.parse_args(argv)
-    if args.command == "ingest":
-        return _ingest(args)
-    return _inspect(args)
+    commands = {
+        "ingest": _ingest,
+        "inspect": _inspect,
+        "embed": _embed,
+        "evaluate": _evaluate,
+    }
+    return commands[args.command](args)
+
+
+def _embed(args) -> int:
+    from benchroute.flows.embed import embed_flow, format_summary
+    from benchroute.transforms.weights import DEFAULT_EMBEDDER
+
+    summary = embed_flow(
+        store=args.store,
+        embedder=args.embedder or DEFAULT_EMBEDDER,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+    print(format_summary(summary))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from benchroute.flows.evaluate import evaluate_flow
+
+    result = evaluate_flow(
+        store=args.store,
+        out=args.out,
+        embedder=args.embedder,
+        k=args.k,
+        weights=args.weights,
+        seed=args.seed,
+        sources=args.sources,
+        exclude_models=args.exclude_models,
+    )
+    for group, s in result["groups"].items():
+        print(
+            f"{group}: {s.get('n_tasks')} held-out datasets, {s.get('n_models')} models; "
+            f"predictor accuracy {s.get('predictor_accuracy', float('nan')):.3f}, "
+            f"kernel MAE {s.get('kernel_mae', float('nan')):.3f}"
+        )
+    for group, why in result["skipped"].items():
+        print(f"{group}: not evaluated ({why})")
+    print(f"report: {result['paths']['markdown']} and {result['paths']['html']}")
+    return 0
 
 
 def _ingest(args) -> int:

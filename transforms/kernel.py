@@ -155,6 +155,15 @@ class NadarayaWatson:
         self.loo_error_ = float(errors[i])
         return self
 
+    @classmethod
+    def from_fitted(cls, u: np.ndarray, P: np.ndarray, bandwidth: float) -> NadarayaWatson:
+        """A fitted smoother rebuilt from stored state (a bundle's u(d), p(d, m) and h)."""
+        self = cls(bandwidth)
+        self.u_ = np.asarray(u, np.float64).ravel()
+        self.P_ = np.asarray(P, np.float64).reshape(self.u_.size, -1)
+        self.bandwidth_ = float(bandwidth)
+        return self
+
     def predict(self, u_new: np.ndarray | float) -> np.ndarray:
         """p̂ (n × M) at each new descriptor value."""
         u_new = np.atleast_1d(np.asarray(u_new, np.float64))

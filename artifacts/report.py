@@ -1,0 +1,281 @@
+"""The evaluation report: tables as Parquet, a Markdown report, and a self-contained HTML report
+with plots (matplotlib, images embedded), written to any fsspec folder."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping
+
+import polars as pl
+from fsspec.core import url_to_fs
+
+from benchroute.transforms.evaluate import Evaluation
+from benchroute.transforms.paper import (
+    PAPER_ALPHA_PRED_ACC,
+    PAPER_KERNEL_MAE,
+    PAPER_PREDICTOR_ACC,
+    PAPER_TABLE2,
+    table1_beside_paper,
+)
+
+TABLES = ("table1", "per_task", "predictor", "alpha", "table2")
+TIES = "train_acc"  # the tie rule shown in the Markdown tables (both are in the Parquet files)
+
+
+def write_report(
+    out_url: str, results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str]
+) -> dict[str, str]:
+    """Write ``<out>/<group>/<table>.parquet``, ``summary.json``, ``report.md``, ``report.html``.
+
+    Returns the written paths by role.
+    """
+    fs, root = url_to_fs(str(out_url))
+    root = root.rstrip("/")
+    fs.makedirs(root, exist_ok=True)
+    written: dict[str, str] = {}
+    for group, ev in results.items():
+        fs.makedirs(f"{root}/{group}", exist_ok=True)
+        for name in TABLES:
+            with fs.open(f"{root}/{group}/{name}.parquet", "wb") as f:
+                getattr(ev, name).write_parquet(f)
+        fs.pipe_file(f"{root}/{group}/summary.json", _json(ev.summary))
+    summary = {
+        "meta": dict(meta),
+        "skipped": dict(skipped),
+        "groups": {g: ev.summary for g, ev in results.items()},
+    }
+    fs.pipe_file(f"{root}/summary.json", _json(summary))
+    md = markdown_report(results, meta, skipped)
+    fs.pipe_file(f"{root}/report.md", md.encode())
+    fs.pipe_file(f"{root}/report.html", html_report(results, meta, skipped, md).encode())
+    written.update(
+        {"summary": f"{root}/summary.json", "markdown": f"{root}/report.md", "html": f"{root}/report.html"}
+    )
+    return written
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+
+# ------------------------------------------------------------------------------ Markdown
+def markdown_report(results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str]) -> str:
+    lines = [
+        "# benchroute evaluation",
+        "",
+        "Leave-one-dataset-out evaluation of the Shnitzer et al. (2023) router on the store, one "
+        "benchmark per source (models compared only where all have labels). Paper numbers are "
+        "HELM (29 datasets × 18 open models); ours are on different data, so compare the pattern, "
+        "not the level.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in meta.items()]
+    if skipped:
+        lines += ["", "Not evaluated:", ""] + [f"- `{g}`: {why}" for g, why in skipped.items()]
+    for group, ev in results.items():
+        s = ev.summary
+        lines += [
+            "",
+            f"## {group}",
+            "",
+            f"{s.get('n_inputs')} inputs, {s.get('n_models')} models, {s.get('n_tasks')} held-out "
+            f"datasets.",
+            "",
+            f"### Table 1 (ties broken by training accuracy)",
+            "",
+            table1_beside_paper(ev.table1.filter(pl.col("ties") == TIES).to_dicts()),
+            "",
+            f"- predictor accuracy: {s.get('predictor_accuracy', float('nan')):.3f} "
+            f"(paper {PAPER_PREDICTOR_ACC})",
+            f"- kernel MAE of p̂(d', m): {s.get('kernel_mae', float('nan')):.3f} (paper "
+            f"{PAPER_KERNEL_MAE}); constant estimate {s.get('constant_mae', float('nan')):.3f}; "
+            f"neighbour-share estimate {s.get('neighbor_share_mae', float('nan')):.3f}",
+            "",
+            "### α curve (in-task labelled share → accuracy of the chosen model)",
+            "",
+            _alpha_markdown(ev.alpha),
+            "",
+            f"(paper: predictor accuracy {PAPER_PREDICTOR_ACC} → {PAPER_ALPHA_PRED_ACC} at α = 0.05)",
+            "",
+            "### Table 2 (per-input routing over all held-out inputs)",
+            "",
+            _frame_markdown(
+                ev.table2.sort("quality", descending=True).select(
+                    "router", "ties", pl.col("quality").round(4), pl.col("mcpi"), "n_inputs"
+                )
+            ),
+            "",
+            f"(paper, MixInstruct BERTScore: router {PAPER_TABLE2['router']} vs oracle "
+            f"{PAPER_TABLE2['oracle']}, {PAPER_TABLE2['router_mcpi']} model calls per input)",
+            "",
+            "### Chosen model per held-out dataset",
+            "",
+            _frame_markdown(_chosen(ev)),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _alpha_markdown(alpha: pl.DataFrame) -> str:
+    a = alpha.filter(pl.col("ties") == TIES)
+    if a.height == 0:
+        return "(no α curve)"
+    wide = a.pivot(on="method", index="alpha", values="acc").sort("alpha")
+    extra = a.group_by("alpha").agg(
+        pl.col("predictor_accuracy").first(), pl.col("p_mae").first()
+    )
+    return _frame_markdown(wide.join(extra, on="alpha").sort("alpha"))
+
+
+def _chosen(ev: Evaluation) -> pl.DataFrame:
+    t = ev.per_task.filter((pl.col("ties") == TIES) & (pl.col("method") != "Random"))
+    return t.pivot(on="method", index="dataset", values="model").sort("dataset")
+
+
+def _frame_markdown(df: pl.DataFrame) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "–" if v != v else f"{v:.3f}"
+        return "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|---" * df.width + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.iter_rows()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ HTML
+def html_report(
+    results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str], markdown: str
+) -> str:
+    """Self-contained HTML: the Markdown tables as HTML plus three plots per group."""
+    body = [_markdown_to_html(markdown)]
+    for group, ev in results.items():
+        body.append(f"<h2>Plots: {html.escape(group)}</h2>")
+        for title, png in (
+            ("Accuracy of the chosen model vs the oracle, per held-out dataset", _plot_chosen(ev)),
+            ("α curve: accuracy of the chosen model vs in-task labelled share", _plot_alpha(ev)),
+            ("Kernel fit: estimated p̂(d', m) vs true p(d', m)", _plot_kernel(ev)),
+        ):
+            if png:
+                b64 = base64.b64encode(png).decode()
+                body.append(
+                    f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'/>"
+                    f"<figcaption>{html.escape(title)}</figcaption></figure>"
+                )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+        "th{background:#f3f3f3}img{max-width:100%}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>benchroute evaluation</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
+
+
+def _markdown_to_html(md: str) -> str:
+    """The small Markdown subset the report uses: headings, paragraphs, lists, tables."""
+    out, table = [], []
+
+    def flush_table():
+        if not table:
+            return
+        rows = [r.strip().strip("|").split("|") for r in table if not set(r) <= set("|-: ")]
+        head, *rest = rows
+        out.append(
+            "<table><tr>"
+            + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+                for r in rest
+            )
+            + "</table>"
+        )
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    return "\n".join(out)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(fig)
+    return buf.getvalue()
+
+
+def _plot_chosen(ev: Evaluation) -> bytes | None:
+    t = ev.per_task.filter(pl.col("ties") == TIES)
+    if t.height == 0:
+        return None
+    plt = _figure()
+    wide = t.pivot(on="method", index="dataset", values="acc").sort("dataset")
+    methods = [m for m in ("S1", "S3", "BMA", "Oracle") if m in wide.columns]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * wide.height + 2), 4))
+    width = 0.8 / max(len(methods), 1)
+    xs = range(wide.height)
+    for i, m in enumerate(methods):
+        ax.bar([x + i * width for x in xs], wide[m].to_list(), width, label=m)
+    ax.set_xticks([x + 0.4 - width / 2 for x in xs])
+    ax.set_xticklabels([d.split("/", 1)[-1] for d in wide["dataset"]], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy on held-out dataset")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _plot_alpha(ev: Evaluation) -> bytes | None:
+    a = ev.alpha.filter(pl.col("ties") == TIES)
+    if a.height == 0:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for (method,), part in a.group_by("method", maintain_order=True):
+        part = part.sort("alpha")
+        ax.plot(part["alpha"].to_list(), part["acc"].to_list(), marker="o", label=method)
+    ax.set_xlabel("α (share of held-out inputs labelled)")
+    ax.set_ylabel("accuracy of the chosen model")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _plot_kernel(ev: Evaluation) -> bytes | None:
+    p = ev.predictor
+    if p.height == 0 or "p_hat" not in p.columns:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(p["p_true"].to_list(), p["p_hat"].to_list(), s=8, alpha=0.5, label="kernel p̂")
+    if "p_share" in p.columns:
+        ax.scatter(p["p_true"].to_list(), p["p_share"].to_list(), s=8, alpha=0.5, label="neighbour share")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1)
+    ax.set_xlabel("true p(d', m)")
+    ax.set_ylabel("estimate")
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -1,0 +1,163 @@
+"""The ``evaluate`` flow: the paper's leave-one-dataset-out evaluation on what the store holds.
+
+Thin wiring: groups from ``transforms.lodo_groups``, arrays and metrics from
+``transforms.evaluate``, vectors from ``artifacts.embeddings``, files from ``artifacts.report``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+from fsspec.core import url_to_fs
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from benchroute import __version__
+from benchroute.artifacts import embeddings as emb_store
+from benchroute.artifacts.report import write_report
+from benchroute.artifacts.store import Store
+from benchroute.transforms.evaluate import BenchmarkArrays, EvalConfig, Evaluation, evaluate_lodo
+from benchroute.transforms.lodo_groups import lodo_groups
+
+
+class EvaluationError(RuntimeError):
+    """The store cannot be evaluated as asked (message says what is missing)."""
+
+
+def pick_embedder(store: Store, embedder: str | None) -> str:
+    """The embedder id to use: the one asked for (id or name prefix) or the only one stored."""
+    ids = emb_store.embedders(store)
+    if not ids:
+        raise EvaluationError(f"{store.url}: no embeddings yet (run `benchroute embed` first)")
+    if embedder:
+        slug = embedder.lower().replace("_", "-").replace("/", "-")
+        match = [i for i in ids if i == embedder or i.startswith(slug)]
+        if not match:
+            raise EvaluationError(f"{store.url}: no embeddings of {embedder!r}; stored: {ids}")
+        return sorted(match)[-1]
+    if len(ids) > 1:
+        raise EvaluationError(f"{store.url}: several embedders stored, pick one of {ids}")
+    return ids[0]
+
+
+def loglik_frame(outcomes: pl.DataFrame) -> pl.DataFrame:
+    """Per-input log-likelihoods where the data has them (HELM's ``logprob``), for the LL baseline."""
+    return (
+        outcomes.filter((pl.col("metric") == "logprob") & pl.col("perturbation").is_null())
+        .group_by("input_id", "dataset", "model")
+        .agg(pl.col("value").mean())
+    )
+
+
+def evaluate_groups(
+    store: Store,
+    embedder_id: str,
+    labels: pl.DataFrame,
+    memberships: pl.DataFrame,
+    models: pl.DataFrame,
+    config: EvalConfig,
+    *,
+    sources: list[str] | None = None,
+    exclude_models: list[str] | None = None,
+    loglik: pl.DataFrame | None = None,
+    log=None,
+) -> tuple[dict[str, Evaluation], dict[str, str]]:
+    """Evaluate each source group; returns the evaluations and the reasons groups were skipped."""
+    groups = lodo_groups(labels, memberships, exclude_models=exclude_models or [])
+    if sources:
+        groups = [g for g in groups if g.name in sources]
+    skipped = {g.name: g.skipped for g in groups if g.skipped}
+    groups = [g for g in groups if not g.skipped]
+    needed = sorted(set().union(*(set(g.labels["input_id"]) for g in groups)))
+    X, ids = emb_store.read_matrix(store, embedder_id, needed)
+    results: dict[str, Evaluation] = {}
+    for g in groups:
+        t = time.perf_counter()
+        bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
+        ll = None
+        if loglik is not None:
+            ll = loglik.filter(pl.col("dataset").is_in(g.datasets) & pl.col("model").is_in(g.models))
+        ev = evaluate_lodo(bench, config, loglik=ll if ll is not None and ll.height else None)
+        if ev.table1.height == 0:
+            skipped[g.name] = f"no held-out dataset has {config.min_inputs}+ inputs labelled for every model"
+            continue
+        results[g.name] = ev
+        if log:
+            log.info(
+                "evaluated %s: %d datasets, %d models, %d inputs in %.1f s (dropped models: %d)",
+                g.name, len(g.datasets), len(g.models), bench.X.shape[0],
+                time.perf_counter() - t, len(g.dropped_models),
+            )
+    return results, skipped
+
+
+def evaluate_store(
+    store_url: str,
+    out: str,
+    *,
+    embedder: str | None = None,
+    config: EvalConfig = EvalConfig(),
+    sources: list[str] | None = None,
+    exclude_models: list[str] | None = None,
+    log=None,
+) -> dict:
+    """Evaluate every source group of the store and write the report to ``out``."""
+    t0 = time.perf_counter()
+    store = Store(store_url)
+    embedder_id = pick_embedder(store, embedder)
+    labels = store.read("labels")
+    memberships = store.read("memberships")
+    models = store.read("models")
+    outcomes = store.read("outcomes", columns=["input_id", "dataset", "model", "metric", "value", "perturbation"])
+    loglik = loglik_frame(outcomes)
+    results, skipped = evaluate_groups(
+        store, embedder_id, labels, memberships, models, config,
+        sources=sources, exclude_models=exclude_models, loglik=loglik, log=log,
+    )
+    meta = {
+        "store": store_url,
+        "embedder": embedder_id,
+        "k": config.k,
+        "weights": config.weights,
+        "seed": config.seed,
+        "alphas": list(config.alphas),
+        "code_version": __version__,
+    }
+    paths = write_report(out, results, meta, skipped)
+    return {
+        "out": out,
+        "paths": paths,
+        "groups": {g: ev.summary for g, ev in results.items()},
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+@task(cache_policy=NO_CACHE, retries=1)
+def evaluate_task(store: str, out: str, embedder: str | None, config: EvalConfig, sources, exclude) -> dict:
+    return evaluate_store(
+        store, out, embedder=embedder, config=config, sources=sources, exclude_models=exclude,
+        log=get_run_logger(),
+    )
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    store: str,
+    out: str,
+    embedder: str | None = None,
+    k: int = 10,
+    weights: str = "uniform",
+    seed: int = 0,
+    sources: list[str] | None = None,
+    exclude_models: list[str] | None = None,
+) -> dict:
+    """Run the evaluation and publish its Markdown report as a Prefect artifact."""
+    config = EvalConfig(k=k, weights=weights, seed=seed)
+    result = evaluate_task(store, out, embedder, config, sources, exclude_models)
+    fs, _ = url_to_fs(out)
+    markdown = fs.cat_file(result["paths"]["markdown"]).decode("utf-8")
+    create_markdown_artifact(markdown=markdown[:100_000], key="evaluation", description="LODO evaluation")
+    return result

@@ -1,0 +1,65 @@
+"""Which datasets are evaluated together: one leave-one-dataset-out benchmark per source.
+
+Models are only compared on data where they all have labels, and sources differ in their model
+sets (MMLU-Pro 28 models, HELM Safety 12, RouteLLM 2, AlpacaEval 58…), so each source is its
+own benchmark: its datasets, restricted to the models labelled on every one of them. A source
+with too few datasets or models is skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    datasets: list[str]
+    models: list[str]
+    labels: pl.DataFrame
+    dropped_models: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the group is not evaluated (None = evaluated)
+
+
+def lodo_groups(
+    labels: pl.DataFrame,
+    memberships: pl.DataFrame,
+    *,
+    min_datasets: int = 3,
+    min_models: int = 2,
+    exclude_models: list[str] | tuple[str, ...] = (),
+) -> list[Group]:
+    """One group per source: datasets of that source, models labelled on all of them."""
+    dataset_source = (
+        memberships.select("dataset", "source")
+        .unique()
+        .sort("source")
+        .unique("dataset", keep="first")  # a dataset fed by two sources goes to the first
+    )
+    lab = labels.filter(~pl.col("model").is_in(list(exclude_models))).join(
+        dataset_source, on="dataset", how="inner"
+    )
+    groups = []
+    for (source,), part in lab.group_by("source", maintain_order=False):
+        datasets = sorted(part["dataset"].unique().to_list())
+        coverage = part.group_by("model").agg(pl.col("dataset").n_unique().alias("n"))
+        models = sorted(coverage.filter(pl.col("n") == len(datasets))["model"].to_list())
+        dropped = sorted(set(coverage["model"].to_list()) - set(models))
+        skipped = None
+        if len(datasets) < min_datasets:
+            skipped = f"{len(datasets)} dataset(s); leave-one-dataset-out needs {min_datasets}"
+        elif len(models) < min_models:
+            skipped = f"{len(models)} model(s) labelled on every dataset; need {min_models}"
+        groups.append(
+            Group(
+                name=source,
+                datasets=datasets,
+                models=models,
+                labels=part.filter(pl.col("model").is_in(models)).drop("source"),
+                dropped_models=dropped,
+                skipped=skipped,
+            )
+        )
+    return sorted(groups, key=lambda g: g.name)
