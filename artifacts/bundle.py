@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
-import polars as pl
 from fsspec.core import url_to_fs
 
 from benchroute.schemas.manifest import (
@@ -46,7 +45,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def parquet_bytes(df: pl.DataFrame) -> bytes:
+def parquet_bytes(df) -> bytes:
+    """A polars frame as zstd Parquet bytes."""
     buf = io.BytesIO()
     df.write_parquet(buf, compression="zstd")
     return buf.getvalue()
@@ -231,8 +231,11 @@ class VerifiedBundle:
         except ValueError as exc:
             raise BundleError(f"{self.url}/{rel}: not a plain .npy array ({exc})") from exc
 
-    def parquet(self, rel: str) -> pl.DataFrame:
-        return pl.read_parquet(io.BytesIO(self.files[rel]))
+    def parquet(self, rel: str):
+        """A Parquet file as a pyarrow Table (consumers need no polars)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.files[rel]))
 
     def json(self, rel: str):
         return json.loads(self.files[rel])

@@ -47,14 +47,144 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", action="append", dest="sources", help="only these sources")
     p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
 
+    p = sub.add_parser("publish", help="fit the router and publish a bundle version (Prefect flow)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--name", default="default", help="bundle name (default: default)")
+    p.add_argument("--source", action="append", dest="sources", help="only these sources' data")
+    p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
+    p.add_argument("--embedder", default=None)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
+    p.add_argument("--index-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation summary")
+
+    p = sub.add_parser("bundles", help="the registry of bundle versions")
+    bsub = p.add_subparsers(dest="action", required=True)
+    for action, helptext in (
+        ("list", "versions of a bundle"),
+        ("show", "one version's manifest"),
+        ("pin", "point a named ref at a version (kept by gc)"),
+        ("rollback", "move latest back (or to --to)"),
+        ("gc", "delete old versions, keeping refs"),
+    ):
+        q = bsub.add_parser(action, help=helptext)
+        q.add_argument("--store", required=True)
+        q.add_argument("--name", default="default")
+        if action == "show":
+            q.add_argument("--version", default="latest")
+        if action == "pin":
+            q.add_argument("version")
+            q.add_argument("ref")
+        if action == "rollback":
+            q.add_argument("--to", default=None)
+        if action == "gc":
+            q.add_argument("--keep", type=int, default=3)
+            q.add_argument("--dry-run", action="store_true")
+
+    p = sub.add_parser("route", help="pick a model for a query, or score tasks from a file")
+    p.add_argument("--bundle", required=True, help="store URL, bundle folder or version folder")
+    p.add_argument("--name", default=None, help="bundle name when --bundle is a store URL")
+    p.add_argument("--version", default="latest")
+    p.add_argument("--file", help="JSONL of tasks: {\"id\": …, \"texts\": [...]} per line")
+    p.add_argument("--model", action="append", dest="models", help="allowed models")
+    p.add_argument("--max-params-b", type=float)
+    p.add_argument("--max-cost", type=float)
+    p.add_argument("text", nargs="?", help="the query")
+
+    p = sub.add_parser("serve", help="HTTP service: /v1/route, /v1/score-task, /v1/bundle, /healthz")
+    p.add_argument("--bundle", required=True, help="store URL")
+    p.add_argument("--name", default="default")
+    p.add_argument("--version", default="latest", help="'latest' follows new versions")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll-seconds", type=float, default=5.0)
+
     args = parser.parse_args(argv)
     commands = {
         "ingest": _ingest,
         "inspect": _inspect,
         "embed": _embed,
         "evaluate": _evaluate,
+        "publish": _publish,
+        "bundles": _bundles,
+        "route": _route,
+        "serve": _serve,
     }
     return commands[args.command](args)
+
+
+def _publish(args) -> int:
+    from benchroute.flows.publish import publish_flow
+
+    r = publish_flow(
+        store=args.store,
+        name=args.name,
+        sources=args.sources,
+        exclude_models=args.exclude_models,
+        embedder=args.embedder,
+        k=args.k,
+        weights=args.weights,
+        index_dtype=args.index_dtype,
+        evaluate=not args.no_evaluate,
+    )
+    state = "published" if r["created"] else "unchanged, latest stays"
+    print(f"{state}: {r['name']} {r['version']} ({r['files']} files, {r['bytes']:,} bytes)")
+    print(f"bundle: {r['url']}")
+    print(f'try:    benchroute route --bundle {args.store} --name {r["name"]} "your question"')
+    return 0
+
+
+def _bundles(args) -> int:
+    from benchroute.artifacts import registry
+
+    if args.action == "list":
+        rows = registry.list_versions(args.store, args.name)
+        with pl.Config(tbl_rows=200, fmt_str_lengths=60, tbl_width_chars=200):
+            print(pl.DataFrame(rows) if rows else f"no versions of {args.name!r}")
+    elif args.action == "show":
+        print(json.dumps(registry.show(args.store, args.name, args.version), indent=1))
+    elif args.action == "pin":
+        print(registry.pin(args.store, args.name, args.version, args.ref))
+    elif args.action == "rollback":
+        print(f"latest -> {registry.rollback(args.store, args.name, args.to)}")
+    else:
+        removed = registry.gc(args.store, args.name, keep=args.keep, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(removed)} version(s)" + "".join(f"\n  {v}" for v in removed))
+    return 0
+
+
+def _route(args) -> int:
+    from benchroute.artifacts.router import load_router
+
+    router = load_router(args.bundle, args.name, args.version)
+    filters = {"models": args.models, "max_params_b": args.max_params_b, "max_cost": args.max_cost}
+    if args.file:
+        import fsspec
+
+        with fsspec.open(args.file, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                task = json.loads(line)
+                rows = router.score_task(task["texts"], **filters)
+                print(json.dumps({"id": task.get("id", n), "choice": rows[0]["model"], "scores": rows}))
+        return 0
+    if not args.text:
+        print("give a query text or --file tasks.jsonl", file=sys.stderr)
+        return 2
+    print(json.dumps(router.route(args.text, **filters), indent=1))
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from benchroute.artifacts.service import create_app
+
+    app = create_app(args.bundle, args.name, args.version, poll_seconds=args.poll_seconds)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _embed(args) -> int:

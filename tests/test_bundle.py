@@ -53,7 +53,7 @@ def test_publish_load_roundtrip_and_idempotent(store_url):
     b = open_bundle(store_url, "demo")
     assert b.manifest["version"] == first.version
     assert b.npy("index/embeddings.npy").shape == (5, 4)
-    assert b.parquet("labels.parquet")["y"].to_list() == [1, 0]
+    assert b.parquet("labels.parquet").column("y").to_pylist() == [1, 0]
     assert open_bundle(f"{store_url}/bundles/demo").manifest["version"] == first.version
     assert open_bundle(first.url).manifest["version"] == first.version
 

@@ -1,0 +1,92 @@
+"""Publishing a router from a real store and using it as a consumer would."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchroute.artifacts.bundle import BundleStore, open_bundle
+from benchroute.artifacts.router import RouteError, load_router
+from benchroute.flows.cli import main as cli
+from benchroute.flows.publish import publish_store
+
+
+@pytest.fixture(scope="module")
+def published(embedded_sample_store):
+    result = publish_store(embedded_sample_store, "sample")
+    return embedded_sample_store, result
+
+
+def test_publish_is_self_describing_and_idempotent(published):
+    store, first = published
+    assert first["created"]
+    again = publish_store(store, "sample")
+    assert not again["created"] and again["version"] == first["version"]
+    m = open_bundle(store, "sample").manifest
+    assert m["embedder"]["name"] and m["embedder"]["dim"] == 384 and len(m["embedder"]["weights_hash"]) >= 12
+    assert any("exact_match" in json.dumps(r) for r in m["binarization_rules"])
+    assert m["sources"] and all(s["fingerprint"] for s in m["sources"])
+    assert m["parameters"]["k"] == 10 and m["parameters"]["bandwidth"] > 0
+    assert "mmlu_pro" in m["evaluation"]
+    assert {f.rsplit(".", 1)[1] for f in m["files"]} <= {"npy", "parquet", "json"}
+
+
+def test_route_and_score_task_from_embeddings(published):
+    store, _ = published
+    router = load_router(store, "sample")
+    X = router.knn.X_[:20]
+    choice = router.route(X[0])
+    assert choice["model"] in router.model_names and choice["bundle_version"] == router.version
+    rows = router.score_task(X)
+    assert {r["model"] for r in rows} == set(router.model_names)
+    assert all(0 <= r["coverage"] <= 1 for r in rows)
+    best = rows[0]
+    assert best["coverage"] >= 0.5 and best["S3"] is not None
+
+
+def test_route_restricted_to_models_and_budget(published):
+    store, _ = published
+    router = load_router(store, "sample")
+    x = router.knn.X_[0]
+    allowed = ["meta/llama-3-8b", "meta/llama-3-70b"]
+    assert router.route(x, models=allowed)["model"] in allowed
+    small = router.route(x, max_params_b=10)
+    size = next(m.params_b for m in router.models if m.model == small["model"])
+    assert size is not None and size <= 10
+    with pytest.raises(RouteError, match="unknown models"):
+        router.route(x, models=["no-such-model"])
+    with pytest.raises(RouteError, match="columns"):
+        router.route(np.zeros(7))
+
+
+def test_route_raw_text_uses_the_bundle_embedder(published):
+    store, _ = published
+    router = load_router(store, "sample")
+    # A real MMLU-Pro-style question: the chosen model has labelled neighbours for it.
+    choice = router.route("Which of the following is a prime number?\nA. 21\nB. 23\nC. 25\nD. 27")
+    assert choice["g"] is not None
+
+
+def test_float16_index_keeps_routing_decisions(embedded_sample_store):
+    r16 = publish_store(embedded_sample_store, "f16", index_dtype="float16", evaluate=False)
+    r32 = publish_store(embedded_sample_store, "f32", index_dtype="float32", evaluate=False)
+    a, b = load_router(embedded_sample_store, "f16"), load_router(embedded_sample_store, "f32")
+    X = b.knn.X_[::7]
+    same = np.mean([a.route(x)["model"] == b.route(x)["model"] for x in X])
+    assert same >= 0.95
+    assert r16["bytes"] < r32["bytes"]
+
+
+def test_cli_publish_list_route(embedded_sample_store, capsys, tmp_path):
+    assert cli(["publish", "--store", embedded_sample_store, "--name", "cli", "--no-evaluate"]) == 0
+    assert "bundle:" in capsys.readouterr().out
+    assert cli(["bundles", "list", "--store", embedded_sample_store, "--name", "cli"]) == 0
+    assert "latest" in capsys.readouterr().out
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t", "texts": ["What is 2 + 2?", "Name a prime."]}) + "\n")
+    assert cli(["route", "--bundle", embedded_sample_store, "--name", "cli", "--file", str(tasks)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["id"] == "t" and out["choice"]
+    assert BundleStore(embedded_sample_store).ref("cli") is not None

@@ -1,0 +1,84 @@
+"""Fit what a router bundle carries: the kNN index with every model's labels, and the kernel
+estimator of p(d', m) from leave-one-dataset-out accuracies over the whole benchmark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from benchroute.transforms.evaluate import BenchmarkArrays
+from benchroute.transforms.kernel import NadarayaWatson, lodo_accuracies
+from benchroute.transforms.knn import Fallback, Weights, grouped_topk
+
+
+@dataclass(frozen=True)
+class RouterFit:
+    """Arrays of a fitted router.
+
+    ``X`` (n × d) index embeddings, ``Y`` (n × M) labels (NaN = none), ``member`` (n × D) the
+    datasets of each row; ``P`` (D × M) leave-one-dataset-out accuracies p(d, m) and ``u`` (D,)
+    descriptors (NaN where a dataset could not be scored); ``bandwidth`` of the kernel;
+    ``train_acc`` (M,) mean per-dataset accuracy (the tie-break and BMA order).
+    """
+
+    input_ids: list[str]
+    models: list[str]
+    datasets: list[str]
+    X: np.ndarray
+    Y: np.ndarray
+    member: np.ndarray
+    P: np.ndarray
+    u: np.ndarray
+    bandwidth: float
+    kernel_loo_mae: float
+    train_acc: np.ndarray
+    params_b: np.ndarray
+    k: int
+    k_descriptor: int
+    weights: str
+    fallback: str
+
+
+def fit_router(
+    bench: BenchmarkArrays,
+    *,
+    k: int = 10,
+    weights: Weights = "uniform",
+    fallback: Fallback = "train_mean",
+    k_descriptor: int | None = None,
+) -> RouterFit:
+    """Fit the router on every labelled input of ``bench`` (no dataset held out)."""
+    k_desc = k_descriptor or k
+    k_search = max(k, k_desc)
+    n = len(bench.input_ids)
+    grouped = grouped_topk(bench.X, bench.X, bench.row_groups, k_search, self_rows=np.arange(n))
+    P, u = lodo_accuracies(
+        grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
+        bench.dataset_y, k=k, weights=weights, fallback=fallback, k_descriptor=k_desc,
+    )
+    ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
+    if ok.sum() >= 2:
+        kern = NadarayaWatson().fit(u[ok], P[ok])
+        bandwidth, loo = kern.bandwidth_, kern.loo_error_
+    else:  # one dataset: p̂ is its p whatever the bandwidth
+        bandwidth, loo = 1.0, float("nan")
+    train_acc = np.nanmean(bench.dataset_accuracy(), axis=0)
+    return RouterFit(
+        input_ids=list(bench.input_ids),
+        models=list(bench.models),
+        datasets=list(bench.datasets),
+        X=bench.X.astype(np.float32),
+        Y=bench.Y.astype(np.float32),
+        member=bench.member,
+        P=np.where(ok[:, None], P, np.nan),
+        u=np.where(ok, u, np.nan),
+        bandwidth=float(bandwidth),
+        kernel_loo_mae=float(loo),
+        train_acc=np.nan_to_num(train_acc, nan=0.0),
+        params_b=bench.params_b,
+        k=k,
+        k_descriptor=k_desc,
+        weights=weights,
+        fallback=fallback,
+    )
