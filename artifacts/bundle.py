@@ -244,7 +244,7 @@ class VerifiedBundle:
 def open_bundle(url: str, name: str | None = None, version: str = "latest") -> VerifiedBundle:
     """Load and verify a bundle.
 
-    ``url`` is a store root (then ``name`` is required), a bundle's folder
+    ``url`` is a store root (with ``name``; without one, its ``default`` bundle), a bundle's folder
     (``<store>/bundles/<name>``) or a version folder (``…/<name>/<version>``). Every listed file
     is hashed; an unknown schema version, a file not in the manifest, a path escaping the folder,
     a size or hash mismatch, or a pickle in an ``.npy`` is refused with the file's name.
@@ -254,7 +254,9 @@ def open_bundle(url: str, name: str | None = None, version: str = "latest") -> V
     if fs.exists(f"{path}/{MANIFEST_FILE}"):
         folder = path
     else:
-        if name is None:
+        if name is None and fs.isdir(f"{path}/{BUNDLES_DIR}"):
+            name, store_root = "default", path  # a store root without a name: its default bundle
+        elif name is None:
             parent, name = posixpath.dirname(path), posixpath.basename(path)
             store_root = posixpath.dirname(parent)
         else:

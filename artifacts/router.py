@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,6 +132,7 @@ class Router:
         self.datasets = bundle.json("datasets.json")
         self._train_acc = np.array([m.train_acc for m in self.models])
         self._embedder = None
+        self._embed_lock = threading.Lock()
 
     @property
     def version(self) -> str:
@@ -139,6 +141,10 @@ class Router:
     # ---------------------------------------------------------------- inputs
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed raw text with the bundle's embedder (its weights hash must match)."""
+        with self._embed_lock:  # one model and one fast tokenizer, not safe to share across threads
+            return self._embed(list(texts))
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
             from benchroute.transforms import embedder as runner
 
@@ -150,7 +156,6 @@ class Router:
                     f"bundle was built with ({wanted}); pass embeddings instead of text"
                 )
             self._embedder = emb
-        texts = list(texts)
         out = []
         for start in range(0, len(texts), 64):
             vectors, _ = self._embedder.encode(texts[start : start + 64])

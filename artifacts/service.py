@@ -95,7 +95,11 @@ def create_app(url: str, name: str, version: str = "latest", poll_seconds: float
 
     def poll() -> None:
         while not stop.wait(poll_seconds):
-            holder.refresh()
+            try:
+                holder.refresh()
+            except Exception as exc:  # noqa: BLE001 - the poller must outlive any bad bundle
+                holder.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("keeping %s: could not load the new bundle", holder.router.version)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from benchroute import __version__
+from benchroute import code_version
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.report import write_report
 from benchroute.artifacts.store import Store
@@ -123,7 +123,7 @@ def evaluate_store(
         "weights": config.weights,
         "seed": config.seed,
         "alphas": list(config.alphas),
-        "code_version": __version__,
+        "code_version": code_version(),
     }
     paths = write_report(out, results, meta, skipped)
     return {

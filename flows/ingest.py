@@ -13,7 +13,7 @@ import polars as pl
 from prefect import flow, get_run_logger, task
 from tqdm.auto import tqdm
 
-from benchroute import __version__
+from benchroute import code_version
 from benchroute.artifacts.store import Appender, Store, concat_tables
 from benchroute.schemas import empty
 from benchroute.transforms import binarize as bz
@@ -88,7 +88,7 @@ def relabel_task(store: str, rules: str | None) -> int:
     labels = bz.binarize(s.read("outcomes"), rule_list)
     s.commit(
         replace={"labels": labels},
-        info={"kind": "labels", "rules": bz.rules_to_json(rule_list), "code_version": __version__},
+        info={"kind": "labels", "rules": bz.rules_to_json(rule_list), "code_version": code_version()},
     )
     return labels.height
 
@@ -166,7 +166,7 @@ def _commit(appender: Appender, pending, summary: IngestSummary, log) -> None:
     fresh = appender.append(
         concat_tables(t for _, t in pending),
         units={u.key: u.fingerprint for u, _ in pending},
-        info={"kind": "ingest", "units": [u.key for u, _ in pending], "code_version": __version__},
+        info={"kind": "ingest", "units": [u.key for u, _ in pending], "code_version": code_version()},
     )
     for unit, _ in pending:
         summary.add(unit.kind, {"units": 1})
