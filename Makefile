@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install run test clean
+.PHONY: install run serve test clean
 
 install: $(STAMP)
 
@@ -22,9 +22,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# The main job, end to end, on the small real sample shipped in sample/.
+LANDING ?= sample
+
+# The main job, end to end, on the small real sample shipped in sample/: the first refresh
+# (ingest, embed, evaluate, fit, publish a bundle into $(STORE)); it prints how to use the bundle.
 run: install
-	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(VENV)/bin/benchroute ingest sample --store $(STORE)
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(VENV)/bin/benchroute refresh $(LANDING) --store $(STORE)
+
+# A local Prefect server (UI at http://127.0.0.1:4200) serving the hourly refresh of $(LANDING)
+# and the manual backfill; Ctrl-C stops both.
+serve: install
+	PREFECT_HOME=$${PREFECT_HOME:-$(CURDIR)/.prefect} $(VENV)/bin/benchroute deploy --landing $(LANDING) --store $(STORE)
 
 
 test: install

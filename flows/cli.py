@@ -99,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll-seconds", type=float, default=5.0)
 
+    # The orchestration commands keep their own options (their modules' parsers); these entries
+    # only list them in --help, main() hands their arguments over before parsing.
+    for name, helptext in (
+        ("refresh", "ingest what is new in a landing zone, embed, refit, publish if changed (Prefect flow)"),
+        ("backfill", "rebuild the store or a selection of it and publish; --dry-run reports (Prefect flow)"),
+        ("deploy", "start a local Prefect server and serve the scheduled refresh and the backfill"),
+    ):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("refresh", "backfill", "deploy"):
+        import importlib
+
+        return importlib.import_module(f"benchroute.flows.{argv[0]}").main(argv[1:])
     args = parser.parse_args(argv)
     commands = {
         "ingest": _ingest,

@@ -1,0 +1,210 @@
+"""Benchmark: a published router bundle as its users meet it — size, cold load, task scoring,
+query routing in process and over HTTP — and what the float16 index costs against float32.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bundle.py --store ./store [--name default]
+        [--queries 300] [--task 1000] [--json out.json]
+
+Needs a store with labels and vectors (``make run`` makes one from the sample; ``benchroute
+refresh ../shared/data/raw --store …`` one from everything). In one run it builds two bundles of
+the same data into a temporary store, one with the float16 index (the default) and one with a
+float32 index (the **baseline**), and measures on each:
+
+- bytes on disk; cold ``load_router`` (open, verify every hash, build the index);
+- ``score_task`` on a task of ``--task`` inputs given as embeddings (search, S1/S2/S3, p̂);
+- ``route`` of single queries given as embeddings: p50 / p99 over ``--queries`` queries;
+- ``route`` of single queries as text (embedding included), and the same over HTTP on
+  loopback (uvicorn + httpx, the ``benchroute serve`` app);
+
+then prints each measurement with its ratio to the baseline, and the float16 index's effect on
+the answers: largest |ΔS1|, |ΔS2|, |ΔS3| over the task and the share of queries routed to the
+same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+
+def build(store: str, out: str, name: str, index_dtype: str) -> str:
+    """Fit the store's router and publish it into ``out`` as bundle ``name``; returns its url."""
+    from benchroute import __version__
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.artifacts.bundle import BundleStore
+    from benchroute.artifacts.store import Store
+    from benchroute.artifacts.router_build import Selection, bundle_content
+
+    eid = emb.embedders(Store(store))[0]
+    content = bundle_content(store, name, eid, Selection(), {}, index_dtype=index_dtype)
+    return BundleStore(out).publish(content, code_version=__version__).url
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.asarray(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(store_out: str, name: str, queries: np.ndarray, texts: list[str], task: np.ndarray) -> dict:
+    from benchroute.artifacts.bundle import BundleStore
+    from benchroute.artifacts.router import load_router
+
+    bs = BundleStore(store_out)
+    version = bs.ref(name)
+    fs, root = bs.fs, bs.path(name, version)
+    size = sum(fs.size(p) for p in fs.find(root))
+    t = time.perf_counter()
+    router = load_router(store_out, name)
+    load_s = time.perf_counter() - t
+
+    router.score_task(task[:10])  # warm caches
+    t = time.perf_counter()
+    scores = router.score_task(task)
+    task_s = time.perf_counter() - t
+
+    picks, lat = [], []
+    for q in queries:
+        t = time.perf_counter()
+        picks.append(router.route(q)["model"])
+        lat.append(time.perf_counter() - t)
+    router.route(texts[0])  # loads the embedder once
+    lat_text = []
+    for q in texts:
+        t = time.perf_counter()
+        router.route(q)
+        lat_text.append(time.perf_counter() - t)
+    http = http_latencies(store_out, name, texts)
+    return {
+        "bytes": size, "load_s": load_s, "task_s": task_s, "route": percentiles(lat),
+        "route_text": percentiles(lat_text), "http_text": percentiles(http),
+        "scores": {r["model"]: r for r in scores}, "picks": picks,
+    }
+
+
+def http_latencies(store_out: str, name: str, texts: list[str]) -> list[float]:
+    """POST /v1/route for every text to a real uvicorn server on loopback."""
+    import httpx
+    import uvicorn
+
+    from benchroute.artifacts.service import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(store_out, name, poll_seconds=3600),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for _ in range(200):
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        client.post("/v1/route", json={"text": texts[0]}).raise_for_status()  # warm
+        lat = []
+        for q in texts:
+            t = time.perf_counter()
+            client.post("/v1/route", json={"text": q}).raise_for_status()
+            lat.append(time.perf_counter() - t)
+    server.should_exit = True
+    thread.join(timeout=10)
+    return lat
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True, help="a store with labels and vectors")
+    ap.add_argument("--name", default="bench")
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--task", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import polars as pl
+
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.artifacts.store import Store
+
+    st = Store(args.store)
+    vectors = emb.read_table(st, emb.embedders(st)[0])
+    inputs = st.read("inputs", columns=["input_id", "text"])
+    rng = np.random.default_rng(args.seed)
+    pick = rng.choice(vectors.height, size=min(vectors.height, args.task), replace=False)
+    # Stored vectors perturbed (so none is its own neighbour) and renormalised.
+    X = vectors["vector"].to_numpy()[pick].astype(np.float32)
+    X += rng.normal(scale=0.02, size=X.shape).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    queries = X[: args.queries]
+    texts = (
+        inputs.filter(pl.col("input_id").is_in(vectors["input_id"].gather(pick[: args.queries]).implode()))
+        ["text"].str.slice(0, 2000).to_list()
+    )
+
+    results, built = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("float32", "float16"):
+            out = os.path.join(tmp, dtype)
+            t = time.perf_counter()
+            build(args.store, out, args.name, dtype)
+            built[dtype] = (out, time.perf_counter() - t)
+            print(f"{dtype}: built in {built[dtype][1]:.1f} s", flush=True)
+        # Warm-up (imports, the embedder, page cache, BLAS) so that neither side pays it.
+        measure(built["float16"][0], args.name, queries[:20], texts[:20], X[:50])
+        for dtype, (out, build_s) in built.items():
+            results[dtype] = {**measure(out, args.name, queries, texts, X), "build_s": build_s}
+
+    base, f16 = results["float32"], results["float16"]
+    rows = [
+        ("bundle size (MB)", base["bytes"] / 1e6, f16["bytes"] / 1e6),
+        ("fit + publish (s)", base["build_s"], f16["build_s"]),
+        ("cold load + verify (s)", base["load_s"], f16["load_s"]),
+        (f"score_task, {len(X):,} inputs (ms)", base["task_s"] * 1e3, f16["task_s"] * 1e3),
+        ("route embedding p50 (ms)", base["route"][0], f16["route"][0]),
+        ("route embedding p99 (ms)", base["route"][1], f16["route"][1]),
+        ("route text p50 (ms)", base["route_text"][0], f16["route_text"][0]),
+        ("route text p99 (ms)", base["route_text"][1], f16["route_text"][1]),
+        ("HTTP /v1/route text p50 (ms)", base["http_text"][0], f16["http_text"][0]),
+        ("HTTP /v1/route text p99 (ms)", base["http_text"][1], f16["http_text"][1]),
+    ]
+    print(f"\n{vectors.height:,} indexed inputs, {len(base['scores'])} models; "
+          f"{len(queries)} queries; baseline = float32 index\n")
+    print("| measurement | float32 (baseline) | float16 | ratio |")
+    print("|---|---|---|---|")
+    for label, b, f in rows:
+        print(f"| {label} | {b:.3f} | {f:.3f} | {f / b if b else float('nan'):.3f} |")
+
+    diffs = {}
+    for s in ("S1", "S2", "S3"):
+        d = [abs((f16["scores"][m][s] or 0) - (base["scores"][m][s] or 0)) for m in base["scores"]]
+        diffs[s] = max(d)
+    same = float(np.mean([a == b for a, b in zip(base["picks"], f16["picks"])]))
+    print(f"\nfloat16 vs float32 answers: max |ΔS1| {diffs['S1']:.4f}, max |ΔS2| {diffs['S2']:.4f}, "
+          f"max |ΔS3| {diffs['S3']:.4f}; same routed model for {same:.1%} of queries")
+    out = {"rows": [dict(zip(("measurement", "float32", "float16"), r)) for r in rows],
+           "max_abs_diff": diffs, "same_route": same, "indexed_inputs": vectors.height}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

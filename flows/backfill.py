@@ -1,0 +1,256 @@
+"""The ``backfill`` flow (DESIGN.md §6): manual; rebuilds the store, or a part of it, and publishes.
+
+Parameters select what: ``paths`` (run dumps to ingest, any fsspec URLs; none = only what the
+store holds), ``sources`` (source names: which readers ingest and which data the bundle uses),
+``datasets`` and ``models`` (names or globs such as ``mmlu_pro/*``), ``exclude_models`` and the
+``embedder`` (a new embedder embeds every selected input). ``relabel`` recomputes the labels with
+``rules``; ``force`` recomputes cached evaluations and the fit. Into a fresh ``store`` URL it
+rebuilds a whole store from the dumps.
+
+``dry_run`` reports what it would do and writes nothing: the dumps to ingest, the inputs
+without a vector, the datasets and models the bundle would hold, and which of the names
+asked for match nothing. ``python -m benchroute.flows.backfill --store URL [PATH…] …`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Annotated
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from benchroute.artifacts import embeddings as emb_store
+from benchroute.artifacts.bundle import BundleStore
+from benchroute.artifacts.store import Store
+from benchroute.flows.ingest import ingest_flow, relabel_task
+from benchroute.flows.pipeline import (
+    MIN_PARTITION,
+    Selection,
+    cache_storage,
+    embed_step,
+    publish_artifacts,
+    refit_step,
+    select_frames,
+    transient_io,
+)
+from benchroute.flows.refresh import (
+    BundleName,
+    IndexDtype,
+    Kind,
+    Positive,
+    Precision,
+    Url,
+    Weights,
+)
+from benchroute.flows.scale import task_runner
+from benchroute.transforms.fingerprints import glob_expr
+from benchroute.transforms.ingest import discover
+from benchroute.transforms.lodo_groups import lodo_groups
+from benchroute.transforms.weights import DEFAULT_EMBEDDER
+
+
+def backfill_plan(
+    store_url: str, paths: list[str], sel: Selection, embedder: str, *, kinds=None,
+    partitions: int = 4, relabel: bool = False, name: str = "default",
+) -> dict:
+    """What a backfill would do, from the dumps' fingerprints and the store as it is now."""
+    from benchroute.transforms.embedder import resolve
+
+    store = Store(store_url)
+    units = discover(paths, kinds) if paths else []  # a path with no known layout is an error
+    known = set(store.units().values())
+    new = [u.key for u in units if u.fingerprint not in known]
+    _, identity = resolve(embedder)
+    ids = store.read("inputs", columns=["input_id"])["input_id"].unique()
+    present = emb_store.present_ids(store, identity)
+    missing = int((~ids.is_in(present.implode())).sum() or 0)
+    labels, memberships, _ = select_frames(store, sel)
+    all_labels = store.read("labels", columns=["dataset", "model"])
+    unmatched = {}
+    for what, col in (("datasets", "dataset"), ("models", "model"), ("exclude_models", "model")):
+        for pattern in getattr(sel, what) or ():
+            if all_labels.filter(glob_expr(col, [pattern])).height == 0:
+                unmatched.setdefault(what, []).append(pattern)
+    have = set(memberships["source"].unique().to_list())
+    if [s for s in sel.sources or () if s not in have]:
+        unmatched["sources"] = [s for s in sel.sources if s not in have]
+    groups = lodo_groups(labels, memberships, exclude_models=list(sel.exclude_models or []))
+    return {
+        "store": store_url,
+        "ingest": {"dumps": len(units), "new": new, "already_in_store": len(units) - len(new)},
+        "relabel": relabel,
+        "embed": {
+            "embedder_id": identity.id,
+            "inputs_without_vector_now": missing,
+            "partitions": max(1, min(partitions, -(-missing // MIN_PARTITION))) if missing else 0,
+            "note": "inputs of new dumps are counted once they are read" if new else None,
+        },
+        "bundle": {
+            "name": name,
+            "versions_now": len(BundleStore(store_url).versions(name)),
+            "selection": sel.to_dict(),
+            "datasets": sorted(labels["dataset"].unique().to_list()),
+            "models": sorted(labels["model"].unique().to_list()),
+            "inputs": labels["input_id"].n_unique(),
+            "groups": {g.name: g.skipped or f"{len(g.datasets)} datasets x {len(g.models)} models"
+                       for g in groups},
+        },
+        "unmatched": unmatched,
+    }
+
+
+@task(name="plan-backfill", cache_policy=NO_CACHE, persist_result=False, retries=2,
+      retry_delay_seconds=2, retry_condition_fn=transient_io)
+def backfill_plan_task(store: str, paths: list[str], selection: Selection, embedder: str,
+                       kinds, partitions: int, relabel: bool, name: str) -> dict:
+    return backfill_plan(store, paths, selection, embedder, kinds=kinds, partitions=partitions,
+                         relabel=relabel, name=name)
+
+
+def _plan_markdown(plan: dict) -> str:
+    b = plan["bundle"]
+    lines = [
+        "# backfill: dry run (nothing written)", "",
+        f"- store `{plan['store']}`",
+        f"- ingest: {len(plan['ingest']['new'])} new run dumps of {plan['ingest']['dumps']}"
+        + "".join(f"\n  - `{k}`" for k in plan["ingest"]["new"][:50]),
+        f"- relabel: {plan['relabel']}",
+        f"- embed with `{plan['embed']['embedder_id']}`: {plan['embed']['inputs_without_vector_now']:,} "
+        f"inputs without a vector now, in {plan['embed']['partitions']} partitions"
+        + (f" ({plan['embed']['note']})" if plan["embed"]["note"] else ""),
+        f"- bundle **{b['name']}** ({b['versions_now']} versions now): {len(b['models'])} models, "
+        f"{len(b['datasets'])} datasets, {b['inputs']:,} inputs (from the store as it is now)",
+        *[f"  - group {g}: {v}" for g, v in sorted(b["groups"].items())],
+    ]
+    if plan["unmatched"]:
+        lines.append(f"- **match nothing**: {plan['unmatched']}")
+    return "\n".join(lines)
+
+
+@flow(name="backfill", task_runner=task_runner(0), log_prints=False)
+def backfill_flow(
+    store: Url,
+    paths: list[Url] | None = None,
+    name: BundleName = "default",
+    sources: list[Kind] | None = None,
+    datasets: list[str] | None = None,
+    models: list[str] | None = None,
+    exclude_models: list[str] | None = None,
+    embedder: str = DEFAULT_EMBEDDER,
+    precision: Precision = "auto",
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64,
+    k: Positive = 10,
+    weights: Weights = "uniform",
+    index_dtype: IndexDtype = "float16",
+    partitions: Annotated[int, Field(ge=1, le=1024)] = 4,
+    embed_concurrency: Positive = 1,
+    embed_threads: Positive | None = None,
+    relabel: bool = False,
+    rules: str | None = None,
+    aliases: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    cache: str | None = None,
+) -> dict:
+    """Ingest ``paths`` (only ``sources``' readers when given), relabel if asked, embed the
+    inputs without an ``embedder`` vector, evaluate and publish bundle ``name`` from the
+    selected datasets and models. ``dry_run``: only report (artifact ``backfill-plan``)."""
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    paths = list(paths or [])
+    sel = Selection.of(sources, datasets, models, exclude_models)
+    kinds = list(sources) if sources else None
+    plan = backfill_plan_task(store, paths, sel, embedder, kinds, partitions, relabel, name)
+    if plan["unmatched"]:
+        log.warning("these match nothing in the store now: %s", plan["unmatched"])
+    if dry_run:
+        create_markdown_artifact(key="backfill-plan", markdown=_plan_markdown(plan),
+                                 description="what the backfill would do")
+        log.info("dry run: %s", json.dumps(plan, default=str)[:4000])
+        return {"dry_run": True, "plan": plan, "seconds": round(time.perf_counter() - t0, 2)}
+
+    storage = cache_storage(store, cache)
+    ingest = None
+    if plan["ingest"]["new"]:
+        ingest = ingest_flow(sources=paths, store=store, kinds=kinds, aliases=aliases,
+                             rules=rules, progress=False)
+    elif relabel:
+        log.info("relabel: %d labels", relabel_task(store, rules))
+    embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
+                       partitions=partitions, concurrency=embed_concurrency,
+                       threads=embed_threads, storage=storage, log=log)
+    refit = refit_step(store, name, embed["embedder_id"], sel, k=k, weights=weights,
+                       index_dtype=index_dtype, storage=storage, log=log, force=force)
+    if refit["bundle"] is None:
+        raise ValueError(f"{store}: the selection {sel.to_dict()} holds no labels; nothing to publish "
+                         f"(what it matches: run with dry_run=True)")
+    summary = {
+        "flow_run_id": str(flow_run.id),
+        "dry_run": False,
+        "plan": plan,
+        "ingest": ingest,
+        "embed": embed,
+        "evaluation": {s: sorted(g for g, v in refit["groups"].items() if v == s)
+                       for s in ("ran", "cached", "skipped")},
+        "published": refit["published"],
+        "bundle": refit["bundle"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    publish_artifacts("backfill", store, refit, [
+        f"- selection: {sel.to_dict()}",
+        f"- ingested {len(plan['ingest']['new'])} run dumps; embedded {embed['new']:,} inputs",
+        f"- evaluation groups: ran {summary['evaluation']['ran'] or '-'}, cached "
+        f"{summary['evaluation']['cached'] or '-'}",
+    ])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    ap = argparse.ArgumentParser(prog="benchroute backfill", description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="*", help="run dumps to ingest (folders, files, fsspec URLs)")
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--source", action="append", dest="sources", help="only these sources")
+    ap.add_argument("--dataset", action="append", dest="datasets", help="name or glob")
+    ap.add_argument("--model", action="append", dest="models", help="name or glob")
+    ap.add_argument("--exclude-model", action="append", dest="exclude_models")
+    ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
+    ap.add_argument("--relabel", action="store_true")
+    ap.add_argument("--rules", default=None)
+    ap.add_argument("--force", action="store_true", help="recompute cached evaluations and fit")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--dask-workers", type=int, default=0)
+    ap.add_argument("--dask-address", default=None)
+    args = ap.parse_args(argv)
+
+    from benchroute.flows.scale import scale_parameters, with_task_runner
+
+    run = with_task_runner(backfill_flow, args.dask_workers, address=args.dask_address)
+    r = run(
+        store=args.store, paths=args.paths, name=args.name, sources=args.sources,
+        datasets=args.datasets, models=args.models, exclude_models=args.exclude_models,
+        embedder=args.embedder, relabel=args.relabel, rules=args.rules, force=args.force,
+        dry_run=args.dry_run, **scale_parameters(args.dask_workers, address=args.dask_address),
+    )
+    if r["dry_run"]:
+        print(_plan_markdown(r["plan"]))
+        return 0
+    b = r["bundle"]
+    print(("published " if r["published"] else "unchanged, latest stays ")
+          + f"{b['name']} {b['version']} ({b['models']} models) at {b['url']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

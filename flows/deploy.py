@@ -1,0 +1,176 @@
+"""Deployments of the ``refresh`` (scheduled) and ``backfill`` (manual) flows, served with
+``flow.serve`` semantics (``prefect.serve``): this process polls the Prefect server and runs
+the scheduled and the manually triggered runs.
+
+    benchroute deploy --landing ./landing --store ./store [--cron "0 * * * *"]
+        [--dask-workers 2 | --dask-address tcp://scheduler:8786]
+
+Without ``PREFECT_API_URL`` it first starts a local Prefect server on 127.0.0.1 (UI at
+http://127.0.0.1:4200) with ``PREFECT_HOME`` (default ./.prefect) and stops it on exit; with
+it, it serves against that server. Ctrl-C stops serving (schedules are paused on exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DEFAULT_CRON = "0 * * * *"  # hourly, on the hour
+
+
+def deployments(
+    landing: str,
+    store: str,
+    *,
+    name: str = "default",
+    cron: str = DEFAULT_CRON,
+    workers: int = 0,
+    address: str | None = None,
+    timezone: str | None = None,
+    rules: str | None = None,
+    aliases: str | None = None,
+) -> list:
+    """The two deployments: ``refresh/scheduled`` (cron, one run at a time) and
+    ``backfill/manual`` (no schedule; its dumps default to the landing location)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from benchroute.flows.backfill import backfill_flow
+    from benchroute.flows.refresh import refresh_flow
+    from benchroute.flows.scale import scale_parameters, with_task_runner
+
+    scale = scale_parameters(workers, address=address)
+    refresh = with_task_runner(refresh_flow, workers, address=address)
+    backfill = with_task_runner(backfill_flow, workers, address=address)
+    return [
+        refresh.to_deployment(
+            name="scheduled",
+            schedule=CronSchedule(cron=cron, timezone=timezone or "UTC"),
+            parameters={"landing": landing, "store": store, "name": name, "rules": rules,
+                        "aliases": aliases, **scale},
+            concurrency_limit=1,  # a slow run is never overlapped by the next one
+            description=f"Ingest what is new in {landing}, embed, refit, publish {name} if the data changed.",
+            tags=["benchroute", "refresh"],
+        ),
+        backfill.to_deployment(
+            name="manual",
+            parameters={"store": store, "paths": [landing], "name": name, "rules": rules,
+                        "aliases": aliases, **scale},
+            description="Rebuild the store or a selection of it and publish (dry_run=True reports only).",
+            tags=["benchroute", "backfill"],
+        ),
+    ]
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_server(host: str, port: int, home: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """``prefect server start`` on ``host:port`` (loopback by default); returns it and its API URL."""
+    api = f"http://{host}:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    Path(home).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        env=env,
+    )
+    deadline = time.monotonic() + timeout
+    while not _healthy(api):
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode} (port {port} in use?)")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"prefect server did not answer at {api} within {timeout:.0f} s")
+        time.sleep(1)
+    return proc, api
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    ap = argparse.ArgumentParser(prog="benchroute deploy", description=__doc__.splitlines()[0])
+    ap.add_argument("--landing", required=True, help="landing location (folder or fsspec URL)")
+    ap.add_argument("--store", required=True, help="store root (folder or fsspec URL)")
+    ap.add_argument("--name", default="default", help="bundle name")
+    ap.add_argument("--cron", default=DEFAULT_CRON, help=f"refresh schedule (default {DEFAULT_CRON!r})")
+    ap.add_argument("--timezone", default=None)
+    ap.add_argument("--rules", default=None, help="JSON of binarization rules for every run")
+    ap.add_argument("--aliases", default=None, help="CSV of model aliases for every run")
+    ap.add_argument("--dask-workers", type=int, default=0)
+    ap.add_argument("--dask-address", default=None)
+    ap.add_argument("--host", default="127.0.0.1", help="where a started server listens")
+    ap.add_argument("--port", type=int, default=4200)
+    ap.add_argument("--run-now", action="store_true", help="also trigger one refresh right away")
+    args = ap.parse_args(argv)
+
+    server = None
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        home = os.environ.get("PREFECT_HOME", str(Path(".prefect").resolve()))
+        print(f"starting a Prefect server on {args.host}:{args.port} (PREFECT_HOME={home}) …", flush=True)
+        server, api = start_server(args.host, args.port, home)
+        os.environ["PREFECT_HOME"] = home
+        os.environ["PREFECT_API_URL"] = api
+    elif not _healthy(api):
+        print(f"PREFECT_API_URL={api} does not answer", file=sys.stderr)
+        return 2
+    try:
+        from prefect import serve
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            deps = deployments(args.landing, args.store, name=args.name, cron=args.cron,
+                               workers=args.dask_workers, address=args.dask_address,
+                               timezone=args.timezone, rules=args.rules, aliases=args.aliases)
+            ui = api[: -len("/api")] if api.endswith("/api") else api
+            print(f"Prefect UI: {ui}  (runs: {ui}/runs, deployments: {ui}/deployments)", flush=True)
+            if args.run_now:
+                _trigger_after_start("refresh/scheduled")
+            serve(*deps)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return 0
+
+
+def _trigger_after_start(deployment: str) -> None:
+    """Ask for one run of ``deployment`` as soon as ``serve`` has registered it."""
+    import threading
+
+    def trigger() -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            for _ in range(120):
+                try:
+                    d = client.read_deployment_by_name(deployment)
+                except ObjectNotFound:
+                    time.sleep(1)
+                    continue
+                client.create_flow_run_from_deployment(d.id)
+                print(f"triggered a run of {deployment}", flush=True)
+                return
+
+    threading.Thread(target=trigger, daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

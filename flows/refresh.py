@@ -1,0 +1,205 @@
+"""The ``refresh`` flow (DESIGN.md §6): scheduled, incremental.
+
+It watches a landing location (any fsspec URL) where new benchmark run dumps are dropped as
+folders or files, and on each run:
+
+1. finds the dumps whose content fingerprint the store does not hold (``transforms.ingest``);
+2. ingests them (the ``ingest`` flow, as a subflow; labels are recomputed);
+3. embeds only the inputs without a vector, in partitions (``flows.pipeline``);
+4. evaluates only the source groups whose data changed (the others are cached by fingerprint);
+5. fits and publishes a new bundle version only when the data changed.
+
+A run with nothing new reads fingerprints and the commit log, finds every step cached and
+publishes nothing. ``python -m benchroute.flows.refresh LANDING --store URL`` runs it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from benchroute.artifacts.store import Store
+from benchroute.flows.ingest import ingest_flow
+from benchroute.flows.pipeline import (
+    Selection,
+    cache_storage,
+    discover_landing_task,
+    embed_step,
+    publish_artifacts,
+    refit_step,
+)
+from benchroute.flows.scale import task_runner
+from benchroute.transforms.weights import DEFAULT_EMBEDDER
+
+# Parameter types: Prefect validates a run's parameters against them before it starts.
+Kind = Literal["helm", "mmlu_pro", "alpaca_eval", "routellm", "mixinstruct", "long_table"]
+BundleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Precision = Literal["auto", "bf16", "fp32"]
+Weights = Literal["uniform", "distance"]
+IndexDtype = Literal["float16", "float32"]
+Positive = Annotated[int, Field(ge=1)]
+Url = Annotated[str, Field(min_length=1)]
+
+
+@flow(name="refresh", task_runner=task_runner(0), log_prints=False)
+def refresh_flow(
+    landing: Url,
+    store: Url,
+    name: BundleName = "default",
+    embedder: str = DEFAULT_EMBEDDER,
+    precision: Precision = "auto",
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64,
+    k: Positive = 10,
+    weights: Weights = "uniform",
+    index_dtype: IndexDtype = "float16",
+    partitions: Annotated[int, Field(ge=1, le=1024)] = 4,
+    embed_concurrency: Positive = 1,
+    embed_threads: Positive | None = None,
+    kinds: list[Kind] | None = None,
+    aliases: str | None = None,
+    rules: str | None = None,
+    cache: str | None = None,
+) -> dict:
+    """Ingest what is new under ``landing`` into ``store``, embed new inputs, refit what changed
+    and publish bundle ``name`` if the data changed.
+
+    ``partitions``: embedding partitions (run in parallel on a Dask task runner);
+    ``embed_concurrency``: partitions embedding at once (a global concurrency limit);
+    ``embed_threads``: cores per partition (default: all the worker may use); ``kinds``,
+    ``aliases``, ``rules``: as for ``ingest``; ``cache``: where task results persist (default
+    ``<store>/_cache/prefect``). Returns what it did (also a ``refresh-bundle`` artifact).
+    """
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    storage = cache_storage(store, cache)
+    timings: dict[str, float] = {}
+
+    units = discover_landing_task(landing, kinds)
+    known = set(Store(store).units().values())
+    new = [u for u in units if u.fingerprint not in known]
+    timings["discover"] = round(time.perf_counter() - t0, 2)
+    if not units:
+        log.warning("%s holds no benchmark run dumps yet", landing)
+    log.info("landing %s: %d run dumps, %d new%s", landing, len(units), len(new),
+             "".join(f"\n  new: {u.key}" for u in new[:20]))
+
+    ingest = None
+    if new:
+        t = time.perf_counter()
+        ingest = ingest_flow(sources=[landing], store=store, kinds=kinds, aliases=aliases,
+                             rules=rules, progress=False)
+        timings["ingest"] = round(time.perf_counter() - t, 2)
+        total = ingest["added"].get("_total", {})
+        outcomes = sum(v.get("new_outcomes", 0) for s, v in ingest["added"].items() if s != "_total")
+        log.info("ingest: %d units, %d new inputs, %d new models, %d new outcomes in %.1f s "
+                 "(%.0f outcomes/s)", len(new), total.get("new_inputs", 0),
+                 total.get("new_models", 0), outcomes, timings["ingest"],
+                 outcomes / max(timings["ingest"], 1e-9))
+
+    embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
+                       partitions=partitions, concurrency=embed_concurrency,
+                       threads=embed_threads, storage=storage, log=log)
+    timings["embed"] = embed["seconds"]
+    refit = refit_step(store, name, embed["embedder_id"], Selection(), k=k, weights=weights,
+                       index_dtype=index_dtype, storage=storage, log=log)
+    timings["evaluate"] = refit.get("evaluate_seconds", 0.0)
+    timings["refit_total"] = refit.get("seconds", 0.0)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+
+    summary = {
+        "flow_run_id": str(flow_run.id),
+        "landing": landing,
+        "store": store,
+        "units": {"found": len(units), "new": len(new), "new_keys": [u.key for u in new]},
+        "ingest": ingest,
+        "embed": embed,
+        "evaluation": {
+            s: sorted(g for g, v in refit["groups"].items() if v == s)
+            for s in ("ran", "cached", "skipped")
+        },
+        "fit_cached": refit.get("fit_cached"),
+        "published": refit["published"],
+        "bundle": refit["bundle"],
+        "seconds": timings["total"],
+        "timings": timings,
+    }
+    publish_artifacts("refresh", store, refit, [
+        f"- landing `{landing}`: {len(units)} run dumps, {len(new)} new",
+        f"- embedded {embed['new']:,} new inputs ({embed['already_present']:,} already had a "
+        f"vector) in {embed['seconds']} s",
+        f"- evaluation groups: ran {summary['evaluation']['ran'] or '-'}, cached "
+        f"{summary['evaluation']['cached'] or '-'}",
+        f"- timings (s): {timings}",
+    ])
+    log.info("refresh done in %.1f s: %s", timings["total"],
+             "published " + refit["bundle"]["version"] if refit["published"] else "nothing published")
+    return summary
+
+
+def print_summary(s: dict, store: str) -> None:
+    """What a person wants to know after a run: what happened, where the bundle is, how to use it."""
+    e = s["embed"]
+    print(f"refresh: {s['units']['found']} run dumps in the landing zone, {s['units']['new']} new; "
+          f"embedded {e['new']:,} inputs ({e['already_present']:,} already had vectors); "
+          f"groups evaluated {s['evaluation']['ran'] or '-'}, cached {s['evaluation']['cached'] or '-'}; "
+          f"{s['seconds']} s")
+    b = s["bundle"]
+    if b is None:
+        print("no labels in the store yet: nothing to publish")
+        return
+    print(("published new version " if s["published"] else "data unchanged; latest stays ")
+          + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")
+    print(f"bundle: {b['url']}")
+    print(f'route a query:  benchroute route --bundle {store} --name {b["name"]} "your question"')
+    print(f"serve over HTTP: benchroute serve --bundle {store} --name {b['name']}")
+    print(f"in Python: from benchroute.artifacts.router import load_router; "
+          f"load_router({store!r}, {b['name']!r}).route('your question')")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    ap = argparse.ArgumentParser(prog="benchroute refresh", description=__doc__.splitlines()[0])
+    ap.add_argument("landing", help="landing location (folder or fsspec URL) holding run dumps")
+    ap.add_argument("--store", required=True, help="store root (local path, s3://…)")
+    ap.add_argument("--name", default="default", help="bundle name")
+    ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--kind", action="append", dest="kinds", help="only these source kinds")
+    ap.add_argument("--aliases", help="CSV of model aliases (as for ingest)")
+    ap.add_argument("--rules", help="JSON of binarization rules (as for ingest)")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--dask-workers", type=int, default=0,
+                    help="run partitions on a local Dask cluster of this many workers")
+    ap.add_argument("--dask-address", default=None, help="or on the Dask scheduler at this address")
+    ap.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+    args = ap.parse_args(argv)
+
+    from benchroute.flows.scale import scale_parameters, with_task_runner
+
+    run = with_task_runner(refresh_flow, args.dask_workers, address=args.dask_address)
+    summary = run(
+        landing=args.landing, store=args.store, name=args.name, embedder=args.embedder,
+        precision=args.precision, partitions=args.partitions, kinds=args.kinds,
+        aliases=args.aliases, rules=args.rules,
+        **scale_parameters(args.dask_workers, address=args.dask_address),
+    )
+    if args.json:
+        import json
+
+        print(json.dumps(summary, indent=1, default=str))
+    else:
+        print_summary(summary, args.store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

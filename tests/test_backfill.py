@@ -1,0 +1,95 @@
+"""The backfill flow: dry run, a selection of datasets and models published as its own bundle,
+a rebuild into a fresh store, and the bundle builder kept equal to ``flows.publish``."""
+
+from __future__ import annotations
+
+import shutil
+
+import polars as pl
+import pytest
+from prefect.exceptions import ParameterTypeError
+
+from benchroute.artifacts.bundle import BundleStore, open_bundle
+from benchroute.artifacts.store import Store
+from benchroute.flows.backfill import backfill_flow
+from benchroute.artifacts.router_build import Selection, bundle_content
+from benchroute.flows.pipeline import evaluate_group, refit_plan
+
+from conftest import SAMPLE
+from refresh_support import seed_vectors
+
+
+@pytest.fixture
+def store_copy(embedded_sample_store, tmp_path):
+    """A writable copy of the session's embedded sample store."""
+    dst = tmp_path / "store"
+    shutil.copytree(embedded_sample_store, dst)
+    return str(dst)
+
+
+def test_dry_run_reports_and_writes_nothing(store_copy):
+    st = Store(store_copy)
+    commits = len(st.commits())
+    r = backfill_flow(
+        store=store_copy, paths=[str(SAMPLE / "mmlu_pro")], datasets=["mmlu_pro/*"],
+        models=["openai/*", "nobody/*"], dry_run=True,
+    )
+    plan = r["plan"]
+    assert r["dry_run"] and plan["ingest"]["new"] == [] and plan["ingest"]["already_in_store"] == 1
+    assert plan["embed"]["inputs_without_vector_now"] == 0
+    assert plan["bundle"]["datasets"] and all(d.startswith("mmlu_pro/") for d in plan["bundle"]["datasets"])
+    assert plan["bundle"]["models"] and all(m.startswith("openai/") for m in plan["bundle"]["models"])
+    assert plan["unmatched"] == {"models": ["nobody/*"]}
+    assert len(Store(store_copy).commits()) == commits
+    assert BundleStore(store_copy).versions("default") == []
+
+
+def test_selection_is_published_as_its_own_bundle(store_copy):
+    labels = Store(store_copy).read("labels")
+    mmlu_pro_models = sorted(labels.filter(pl.col("dataset").str.starts_with("mmlu_pro/"))["model"].unique())
+    chosen = mmlu_pro_models[:6]
+    r = backfill_flow(store=store_copy, name="mmlu-pro-six", datasets=["mmlu_pro/*"], models=chosen)
+    assert r["published"] and r["evaluation"]["ran"] == ["mmlu_pro"]
+    manifest = open_bundle(store_copy, "mmlu-pro-six").manifest
+    assert sorted(m["model"] for m in manifest["models"]) == chosen
+    assert set(manifest["evaluation"]) == {"mmlu_pro"}
+    assert BundleStore(store_copy).versions("default") == []  # other bundles untouched
+    again = backfill_flow(store=store_copy, name="mmlu-pro-six", datasets=["mmlu_pro/*"], models=chosen)
+    assert not again["published"] and again["bundle"]["version"] == r["bundle"]["version"]
+
+
+def test_backfill_rebuilds_a_fresh_store_from_dumps(embedded_sample_store, tmp_path):
+    store = str(tmp_path / "fresh")
+    seed_vectors(embedded_sample_store, store, 0)
+    r = backfill_flow(store=store, paths=[str(SAMPLE)], sources=["mmlu_pro", "routellm"])
+    assert r["ingest"]["units_found"] >= 2 and set(r["ingest"]["added"]) - {"_total"} == {"mmlu_pro", "routellm"}
+    assert r["embed"]["new"] == 0 and r["published"]
+    assert set(open_bundle(store, "default").manifest["evaluation"]) == {"mmlu_pro", "routellm"}
+
+
+def test_bad_selection_fails_clearly(store_copy):
+    with pytest.raises(ValueError, match="holds no labels"):
+        backfill_flow(store=store_copy, datasets=["no_such_dataset/*"])
+    with pytest.raises(ParameterTypeError):
+        backfill_flow(store=store_copy, sources=["not-a-source"])
+
+
+def test_bundle_builder_equals_publish_build_content(embedded_sample_store):
+    """The refresh's bundle (evaluation per group, as its cached tasks compute it) is byte for
+    byte what ``flows.publish.build_content`` builds in one piece."""
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.flows.publish import build_content
+
+    eid = emb.embedders(Store(embedded_sample_store))[0]
+    plan = refit_plan(embedded_sample_store, eid, Selection(), 10, "uniform")
+    evaluation = {
+        g["name"]: {"skipped": g["skipped"]} if g["skipped"] else
+        evaluate_group(embedded_sample_store, eid, g["name"], g["fingerprint"], Selection(), 10, "uniform")
+        for g in plan["groups"]
+    }
+    ours = bundle_content(embedded_sample_store, "default", eid, Selection(), evaluation)
+    theirs = build_content(embedded_sample_store, "default")
+    assert ours.files.keys() == theirs.files.keys()
+    assert all(ours.files[f] == theirs.files[f] for f in ours.files)
+    assert ours.meta == theirs.meta
+    assert ours.content_hash() == theirs.content_hash()
