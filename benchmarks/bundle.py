@@ -11,9 +11,10 @@ float32 index (the **baseline**), and measures on each:
 
 - bytes on disk; cold ``load_router`` (open, verify every hash, build the index);
 - ``score_task`` on a task of ``--task`` inputs given as embeddings (search, S1/S2/S3, p̂);
-- ``route`` of single queries given as embeddings: p50 / p99 over ``--queries`` queries;
-- ``route`` of single queries as text (embedding included), and the same over HTTP on
-  loopback (uvicorn + httpx, the ``benchroute serve`` app);
+- ``route`` of single queries given as embeddings: p50 / p99 over ``--queries`` calls, in
+  process and over HTTP on loopback (uvicorn + httpx, the ``benchroute serve`` app);
+- ``route`` of single queries as text (embedding included), in process and over HTTP
+  (``--text-queries`` calls);
 
 then prints each measurement with its ratio to the baseline, and the float16 index's effect on
 the answers: largest |ΔS1|, |ΔS2|, |ΔS3| over the task and the share of queries routed to the
@@ -60,7 +61,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(store_out: str, name: str, queries: np.ndarray, texts: list[str], task: np.ndarray) -> dict:
+def measure(store_out: str, name: str, queries: np.ndarray, texts: list[str], task: np.ndarray,
+            text_queries: int = 200) -> dict:
     from benchroute.artifacts.bundle import BundleStore
     from benchroute.artifacts.router import load_router
 
@@ -84,20 +86,22 @@ def measure(store_out: str, name: str, queries: np.ndarray, texts: list[str], ta
         lat.append(time.perf_counter() - t)
     router.route(texts[0])  # loads the embedder once
     lat_text = []
-    for q in texts:
+    for q in texts[:text_queries]:
         t = time.perf_counter()
         router.route(q)
         lat_text.append(time.perf_counter() - t)
-    http = http_latencies(store_out, name, texts)
+    http_emb, http_text = http_latencies(store_out, name, texts[:text_queries], queries)
     return {
         "bytes": size, "load_s": load_s, "task_s": task_s, "route": percentiles(lat),
-        "route_text": percentiles(lat_text), "http_text": percentiles(http),
+        "route_text": percentiles(lat_text), "http": percentiles(http_emb),
+        "http_text": percentiles(http_text),
         "scores": {r["model"]: r for r in scores}, "picks": picks,
     }
 
 
-def http_latencies(store_out: str, name: str, texts: list[str]) -> list[float]:
-    """POST /v1/route for every text to a real uvicorn server on loopback."""
+def http_latencies(store_out: str, name: str, texts: list[str], queries: np.ndarray) -> tuple[list, list]:
+    """POST /v1/route for every query embedding, then every text, to a real uvicorn server on
+    loopback; returns the two lists of seconds."""
     import httpx
     import uvicorn
 
@@ -117,21 +121,27 @@ def http_latencies(store_out: str, name: str, texts: list[str]) -> list[float]:
             except httpx.TransportError:
                 time.sleep(0.05)
         client.post("/v1/route", json={"text": texts[0]}).raise_for_status()  # warm
-        lat = []
+        lat_emb, lat_text = [], []
+        for q in queries:
+            body = {"embedding": [float(v) for v in q]}
+            t = time.perf_counter()
+            client.post("/v1/route", json=body).raise_for_status()
+            lat_emb.append(time.perf_counter() - t)
         for q in texts:
             t = time.perf_counter()
             client.post("/v1/route", json={"text": q}).raise_for_status()
-            lat.append(time.perf_counter() - t)
+            lat_text.append(time.perf_counter() - t)
     server.should_exit = True
     thread.join(timeout=10)
-    return lat
+    return lat_emb, lat_text
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", required=True, help="a store with labels and vectors")
     ap.add_argument("--name", default="bench")
-    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--queries", type=int, default=1000, help="route calls given embeddings")
+    ap.add_argument("--text-queries", type=int, default=200, help="route calls given text")
     ap.add_argument("--task", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -166,9 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
             built[dtype] = (out, time.perf_counter() - t)
             print(f"{dtype}: built in {built[dtype][1]:.1f} s", flush=True)
         # Warm-up (imports, the embedder, page cache, BLAS) so that neither side pays it.
-        measure(built["float16"][0], args.name, queries[:20], texts[:20], X[:50])
+        measure(built["float16"][0], args.name, queries[:20], texts[:20], X[:50], 5)
         for dtype, (out, build_s) in built.items():
-            results[dtype] = {**measure(out, args.name, queries, texts, X), "build_s": build_s}
+            results[dtype] = {**measure(out, args.name, queries, texts, X, args.text_queries),
+                              "build_s": build_s}
 
     base, f16 = results["float32"], results["float16"]
     rows = [
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("route embedding p99 (ms)", base["route"][1], f16["route"][1]),
         ("route text p50 (ms)", base["route_text"][0], f16["route_text"][0]),
         ("route text p99 (ms)", base["route_text"][1], f16["route_text"][1]),
+        ("HTTP /v1/route embedding p50 (ms)", base["http"][0], f16["http"][0]),
+        ("HTTP /v1/route embedding p99 (ms)", base["http"][1], f16["http"][1]),
         ("HTTP /v1/route text p50 (ms)", base["http_text"][0], f16["http_text"][0]),
         ("HTTP /v1/route text p99 (ms)", base["http_text"][1], f16["http_text"][1]),
     ]

@@ -3,7 +3,7 @@
 Parameters select what: ``paths`` (run dumps to ingest, any fsspec URLs; none = only what the
 store holds), ``sources`` (source names: which readers ingest and which data the bundle uses),
 ``datasets`` and ``models`` (names or globs such as ``mmlu_pro/*``), ``exclude_models`` and the
-``embedder`` (a new embedder embeds every selected input). ``relabel`` recomputes the labels with
+``embedder`` (a new embedder embeds the selected inputs only). ``relabel`` recomputes the labels with
 ``rules``; ``force`` recomputes cached evaluations and the fit. Into a fresh ``store`` URL it
 rebuilds a whole store from the dumps.
 
@@ -39,6 +39,7 @@ from benchroute.flows.pipeline import (
     publish_artifacts,
     refit_step,
     select_frames,
+    selected_ids,
     transient_io,
 )
 from benchroute.flows.refresh import (
@@ -69,7 +70,9 @@ def backfill_plan(
     known = set(store.units().values())
     new = [u.key for u in units if u.fingerprint not in known]
     _, identity = resolve(embedder)
-    ids = store.read("inputs", columns=["input_id"])["input_id"].unique()
+    ids = selected_ids(store_url, sel)
+    if ids is None:
+        ids = store.read("inputs", columns=["input_id"])["input_id"].unique()
     present = emb_store.present_ids(store, identity)
     missing = int((~ids.is_in(present.implode())).sum() or 0)
     labels, memberships, _ = select_frames(store, sel)
@@ -186,7 +189,7 @@ def backfill_flow(
         log.info("relabel: %d labels", relabel_task(store, rules))
     embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
                        partitions=partitions, concurrency=embed_concurrency,
-                       threads=embed_threads, storage=storage, log=log)
+                       threads=embed_threads, storage=storage, log=log, selection=sel)
     refit = refit_step(store, name, embed["embedder_id"], sel, k=k, weights=weights,
                        index_dtype=index_dtype, storage=storage, log=log, force=force)
     if refit["bundle"] is None:

@@ -83,6 +83,9 @@ def start_server(host: str, port: int, home: str, timeout: float = 180.0) -> tup
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         env=env,
+        # Its own session: Ctrl-C reaches this process only, which stops serving (pausing the
+        # schedules through the server) and then stops the server itself.
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     while not _healthy(api):
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not _healthy(api):
         print(f"PREFECT_API_URL={api} does not answer", file=sys.stderr)
         return 2
+    code = 0
     try:
         from prefect import serve
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -140,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             serve(*deps)
     except KeyboardInterrupt:
         pass
+    except BaseException:  # noqa: BLE001 - reported, then the server is stopped and we exit 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     finally:
         if server is not None:
             server.terminate()
@@ -147,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 server.kill()
-    return 0
+        print("stopped", flush=True)
+        # Prefect's event-subscriber threads keep reconnecting to the stopped server and would
+        # keep this process alive: leave now that the server and the runner are down.
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _trigger_after_start(deployment: str) -> None:

@@ -65,9 +65,14 @@ def _open(store: str | Store) -> Store:
 
 
 def plan_embedding(
-    store: str | Store, embedder: str = DEFAULT_EMBEDDER, *, skip_invalid: bool = False
+    store: str | Store,
+    embedder: str = DEFAULT_EMBEDDER,
+    *,
+    skip_invalid: bool = False,
+    only: pl.Series | None = None,
 ) -> EmbedPlan:
-    """Find the inputs that still need a vector (reads ids first, texts only if some are missing).
+    """Find the inputs that still need a vector (reads ids first, texts only if some are missing);
+    ``only``: consider just these input ids (a selection of the store).
 
     Inputs with a null, non-text or blank text raise ``EmbedInputError`` naming them, before
     anything is embedded; with ``skip_invalid`` they are left out and listed in the plan instead.
@@ -77,6 +82,8 @@ def plan_embedding(
     st = _open(store)
     _, identity = resolve(embedder)
     ids = st.read("inputs", columns=["input_id"])["input_id"].unique()
+    if only is not None:
+        ids = ids.filter(ids.is_in(only.implode()))
     present = emb_store.present_ids(st, identity)
     have = ids.is_in(present.implode())
     already = int(have.sum() or 0)

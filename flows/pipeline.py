@@ -176,10 +176,20 @@ def fit_and_publish(
     }
 
 
-def plan_partitions(store_url: str, embedder: str, partitions: int) -> dict:
-    """The inputs without a vector, cut into at most ``partitions`` stable partitions (fewer when
-    there is little to do). Invalid texts (blank, null) are skipped and counted."""
-    plan = plan_embedding(store_url, embedder, skip_invalid=True)
+def selected_ids(store_url: str, sel: Selection | None) -> pl.Series | None:
+    """The input ids a selection's bundle is built from (``None``: the whole store)."""
+    if sel is None or sel.is_all:
+        return None
+    return select_frames(Store(store_url), sel)[0]["input_id"].unique()
+
+
+def plan_partitions(
+    store_url: str, embedder: str, partitions: int, sel: Selection | None = None
+) -> dict:
+    """The inputs without a vector (of the selection, if one is given), cut into at most
+    ``partitions`` stable partitions (fewer when there is little to do). Invalid texts (blank,
+    null) are skipped and counted."""
+    plan = plan_embedding(store_url, embedder, skip_invalid=True, only=selected_ids(store_url, sel))
     n = max(1, min(partitions, math.ceil(plan.todo / MIN_PARTITION)))
     pending = plan.pending.sort("input_id")
     parts = []
@@ -306,8 +316,9 @@ def discover_landing_task(landing: str, kinds: list[str] | None) -> list[Unit]:
 
 @task(name="plan-embedding-partitions", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=2, retry_condition_fn=transient_io)
-def plan_partitions_task(store: str, embedder: str, partitions: int) -> dict:
-    return plan_partitions(store, embedder, partitions)
+def plan_partitions_task(store: str, embedder: str, partitions: int,
+                         selection: Selection | None = None) -> dict:
+    return plan_partitions(store, embedder, partitions, selection)
 
 
 @task(name="embed-partition", cache_policy=INPUTS - "pending" - "threads" + TASK_SOURCE,
@@ -357,11 +368,12 @@ def fit_publish_task(
 # ============================================================================ steps (in a flow)
 def embed_step(
     store: str, embedder: str, *, precision: str, batch_size: int, partitions: int,
-    concurrency: int, threads: int | None, storage, log,
+    concurrency: int, threads: int | None, storage, log, selection: Selection | None = None,
 ) -> dict:
-    """Embed every input without a vector, partitioned; returns counts, seconds and rate."""
+    """Embed every input (of ``selection``, if given) without a vector, partitioned; returns
+    counts, seconds and rate."""
     t0 = time.perf_counter()
-    plan = plan_partitions_task(store, embedder, partitions)
+    plan = plan_partitions_task(store, embedder, partitions, selection)
     out = {
         "embedder_id": plan["embedder_id"], "total": plan["total"],
         "already_present": plan["already_present"], "new": 0, "invalid": plan["invalid"],

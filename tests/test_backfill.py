@@ -93,3 +93,21 @@ def test_bundle_builder_equals_publish_build_content(embedded_sample_store):
     assert all(ours.files[f] == theirs.files[f] for f in ours.files)
     assert ours.meta == theirs.meta
     assert ours.content_hash() == theirs.content_hash()
+
+
+def test_backfill_of_a_selection_embeds_only_its_inputs(embedded_sample_store, tmp_path):
+    """Inputs without a vector outside the selection are left for a later run."""
+    from benchroute.artifacts import embeddings as emb
+
+    store = str(tmp_path / "partial")
+    _, left_out = seed_vectors(embedded_sample_store, store, 40)
+    r = backfill_flow(store=store, paths=[str(SAMPLE / "mmlu_pro"), str(SAMPLE / "routellm")],
+                      sources=["routellm"], name="routellm-only")
+    members = Store(store).read("memberships")
+    routellm_ids = set(members.filter(pl.col("source") == "routellm")["input_id"])
+    wanted = [i for i in left_out if i in routellm_ids]
+    assert 0 < len(wanted) < len(left_out)  # the 40 left out span both sources
+    assert r["embed"]["new"] == len(wanted) and r["published"]
+    st = Store(store)
+    present = set(emb.present_ids(st, emb.embedders(st)[0]))
+    assert set(wanted) <= present and not (set(left_out) - set(wanted)) & present
