@@ -235,7 +235,7 @@ class VerifiedBundle:
         """A Parquet file as a pyarrow Table (consumers need no polars)."""
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(self.files[rel]))
+        return pq.ParquetFile(io.BytesIO(self.files[rel])).read()
 
     def json(self, rel: str):
         return json.loads(self.files[rel])

@@ -126,7 +126,7 @@ class Router:
             bundle.npy("kernel/u.npy"), bundle.npy("kernel/p.npy"), float(params.get("bandwidth", 1.0))
         )
         self._kernel_rows = np.isfinite(self.kernel.u_) & ~np.all(np.isnan(self.kernel.P_), axis=1)
-        table = pq.read_table(io.BytesIO(bundle.files["models.parquet"])).to_pylist()
+        table = pq.ParquetFile(io.BytesIO(bundle.files["models.parquet"])).read().to_pylist()
         self.models = [ModelInfo(**row) for row in table]
         self.model_names = [m.model for m in self.models]
         self.datasets = bundle.json("datasets.json")

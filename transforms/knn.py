@@ -65,8 +65,8 @@ def normalize_rows(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D matrix of embeddings, got shape {X.shape}")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]  # no n x d temporary
+    return X / np.where(norms > 0, norms, np.float32(1.0))
 
 
 def block_rows(n_index: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
