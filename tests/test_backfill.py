@@ -99,10 +99,13 @@ def test_backfill_of_a_selection_embeds_only_its_inputs(embedded_sample_store, t
     """Inputs without a vector outside the selection are left for a later run."""
     from benchroute.artifacts import embeddings as emb
 
+    from benchroute.flows.ingest import ingest_flow
+
     store = str(tmp_path / "partial")
     _, left_out = seed_vectors(embedded_sample_store, store, 40)
-    r = backfill_flow(store=store, paths=[str(SAMPLE / "mmlu_pro"), str(SAMPLE / "routellm")],
-                      sources=["routellm"], name="routellm-only")
+    ingest_flow(sources=[str(SAMPLE / "mmlu_pro"), str(SAMPLE / "routellm")], store=store,
+                progress=False)
+    r = backfill_flow(store=store, sources=["routellm"], name="routellm-only")
     members = Store(store).read("memberships")
     routellm_ids = set(members.filter(pl.col("source") == "routellm")["input_id"])
     wanted = [i for i in left_out if i in routellm_ids]
