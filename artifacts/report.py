@@ -86,7 +86,7 @@ def markdown_report(results: Mapping[str, Evaluation], meta: Mapping, skipped: M
             f"{s.get('n_inputs')} inputs, {s.get('n_models')} models, {s.get('n_tasks')} held-out "
             f"datasets.",
             "",
-            f"### Table 1 (ties broken by training accuracy)",
+            "### Table 1 (ties broken by training accuracy)",
             "",
             table1_beside_paper(ev.table1.filter(pl.col("ties") == TIES).to_dicts()),
             "",

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import polars as pl
 
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.bundle import BundleContent
+from benchroute.artifacts.bundle import BundleContent, BundleStore
 from benchroute.artifacts.router import bundle_files, router_parameters
 from benchroute.artifacts.store import Store
 from benchroute.transforms.evaluate import BenchmarkArrays
@@ -147,3 +147,24 @@ def bundle_content(
             ],
         },
     )
+
+
+def publish_content(store_url: str, content: BundleContent, *, started: float | None = None) -> dict:
+    """Publish ``content`` into the store's bundles (no new version when identical content is
+    already published); returns what a flow reports of it. ``started``: a ``perf_counter``
+    reading the reported seconds count from (default: now)."""
+    from benchroute import code_version
+
+    t0 = time.perf_counter() if started is None else started
+    published = BundleStore(store_url).publish(content, code_version=code_version())
+    return {
+        "name": published.name,
+        "version": published.version,
+        "url": published.url,
+        "created": published.created,
+        "files": len(content.files),
+        "bytes": sum(len(b) for b in content.files.values()),
+        "models": len(content.meta["models"]),
+        "content_hash": content.content_hash(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

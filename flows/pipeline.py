@@ -52,6 +52,7 @@ from benchroute.artifacts.router_build import (
     bundle_content,
     evaluation_entry,
     finite,
+    publish_content,
     select_frames,
 )
 from benchroute.artifacts.store import Store
@@ -162,18 +163,7 @@ def fit_and_publish(
         store_url, name, embedder_id, sel, evaluation, k=k, weights=weights,
         index_dtype=index_dtype, log=log,
     )
-    published = BundleStore(store_url).publish(content, code_version=code_version())
-    return {
-        "name": published.name,
-        "version": published.version,
-        "url": published.url,
-        "created": published.created,
-        "files": len(content.files),
-        "bytes": sum(len(b) for b in content.files.values()),
-        "models": len(content.meta["models"]),
-        "content_hash": content.content_hash(),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    return publish_content(store_url, content, started=t0)
 
 
 def selected_ids(store_url: str, sel: Selection | None) -> pl.Series | None:

@@ -12,12 +12,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from benchroute import code_version
-from benchroute.artifacts.bundle import BundleContent, BundleStore
+from benchroute.artifacts.bundle import BundleContent
 from benchroute.artifacts.router_build import (
     Selection,
     bundle_content,
     evaluation_entry,
+    publish_content,
     select_frames,
 )
 from benchroute.artifacts.store import Store
@@ -61,17 +61,7 @@ def build_content(
 def publish_store(store_url: str, name: str = "default", *, log=None, **kwargs) -> dict:
     """Build and publish; returns version, url, whether a new version was created, seconds."""
     t0 = time.perf_counter()
-    content = build_content(store_url, name, log=log, **kwargs)
-    published = BundleStore(store_url).publish(content, code_version=code_version())
-    return {
-        "name": published.name,
-        "version": published.version,
-        "url": published.url,
-        "created": published.created,
-        "files": len(content.files),
-        "bytes": sum(len(b) for b in content.files.values()),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    return publish_content(store_url, build_content(store_url, name, log=log, **kwargs), started=t0)
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
