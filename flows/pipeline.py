@@ -442,7 +442,10 @@ def refit_step(
             failed.append(f"{group}: {state.message}")
             continue
         evaluation[group] = state.result()
-        status[group] = "cached" if state.name == "Cached" else "ran"
+        if "skipped" in evaluation[group]:  # found unfit for LODO only once evaluated
+            status[group] = "skipped"
+        else:
+            status[group] = "cached" if state.name == "Cached" else "ran"
     if failed:
         raise PipelineError(f"evaluation failed for {'; '.join(failed)}; the groups that "
                             "finished are cached and a rerun evaluates only the rest")

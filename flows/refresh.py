@@ -143,13 +143,28 @@ def refresh_flow(
     return summary
 
 
+def _command() -> str:
+    """How to call ``benchroute`` from here: the venv's script when it is not on PATH."""
+    import shutil
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("benchroute")
+    if exe.exists() and shutil.which("benchroute") != str(exe):
+        try:
+            return os.path.relpath(exe)
+        except ValueError:
+            return str(exe)
+    return "benchroute"
+
+
 def print_summary(s: dict, store: str) -> None:
     """What a person wants to know after a run: what happened, where the bundle is, how to use it."""
-    e = s["embed"]
+    e, ev = s["embed"], s["evaluation"]
+    names = lambda groups: ", ".join(groups) or "-"  # noqa: E731
     print(f"refresh: {s['units']['found']} run dumps in the landing zone, {s['units']['new']} new; "
           f"embedded {e['new']:,} inputs ({e['already_present']:,} already had vectors); "
-          f"groups evaluated {s['evaluation']['ran'] or '-'}, cached {s['evaluation']['cached'] or '-'}; "
-          f"{s['seconds']} s")
+          f"groups evaluated: {names(ev['ran'])}; cached: {names(ev['cached'])}; "
+          f"too small for leave-one-dataset-out: {names(ev['skipped'])}; {s['seconds']} s")
     b = s["bundle"]
     if b is None:
         print("no labels in the store yet: nothing to publish")
@@ -157,8 +172,9 @@ def print_summary(s: dict, store: str) -> None:
     print(("published new version " if s["published"] else "data unchanged; latest stays ")
           + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")
     print(f"bundle: {b['url']}")
-    print(f'route a query:  benchroute route --bundle {store} --name {b["name"]} "your question"')
-    print(f"serve over HTTP: benchroute serve --bundle {store} --name {b['name']}")
+    cmd = _command()
+    print(f'route a query:  {cmd} route --bundle {store} --name {b["name"]} "your question"')
+    print(f"serve over HTTP: {cmd} serve --bundle {store} --name {b['name']}")
     print(f"in Python: from benchroute.artifacts.router import load_router; "
           f"load_router({store!r}, {b['name']!r}).route('your question')")
 
