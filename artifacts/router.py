@@ -125,7 +125,12 @@ class Router:
         self.kernel = NadarayaWatson.from_fitted(
             bundle.npy("kernel/u.npy"), bundle.npy("kernel/p.npy"), float(params.get("bandwidth", 1.0))
         )
-        self._kernel_rows = np.isfinite(self.kernel.u_) & ~np.all(np.isnan(self.kernel.P_), axis=1)
+        # The smoother over the training datasets that have a descriptor and some p (built once).
+        rows = np.isfinite(self.kernel.u_) & ~np.all(np.isnan(self.kernel.P_), axis=1)
+        self._task_kernel = (
+            NadarayaWatson.from_fitted(self.kernel.u_[rows], self.kernel.P_[rows], self.kernel.bandwidth_)
+            if rows.any() else None
+        )
         table = pq.ParquetFile(io.BytesIO(bundle.files["models.parquet"])).read().to_pylist()
         self.models = [ModelInfo(**row) for row in table]
         self.model_names = [m.model for m in self.models]
@@ -225,12 +230,8 @@ class Router:
         neigh = self.knn.kneighbors(X)
         G = self.knn.predict_from_neighbors(_first(neigh, self.knn.n_neighbors))
         u_new = mean_knn_distance(neigh, self.k_descriptor)
-        if self._kernel_rows.sum() >= 1:
-            kern = NadarayaWatson.from_fitted(
-                self.kernel.u_[self._kernel_rows], self.kernel.P_[self._kernel_rows],
-                self.kernel.bandwidth_,
-            )
-            p_hat = kern.predict(u_new)[0]
+        if self._task_kernel is not None:
+            p_hat = self._task_kernel.predict(u_new)[0]
         else:
             p_hat = np.full(len(self.models), np.nan)
         p_share = neighbor_share_estimate(_first(neigh, self.knn.n_neighbors), self.member, self.kernel.P_)

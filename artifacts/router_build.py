@@ -92,9 +92,9 @@ SUMMARY_DIGITS = 12
 
 def finite(obj):
     """JSON-safe: NaN and inf become null (the manifest is strict JSON); floats keep
-    ``SUMMARY_DIGITS`` significant digits. The last bits of a float sum depend on thread count
-    and memory alignment, and equal data must give an equal manifest (and content hash) wherever
-    it was computed."""
+    ``SUMMARY_DIGITS`` significant digits (a summary, not data). This absorbs last-bit noise of
+    float sums; it does not make evaluations run with different BLAS thread counts equal (there
+    kNN near-ties can break differently, up to ~1e-4 relative on all of ../shared/data)."""
     if isinstance(obj, float):
         return float(f"{obj:.{SUMMARY_DIGITS}g}") if obj == obj and abs(obj) != float("inf") else None
     if isinstance(obj, dict):

@@ -128,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     return commands[args.command](args)
 
 
+def command_name() -> str:
+    """How to call ``benchroute`` from here: the venv's script when it is not on PATH."""
+    import shutil
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("benchroute")
+    if exe.exists() and shutil.which("benchroute") != str(exe):
+        try:
+            return os.path.relpath(exe)
+        except ValueError:
+            return str(exe)
+    return "benchroute"
+
+
 def _publish(args) -> int:
     from benchroute.flows.publish import publish_flow
 
@@ -145,7 +159,7 @@ def _publish(args) -> int:
     state = "published" if r["created"] else "unchanged, latest stays"
     print(f"{state}: {r['name']} {r['version']} ({r['files']} files, {r['bytes']:,} bytes)")
     print(f"bundle: {r['url']}")
-    print(f'try:    benchroute route --bundle {args.store} --name {r["name"]} "your question"')
+    print(f'try:    {command_name()} route --bundle {args.store} --name {r["name"]} "your question"')
     return 0
 
 

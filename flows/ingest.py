@@ -101,17 +101,20 @@ def ingest_flow(
     aliases: str | None = None,
     rules: str | None = None,
     progress: bool = True,
+    units: list[Unit] | None = None,
 ) -> dict:
     """Ingest every unit under ``sources`` that the store does not hold yet, then relabel.
 
     ``kinds`` restricts the readers tried; ``aliases`` is a model-alias CSV extending the shipped
-    one; ``rules`` a binarization-rule JSON. Returns the summary (also logged).
+    one; ``rules`` a binarization-rule JSON; ``units``: what a caller already discovered under
+    ``sources`` (discovery hashes every file, so it is not done twice). Returns the summary.
     """
     log = get_run_logger()
     t0 = time.perf_counter()
     summary = IngestSummary(store=store)
     target = Store(store)
-    units = discover_task(sources, kinds)
+    if units is None:
+        units = discover_task(sources, kinds)
     summary.units_found = len(units)
     done_prints = set(target.units().values())
     todo = [u for u in units if u.fingerprint not in done_prints]

@@ -94,7 +94,7 @@ def refresh_flow(
     if new:
         t = time.perf_counter()
         ingest = ingest_flow(sources=[landing], store=store, kinds=kinds, aliases=aliases,
-                             rules=rules, progress=False)
+                             rules=rules, progress=False, units=units)
         timings["ingest"] = round(time.perf_counter() - t, 2)
         total = ingest["added"].get("_total", {})
         outcomes = sum(v.get("new_outcomes", 0) for s, v in ingest["added"].items() if s != "_total")
@@ -143,20 +143,6 @@ def refresh_flow(
     return summary
 
 
-def _command() -> str:
-    """How to call ``benchroute`` from here: the venv's script when it is not on PATH."""
-    import shutil
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("benchroute")
-    if exe.exists() and shutil.which("benchroute") != str(exe):
-        try:
-            return os.path.relpath(exe)
-        except ValueError:
-            return str(exe)
-    return "benchroute"
-
-
 def print_summary(s: dict, store: str) -> None:
     """What a person wants to know after a run: what happened, where the bundle is, how to use it."""
     e, ev = s["embed"], s["evaluation"]
@@ -172,7 +158,9 @@ def print_summary(s: dict, store: str) -> None:
     print(("published new version " if s["published"] else "data unchanged; latest stays ")
           + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")
     print(f"bundle: {b['url']}")
-    cmd = _command()
+    from benchroute.flows.cli import command_name
+
+    cmd = command_name()
     print(f'route a query:  {cmd} route --bundle {store} --name {b["name"]} "your question"')
     print(f"serve over HTTP: {cmd} serve --bundle {store} --name {b['name']}")
     print(f"in Python: from benchroute.artifacts.router import load_router; "
