@@ -4,7 +4,8 @@ Parameters select what: ``paths`` (run dumps to ingest, any fsspec URLs; none = 
 store holds), ``sources`` (source names: which readers ingest and which data the bundle uses),
 ``datasets`` and ``models`` (names or globs such as ``mmlu_pro/*``), ``exclude_models`` and the
 ``embedder`` (a new embedder embeds the selected inputs only). ``relabel`` recomputes the labels with
-``rules``; ``force`` recomputes cached evaluations and the fit. Into a fresh ``store`` URL it
+``rules``; ``force`` recomputes cached evaluations and the fit; ``model_cards``: a card file over
+the defaults and the ``model_cards.*`` files under ``paths``. Into a fresh ``store`` URL it
 rebuilds a whole store from the dumps.
 
 ``dry_run`` reports what it would do and writes nothing: the dumps to ingest, the inputs
@@ -30,7 +31,7 @@ from pydantic import Field
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.bundle import BundleStore
 from benchroute.artifacts.store import Store
-from benchroute.flows.ingest import ingest_flow, relabel_task
+from benchroute.flows.ingest import cards_task, ingest_flow, relabel_task
 from benchroute.flows.pipeline import (
     MIN_PARTITION,
     Selection,
@@ -53,7 +54,7 @@ from benchroute.flows.refresh import (
 )
 from benchroute.flows.scale import task_runner
 from benchroute.transforms.fingerprints import glob_expr
-from benchroute.transforms.ingest import discover
+from benchroute.transforms.ingest import discover, find_cards
 from benchroute.transforms.lodo_groups import lodo_groups
 from benchroute.transforms.weights import DEFAULT_EMBEDDER
 
@@ -126,6 +127,9 @@ def _plan_markdown(plan: dict) -> str:
         f"- ingest: {len(plan['ingest']['new'])} new run dumps of {plan['ingest']['dumps']}"
         + "".join(f"\n  - `{k}`" for k in plan["ingest"]["new"][:50]),
         f"- relabel: {plan['relabel']}",
+        *([f"- model cards: {'would change' if plan['cards']['changed'] else 'unchanged'} "
+           f"(card files: {', '.join(plan['cards']['files']) or 'the shipped defaults only'})"]
+          if plan.get("cards") else []),
         f"- embed with `{plan['embed']['embedder_id']}`: {plan['embed']['inputs_without_vector_now']:,} "
         f"inputs without a vector now, in {plan['embed']['partitions']} partitions"
         + (f" ({plan['embed']['note']})" if plan["embed"]["note"] else ""),
@@ -162,6 +166,7 @@ def backfill_flow(
     force: bool = False,
     dry_run: bool = False,
     cache: str | None = None,
+    model_cards: str | None = None,
 ) -> dict:
     """Ingest ``paths`` (only ``sources``' readers when given), relabel if asked, embed the
     inputs without an ``embedder`` vector, evaluate and publish bundle ``name`` from the
@@ -174,6 +179,8 @@ def backfill_flow(
     plan = backfill_plan_task(store, paths, sel, embedder, kinds, partitions, relabel, name)
     if plan["unmatched"]:
         log.warning("these match nothing in the store now: %s", plan["unmatched"])
+    cards = find_cards(paths)
+    plan["cards"] = cards_task(store, cards, model_cards, write=False)  # a bad card fails here
     if dry_run:
         create_markdown_artifact(key="backfill-plan", markdown=_plan_markdown(plan),
                                  description="what the backfill would do")
@@ -184,9 +191,10 @@ def backfill_flow(
     ingest = None
     if plan["ingest"]["new"]:
         ingest = ingest_flow(sources=paths, store=store, kinds=kinds, aliases=aliases,
-                             rules=rules, progress=False)
+                             rules=rules, progress=False, model_cards=model_cards)
     elif relabel:
         log.info("relabel: %d labels", relabel_task(store, rules))
+    cards_task(store, cards, model_cards)
     embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
                        partitions=partitions, concurrency=embed_concurrency,
                        threads=embed_threads, storage=storage, log=log, selection=sel)
@@ -231,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
     ap.add_argument("--relabel", action="store_true")
     ap.add_argument("--rules", default=None)
+    ap.add_argument("--models", dest="model_cards", default=None,
+                    help="model card file (CSV or YAML: sizes, prices); --model selects models")
     ap.add_argument("--force", action="store_true", help="recompute cached evaluations and fit")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--dask-workers", type=int, default=0)
@@ -244,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         store=args.store, paths=args.paths, name=args.name, sources=args.sources,
         datasets=args.datasets, models=args.models, exclude_models=args.exclude_models,
         embedder=args.embedder, relabel=args.relabel, rules=args.rules, force=args.force,
-        dry_run=args.dry_run, **scale_parameters(args.dask_workers, address=args.dask_address),
+        dry_run=args.dry_run, model_cards=args.model_cards,
+        **scale_parameters(args.dask_workers, address=args.dask_address),
     )
     if r["dry_run"]:
         print(_plan_markdown(r["plan"]))

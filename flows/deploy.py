@@ -34,6 +34,7 @@ def deployments(
     timezone: str | None = None,
     rules: str | None = None,
     aliases: str | None = None,
+    model_cards: str | None = None,
 ) -> list:
     """The two deployments: ``refresh/scheduled`` (cron, one run at a time) and
     ``backfill/manual`` (no schedule; its dumps default to the landing location)."""
@@ -51,7 +52,7 @@ def deployments(
             name="scheduled",
             schedule=CronSchedule(cron=cron, timezone=timezone or "UTC"),
             parameters={"landing": landing, "store": store, "name": name, "rules": rules,
-                        "aliases": aliases, **scale},
+                        "aliases": aliases, "model_cards": model_cards, **scale},
             concurrency_limit=1,  # a slow run is never overlapped by the next one
             description=f"Ingest what is new in {landing}, embed, refit, publish {name} if the data changed.",
             tags=["benchroute", "refresh"],
@@ -59,7 +60,7 @@ def deployments(
         backfill.to_deployment(
             name="manual",
             parameters={"store": store, "paths": [landing], "name": name, "rules": rules,
-                        "aliases": aliases, **scale},
+                        "aliases": aliases, "model_cards": model_cards, **scale},
             description="Rebuild the store or a selection of it and publish (dry_run=True reports only).",
             tags=["benchroute", "backfill"],
         ),
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timezone", default=None)
     ap.add_argument("--rules", default=None, help="JSON of binarization rules for every run")
     ap.add_argument("--aliases", default=None, help="CSV of model aliases for every run")
+    ap.add_argument("--models", dest="model_cards", default=None,
+                    help="model card (CSV or YAML: sizes, prices) for every run")
     ap.add_argument("--dask-workers", type=int, default=0)
     ap.add_argument("--dask-address", default=None)
     ap.add_argument("--host", default="127.0.0.1", help="where a started server listens")
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         with temporary_settings(updates={PREFECT_API_URL: api}):
             deps = deployments(args.landing, args.store, name=args.name, cron=args.cron,
                                workers=args.dask_workers, address=args.dask_address,
-                               timezone=args.timezone, rules=args.rules, aliases=args.aliases)
+                               timezone=args.timezone, rules=args.rules, aliases=args.aliases,
+                               model_cards=args.model_cards)
             ui = api[: -len("/api")] if api.endswith("/api") else api
             print(f"Prefect UI: {ui}  (runs: {ui}/runs, deployments: {ui}/deployments)", flush=True)
             if args.run_now:

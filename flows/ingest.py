@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 
 import polars as pl
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from benchroute import code_version
+from benchroute.artifacts.model_cards import sync_cards
 from benchroute.artifacts.store import Appender, Store, concat_tables
 from benchroute.schemas import empty
 from benchroute.transforms import binarize as bz
 from benchroute.transforms.ids import ModelNames
-from benchroute.transforms.ingest import Unit, UnreadableSource, discover, read_unit
+from benchroute.transforms.ingest import Unit, UnreadableSource, discover, find_cards, read_unit
 
 # Commit after this many outcome rows (or at the end): a crash keeps every committed batch.
 BATCH_OUTCOME_ROWS = 250_000
@@ -34,6 +36,7 @@ class IngestSummary:
     units_failed: dict[str, str] = field(default_factory=dict)
     added: dict[str, dict[str, int]] = field(default_factory=dict)
     labels: int = 0
+    cards: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def add(self, source: str, counts: dict[str, int]) -> None:
@@ -53,6 +56,7 @@ class IngestSummary:
             "units_failed": self.units_failed,
             "added": self.added,
             "labels": self.labels,
+            "cards": self.cards,
             "seconds": round(self.seconds, 2),
         }
 
@@ -93,6 +97,13 @@ def relabel_task(store: str, rules: str | None) -> int:
     return labels.height
 
 
+@task(cache_policy=NO_CACHE, persist_result=False)
+def cards_task(store: str, found: list[str], models: str | None, write: bool = True) -> dict:
+    """The store's model card from the defaults, ``found`` card files and the ``models`` card
+    (``artifacts.model_cards.sync_cards``); a bad card fails the run, naming file, row and field."""
+    return sync_cards(store, found, models, write=write)
+
+
 @flow(name="ingest", log_prints=False)
 def ingest_flow(
     sources: list[str],
@@ -102,17 +113,23 @@ def ingest_flow(
     rules: str | None = None,
     progress: bool = True,
     units: list[Unit] | None = None,
+    model_cards: str | None = None,
 ) -> dict:
-    """Ingest every unit under ``sources`` that the store does not hold yet, then relabel.
+    """Ingest every unit under ``sources`` that the store does not hold yet, then relabel, then
+    update the store's model card.
 
     ``kinds`` restricts the readers tried; ``aliases`` is a model-alias CSV extending the shipped
     one; ``rules`` a binarization-rule JSON; ``units``: what a caller already discovered under
-    ``sources`` (discovery hashes every file, so it is not done twice). Returns the summary.
+    ``sources`` (discovery hashes every file, so it is not done twice); ``model_cards``: a card
+    file (CSV/YAML) over the defaults and the ``model_cards.*`` files under ``sources``; a bad
+    card fails the run before anything is written. Returns the summary.
     """
     log = get_run_logger()
     t0 = time.perf_counter()
     summary = IngestSummary(store=store)
     target = Store(store)
+    cards = find_cards(sources)
+    cards_task(store, cards, model_cards, write=False)
     if units is None:
         units = discover_task(sources, kinds)
     summary.units_found = len(units)
@@ -143,6 +160,7 @@ def ingest_flow(
         summary.labels = relabel_task(store, rules)
     else:
         summary.labels = target.read("labels", columns=["y"]).height
+    summary.cards = cards_task(store, cards, model_cards)
     summary.seconds = time.perf_counter() - t0
     log.info("ingest done in %.1f s: %s", summary.seconds, summary.to_dict())
     return summary.to_dict()

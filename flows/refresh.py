@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from benchroute.artifacts.store import Store
-from benchroute.flows.ingest import ingest_flow
+from benchroute.flows.ingest import cards_task, ingest_flow
 from benchroute.flows.pipeline import (
     Selection,
     cache_storage,
@@ -36,6 +36,7 @@ from benchroute.flows.pipeline import (
     refit_step,
 )
 from benchroute.flows.scale import task_runner
+from benchroute.transforms.ingest import find_cards
 from benchroute.transforms.weights import DEFAULT_EMBEDDER
 
 # Parameter types: Prefect validates a run's parameters against them before it starts.
@@ -66,6 +67,7 @@ def refresh_flow(
     aliases: str | None = None,
     rules: str | None = None,
     cache: str | None = None,
+    model_cards: str | None = None,
 ) -> dict:
     """Ingest what is new under ``landing`` into ``store``, embed new inputs, refit what changed
     and publish bundle ``name`` if the data changed.
@@ -74,7 +76,9 @@ def refresh_flow(
     ``embed_concurrency``: partitions embedding at once (a global concurrency limit);
     ``embed_threads``: cores per partition (default: all the worker may use); ``kinds``,
     ``aliases``, ``rules``: as for ``ingest``; ``cache``: where task results persist (default
-    ``<store>/_cache/prefect``). Returns what it did (also a ``refresh-bundle`` artifact).
+    ``<store>/_cache/prefect``); ``model_cards``: a card file over the defaults and the landing
+    zone's ``model_cards.*`` (a changed card refits and publishes). Returns what it did (also a
+    ``refresh-bundle`` artifact).
     """
     log = get_run_logger()
     t0 = time.perf_counter()
@@ -90,11 +94,13 @@ def refresh_flow(
     log.info("landing %s: %d run dumps, %d new%s", landing, len(units), len(new),
              "".join(f"\n  new: {u.key}" for u in new[:20]))
 
+    cards = find_cards([landing])
+    cards_task(store, cards, model_cards, write=False)  # a bad card fails before any write
     ingest = None
     if new:
         t = time.perf_counter()
         ingest = ingest_flow(sources=[landing], store=store, kinds=kinds, aliases=aliases,
-                             rules=rules, progress=False, units=units)
+                             rules=rules, progress=False, units=units, model_cards=model_cards)
         timings["ingest"] = round(time.perf_counter() - t, 2)
         total = ingest["added"].get("_total", {})
         outcomes = sum(v.get("new_outcomes", 0) for s, v in ingest["added"].items() if s != "_total")
@@ -102,6 +108,10 @@ def refresh_flow(
                  "(%.0f outcomes/s)", len(new), total.get("new_inputs", 0),
                  total.get("new_models", 0), outcomes, timings["ingest"],
                  outcomes / max(timings["ingest"], 1e-9))
+
+    card = cards_task(store, cards, model_cards)  # after an ingest: already written, no change
+    if card["written"]:
+        log.info("model cards changed: %s", card["rules"])
 
     embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
                        partitions=partitions, concurrency=embed_concurrency,
@@ -119,6 +129,7 @@ def refresh_flow(
         "store": store,
         "units": {"found": len(units), "new": len(new), "new_keys": [u.key for u in new]},
         "ingest": ingest,
+        "cards": ingest["cards"] if ingest else card,
         "embed": embed,
         "evaluation": {
             s: sorted(g for g, v in refit["groups"].items() if v == s)
@@ -151,6 +162,9 @@ def print_summary(s: dict, store: str) -> None:
           f"embedded {e['new']:,} inputs ({e['already_present']:,} already had vectors); "
           f"groups evaluated: {names(ev['ran'])}; cached: {names(ev['cached'])}; "
           f"too small for leave-one-dataset-out: {names(ev['skipped'])}; {s['seconds']} s")
+    cards = s.get("cards") or {}
+    if cards.get("written"):
+        print(f"model cards updated ({', '.join(f'{n} {r}' for r, n in cards['rules'].items())})")
     b = s["bundle"]
     if b is None:
         print("no labels in the store yet: nothing to publish")
@@ -180,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", action="append", dest="kinds", help="only these source kinds")
     ap.add_argument("--aliases", help="CSV of model aliases (as for ingest)")
     ap.add_argument("--rules", help="JSON of binarization rules (as for ingest)")
+    ap.add_argument("--models", dest="model_cards",
+                    help="model card (CSV or YAML: sizes, prices), as for ingest")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--dask-workers", type=int, default=0,
                     help="run partitions on a local Dask cluster of this many workers")
@@ -193,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(
         landing=args.landing, store=args.store, name=args.name, embedder=args.embedder,
         precision=args.precision, partitions=args.partitions, kinds=args.kinds,
-        aliases=args.aliases, rules=args.rules,
+        aliases=args.aliases, rules=args.rules, model_cards=args.model_cards,
         **scale_parameters(args.dask_workers, address=args.dask_address),
     )
     if args.json:

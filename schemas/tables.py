@@ -75,8 +75,46 @@ class Models(dy.Schema):
     model = dy.String(primary_key=True, min_length=1)
     display_name = dy.String(min_length=1)
     params_b = dy.Float64(nullable=True, min_exclusive=0.0)
-    cost_per_1k_tokens = dy.Float64(nullable=True, min=0.0)
+    cost_per_1k_tokens = dy.Float64(nullable=True, min=0.0)  # deprecated, always null: see model_cards
     source = dy.String(min_length=1)
+
+
+PRICE_RULE_PATTERN = (
+    r"^(api_list_price|card|open_weights_tier:(dense|moe):[0-9.]+-[0-9.]+B|unknown: .+)$"
+)
+DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}(-[0-9]{2})?$"
+
+
+class ModelCards(dy.Schema):
+    """What is known of each model beyond the benchmarks: size, openness, context, price.
+
+    Prices are USD per 1M tokens; ``price_rule`` says how the price was set (``api_list_price``,
+    ``open_weights_tier:<architecture>:<lo>-<hi>B``, ``card`` for a price a user's card gave
+    without a source, or ``unknown: <why>`` with null prices). ``params_b`` is the total size;
+    ``active_params_b`` the parameters used per token of a mixture of experts.
+    """
+
+    model = dy.String(primary_key=True, min_length=1)
+    display_name = dy.String(nullable=True)
+    params_b = dy.Float64(nullable=True, min_exclusive=0.0)
+    active_params_b = dy.Float64(nullable=True, min_exclusive=0.0)
+    architecture = dy.String(nullable=True, regex=r"^(dense|moe)$")
+    open_weights = dy.Bool(nullable=True)
+    context_window = dy.Int64(nullable=True, min_exclusive=0)
+    usd_per_1m_input = dy.Float64(nullable=True, min=0.0)  # finite: NaN and inf are rejected
+    usd_per_1m_output = dy.Float64(nullable=True, min=0.0)
+    price_rule = dy.String(regex=PRICE_RULE_PATTERN)
+    price_source = dy.String(nullable=True)
+    price_as_of = dy.String(nullable=True, regex=DATE_PATTERN)
+
+    @dy.rule()
+    def active_within_total(cls) -> pl.Expr:
+        return (pl.col("active_params_b") <= pl.col("params_b")).fill_null(True)
+
+    @dy.rule()
+    def unknown_rule_has_no_price(cls) -> pl.Expr:
+        priced = pl.col("usd_per_1m_input").is_not_null() | pl.col("usd_per_1m_output").is_not_null()
+        return ~(priced & pl.col("price_rule").str.starts_with("unknown"))
 
 
 class Quarantine(dy.Schema):
@@ -96,6 +134,7 @@ TABLES: dict[str, type[dy.Schema]] = {
     "outcomes": Outcomes,
     "labels": Labels,
     "models": Models,
+    "model_cards": ModelCards,
     "quarantine": Quarantine,
 }
 
@@ -106,6 +145,7 @@ KEYS: dict[str, list[str]] = {
     "outcomes": OUTCOME_KEY,
     "labels": ["input_id", "dataset", "model"],
     "models": ["model"],
+    "model_cards": ["model"],
     "quarantine": ["source", "file", "record", "field", "reason"],
 }
 
@@ -116,6 +156,7 @@ _RECORD_COLUMNS: dict[str, list[str]] = {
     "outcomes": ["run_id", "input_id", "model", "metric"],
     "labels": ["input_id", "model"],
     "models": ["model"],
+    "model_cards": ["model"],
     "quarantine": ["record"],
 }
 

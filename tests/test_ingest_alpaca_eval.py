@@ -32,6 +32,11 @@ def valid_rows(df: pl.DataFrame) -> pl.DataFrame:
     return df.filter(p.is_not_null() & ~p.is_nan() & (p != 0) & ~not_a_model(df))
 
 
+def judgements(result) -> pl.DataFrame:
+    """The judge preferences of a read (without the output lengths)."""
+    return result.outcomes.filter(pl.col("metric") != "output_chars")
+
+
 def not_a_model(df: pl.DataFrame) -> pl.Expr:
     """AlpacaEval's placeholder rows and the reference judged against itself (SOURCE.md)."""
     self_judged = pl.col("model") == pl.col("reference_model") if "reference_model" in df.columns else pl.lit(False)
@@ -82,7 +87,7 @@ def test_long_table_outcomes_equal_polars(long_result):
     }
     got = {
         (o["input_id"], o["dataset"], o["source_model"], o["metric"], o["run_id"]): o["value"]
-        for o in long_result.outcomes.iter_rows(named=True)
+        for o in judgements(long_result).iter_rows(named=True)
     }
     assert len(expected) == good.height  # no key collisions in the source
     assert got == expected
@@ -98,7 +103,7 @@ def test_win_rate_per_run_matches_polars(long_result):
     good = valid_rows(pl.read_parquet(LONG))
     want = good.group_by("annotator_dir", "results_dir").agg((pl.col("preference") > 1.5).mean())
     want = {f"alpaca_eval:{a}:{r}": v for a, r, v in want.iter_rows()}
-    got = long_result.outcomes.group_by("run_id").agg((pl.col("value") > 1.5).mean())
+    got = judgements(long_result).group_by("run_id").agg((pl.col("value") > 1.5).mean())
     assert dict(got.iter_rows()) == pytest.approx(want)
 
 
@@ -151,7 +156,7 @@ def test_long_table_bad_values_and_duplicates(tmp_path):
     assert q["row 4"]["field"] == "instruction"
     dup = q[f"row {raw.height + 1} (repeats row 11)"]
     assert dup["reason"].startswith("duplicate judgement")
-    assert res.outcomes.height == valid_rows(raw).height - 4
+    assert judgements(res).height == valid_rows(raw).height - 4
 
 
 def test_long_table_without_a_required_column_is_unreadable(tmp_path):
@@ -166,6 +171,29 @@ def test_long_table_without_a_required_column_is_unreadable(tmp_path):
         read(path)
 
 
+
+def test_output_lengths_of_the_judged_rows(long_result, tmp_path):
+    """``output_chars`` = the long table's value, once per judged (input, model, run); a missing
+    length is not emitted and not quarantined."""
+    good = valid_rows(pl.read_parquet(LONG))
+    expected = {
+        (input_id(r["instruction"]), r["model"], f"alpaca_eval:{r['annotator_dir']}:{r['results_dir']}"):
+        float(r["output_chars"])
+        for r in good.iter_rows(named=True)
+    }
+    lengths = long_result.outcomes.filter(pl.col("metric") == "output_chars")
+    got = {(o["input_id"], o["source_model"], o["run_id"]): o["value"] for o in lengths.iter_rows(named=True)}
+    assert got == expected and lengths.height == len(expected)
+    raw = pl.read_parquet(LONG).with_columns(
+        pl.when(pl.int_range(pl.len()) < 100).then(None).otherwise(pl.col("output_chars")).alias("output_chars")
+    )
+    raw.write_parquet(tmp_path / "annotations_long.parquet")
+    res = read(tmp_path / "annotations_long.parquet")
+    assert 0 < res.outcomes.filter(pl.col("metric") == "output_chars").height < lengths.height
+    assert res.quarantine["reason"].to_list() == long_result.quarantine["reason"].to_list()
+    assert judgements(res).equals(judgements(long_result))
+
+
 # --------------------------------------------------------------------------------- native
 def test_native_file_equals_the_long_table_rows():
     res = read(NATIVE)
@@ -178,7 +206,7 @@ def test_native_file_equals_the_long_table_rows():
     )
     cols = ["input_id", "dataset", "source_model", "metric", "value", "run_id"]
     assert res.outcomes.select(cols).sort(cols).equals(want.select(cols).sort(cols))
-    assert res.outcomes.height == valid_rows(raw).height == raw.height - 1
+    assert judgements(res).height == valid_rows(raw).height == raw.height - 1
     (q,) = res.quarantine.iter_rows(named=True)
     missing = raw.with_row_index("n", offset=1).filter(
         pl.col("preference").is_nan() | pl.col("preference").is_null()
@@ -204,7 +232,7 @@ def test_native_bad_records_are_quarantined(tmp_path):
     assert q[f"record {len(records)} (repeats record 6)"]["reason"].startswith(
         "duplicate judgement"
     )
-    assert res.outcomes.height == 14 - 1 - 5  # 1 missing in the source, 5 broken here
+    assert judgements(res).height == 14 - 1 - 5  # 1 missing in the source, 5 broken here
 
 
 def test_native_nan_literal_is_quarantined_and_the_rest_read(tmp_path):
@@ -215,7 +243,7 @@ def test_native_nan_literal_is_quarantined_and_the_rest_read(tmp_path):
     assert b"NaN" in path.read_bytes()
     res = read(path)
     assert "record 2" in set(res.quarantine["record"])
-    assert res.outcomes.height == 14 - 2
+    assert judgements(res).height == 14 - 2
 
 
 def test_native_truncated_file_keeps_the_records_before_the_break(tmp_path):
@@ -228,7 +256,7 @@ def test_native_truncated_file_keeps_the_records_before_the_break(tmp_path):
     assert q["value"][0]  # the parser's message
     n_before = int(q["record"][0].split()[1]) - 1
     assert 0 < n_before < 14
-    assert res.outcomes.height + res.quarantine.height - 1 == n_before
+    assert judgements(res).height + res.quarantine.height - 1 == n_before
 
 
 def test_native_invalid_utf8_breaks_the_stream_there(tmp_path):
@@ -237,7 +265,7 @@ def test_native_invalid_utf8_breaks_the_stream_there(tmp_path):
     path = native_copy(tmp_path, raw=text[:at] + b"\xff\xfe" + text[at:])
     res = read(path)
     assert res.quarantine["reason"].str.contains("invalid JSON").sum() == 1
-    assert 0 < res.outcomes.height < 13
+    assert 0 < judgements(res).height < 13
 
 
 @pytest.mark.parametrize(
@@ -284,7 +312,9 @@ def test_whole_real_source(raw_data):
     assert placeholders == 4 * 805
     judged = res.quarantine.filter(pl.col("field") == "preference")
     assert res.quarantine.height == judged.height + placeholders
-    assert res.outcomes.height == valid_rows(raw).height
+    assert judgements(res).height == valid_rows(raw).height
+    # one output length per judged (input, model, run): every row records one
+    assert res.outcomes.filter(pl.col("metric") == "output_chars").height == valid_rows(raw).height
     weighted = res.outcomes.filter(
         pl.col("metric") == "alpaca_eval/weighted_alpaca_eval_gpt4_turbo"
     )

@@ -41,6 +41,7 @@ BBQ_METRICS = {
     "quasi_prefix_exact_match",
     "quasi_prefix_exact_match@5",
     "logprob",
+    *helm.USAGE,  # num_output_tokens, num_prompt_tokens: kept for costs, never labels
 }
 RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 NAMES = ModelNames()
@@ -77,6 +78,7 @@ def expected_values(run: Path) -> dict[tuple[str, str], float]:
                 "sst_score",
                 "sst_gpt_score",
                 "sst_claude_score",
+                *helm.USAGE,
             }:
                 out[(text[entry["instance_id"]], stat["name"]["name"])] = stat["mean"]
     return out
@@ -155,8 +157,9 @@ def test_safety_run_merges_its_two_entries_per_instance():
     assert len(entries) == 20 and len({e["instance_id"] for e in entries}) == 10
     result = read(SST)
     assert result.inputs.height == 10
-    assert result.outcomes.height == 30
-    assert set(result.outcomes["metric"]) == {"sst_score", "sst_gpt_score", "sst_claude_score"}
+    assert result.outcomes.height == 10 * 5
+    assert set(result.outcomes["metric"]) == {"sst_score", "sst_gpt_score", "sst_claude_score",
+                                              *helm.USAGE}
     got = {
         (t, m): v
         for t, m, v in result.outcomes.join(result.inputs, on="input_id")
@@ -199,13 +202,13 @@ def test_missing_scenario_state_takes_texts_from_sibling_run():
     assert result.quarantine.height == 0
     assert result.inputs.height == 10
     assert set(result.inputs["text"]) == set(sibling_texts().values())
-    assert result.outcomes.height == 30
+    assert result.outcomes.height == 10 * 5  # 3 harm_bench scores and 2 token counts
     assert set(result.outcomes["source_model"]) == {"mistralai/mixtral-8x22b-instruct-v0.1"}
     expected = {
         (sibling_texts()[e["instance_id"]], s["name"]["name"]): s["mean"]
         for e in load(HARM_NO_STATE / "per_instance_stats.json")
         for s in e["stats"]
-        if s["name"]["name"].startswith("harm_bench")
+        if s["name"]["name"].startswith("harm_bench") or s["name"]["name"] in helm.USAGE
     }
     got = {
         (t, m): v
@@ -223,7 +226,7 @@ def test_missing_scenario_state_prefers_instances_json(tmp_path):
     result = read(run)
     assert result.quarantine.height == 0
     assert set(result.inputs["text"]) == set(sibling_texts().values())
-    assert result.outcomes.height == 30
+    assert result.outcomes.height == 10 * 5
 
 
 def test_missing_scenario_state_without_fallback_quarantines_every_entry(tmp_path):

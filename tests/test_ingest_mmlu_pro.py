@@ -18,6 +18,7 @@ from benchroute.transforms.ingest.base import UnreadableSource
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu_pro"
 NAMES = ModelNames()
 LETTERS = "ABCDEFGHIJ"
+RAW_METRICS = {"correct_rx": "correct_rx", "correct": "correct", "output_chars": "out_chars"}
 
 
 def read(folder: Path | str):
@@ -81,10 +82,10 @@ def test_outcomes_equal_the_raw_results(result):
             else variants[row["question_id"], row["qvar"]]
         )
         dataset = f"mmlu_pro/{src['category']}"
-        for metric in ("correct_rx", "correct"):
+        for metric, column in RAW_METRICS.items():
             # same-text questions: the lowest id's result stands (setdefault keeps the first)
             expected.setdefault(
-                (input_id(text_of(src)), dataset, row["model"], metric), float(row[metric])
+                (input_id(text_of(src)), dataset, row["model"], metric), float(row[column])
             )
     got = {
         (o["input_id"], o["dataset"], o["source_model"], o["metric"]): o["value"]
@@ -181,13 +182,28 @@ def test_options_permuted_variant_is_another_input(copy):
     members = dict(zip(res.memberships["source_instance_id"], res.memberships["input_id"]))
     assert members["6554#v1"] == vid
     new = res.outcomes.filter(pl.col("source_model") == "new-model")
-    assert set(new["input_id"]) == {vid} and new.height == 2
+    assert set(new["input_id"]) == {vid} and new.height == len(RAW_METRICS)
 
 
 def test_variant_text_keeps_its_own_category(result):
     q, _, _ = tables()
     cats = set(result.memberships["dataset"])
     assert cats == {f"mmlu_pro/{c}" for c in q["category"].unique()}
+
+
+def test_output_length_is_kept_only_where_recorded(copy):
+    _, r, _ = tables(copy)
+    r = r.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.col("out_chars")).alias("out_chars")
+    )
+    r.write_parquet(copy / "results.parquet")
+    base, res = read(FIXTURE), read(copy)
+    lengths = res.outcomes.filter(pl.col("metric") == "output_chars")
+    assert lengths.height == base.outcomes.filter(pl.col("metric") == "output_chars").height - 1
+    assert res.quarantine.height == base.quarantine.height  # a missing length is not bad data
+    r.drop("out_chars").write_parquet(copy / "results.parquet")  # an older dump: no column
+    res = read(copy)
+    assert "output_chars" not in set(res.outcomes["metric"]) and res.quarantine.height == base.quarantine.height
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -245,7 +261,7 @@ def test_missing_variants_file_quarantines_only_variant_rows(copy):
     res = read(copy)
     lost = res.quarantine.filter(pl.col("reason").str.contains("not in question_variants"))
     assert lost.height == r.filter(pl.col("qvar") > 0).height
-    assert res.outcomes.height == read(FIXTURE).outcomes.height - 2 * lost.height
+    assert res.outcomes.height == read(FIXTURE).outcomes.height - len(RAW_METRICS) * lost.height
 
 
 @pytest.mark.parametrize("damage", ["missing_column", "not_parquet", "empty", "no_file"])
@@ -298,9 +314,9 @@ def test_whole_real_source(raw_data):
     assert len(member_ids | twin_ids) == 12_032 and not member_ids & twin_ids
     assert res.quarantine.height == twins.height == 159
     assert res.memberships["dataset"].n_unique() == 14
-    # each result row gives two outcomes unless its question's twin already holds the model's
+    # each result row gives three outcomes unless its question's twin already holds the model's
     dropped = sum(int(v.split(" ")[0]) for v in twins["value"])
-    assert res.outcomes.height == 2 * (results.height - dropped)
+    assert res.outcomes.height == len(RAW_METRICS) * (results.height - dropped)
     rx = res.outcomes.filter(pl.col("metric") == "correct_rx")
     acc = dict(rx.group_by("source_model").agg(pl.col("value").mean() * 100).iter_rows())
     assert acc["gpt-4o-2024-05-13"] == pytest.approx(74.04, abs=0.1)  # 74.11 without the twins

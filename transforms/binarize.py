@@ -8,7 +8,8 @@ applies to (a glob), its kind and parameters, and the metric's valid range:
 - ``top_k``: y = 1 for the k best models on the input (ties at the boundary all count).
 
 For each dataset the *primary* metric is the one matched by the earliest rule in the list; that
-metric alone makes the dataset's labels. Several runs of one model on one input (two suites of
+metric alone makes the dataset's labels. Usage measures (``USAGE_METRICS``: output length and
+token counts) are never primary and never range-checked, whatever the rules say. Several runs of one model on one input (two suites of
 the same benchmark) are averaged first; perturbed outcomes never make labels. The rule's text is
 stored with every label.
 """
@@ -26,6 +27,8 @@ import polars as pl
 from benchroute.schemas import empty, validate
 
 RuleKind = Literal["threshold", "relative_to_best", "top_k"]
+# What a request used, not how good the answer was (the readers' ``output_chars``, HELM's counts).
+USAGE_METRICS = ("output_chars", "num_output_tokens", "num_prompt_tokens")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,12 @@ def primary_metrics(outcomes: pl.DataFrame, rules: tuple[Rule, ...]) -> pl.DataF
 
     Returns columns ``dataset, metric, rule_index``; datasets with no matching metric are absent.
     """
-    pairs = outcomes.select("dataset", "metric").unique().sort("dataset", "metric")
+    pairs = (
+        outcomes.select("dataset", "metric")
+        .unique()
+        .filter(~pl.col("metric").is_in(USAGE_METRICS))
+        .sort("dataset", "metric")
+    )
     chosen: dict[str, tuple[str, int]] = {}
     for dataset, metric in pairs.iter_rows():
         for i, rule in enumerate(rules):
@@ -182,7 +190,7 @@ def check_ranges(
     """
     if outcomes.height == 0:
         return outcomes, empty("quarantine")
-    pairs = outcomes.select("dataset", "metric").unique()
+    pairs = outcomes.select("dataset", "metric").unique().filter(~pl.col("metric").is_in(USAGE_METRICS))
     bounds = []
     for dataset, metric in pairs.iter_rows():
         rule = next((r for r in rules if r.matches(dataset, metric)), None)

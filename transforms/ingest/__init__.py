@@ -8,18 +8,22 @@ Every reader module exposes
 - ``read(url, *, names) -> IngestResult``: read one unit (``url`` is an fsspec URL or path).
 
 ``discover`` walks the paths a user gives and returns every unit with a content fingerprint, so
-the store can skip units it already holds.
+the store can skip units it already holds. Model card files (``model_cards.csv|yaml|yml``) are
+not units: ``find_cards`` lists them, and a path holding only cards is not an unknown layout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import posixpath
 from dataclasses import dataclass
 from types import ModuleType
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from benchroute.transforms.model_cards import CARD_FILE_NAMES
 
 from .base import IngestResult, UnknownLayout, UnreadableSource
 
@@ -64,13 +68,25 @@ def discover(urls: list[str], kinds: list[str] | None = None) -> list[Unit]:
                 found.append(
                     Unit(kind, _unstrip(fs, path), f"{kind}:{path}", fingerprint(fs, path))
                 )
-        if not found:
+        if not found and not find_cards([url]):
             raise UnknownLayout(
                 f"{url}: no known benchmark layout found "
                 f"(looked for: {', '.join(kinds or READER_MODULES)})"
             )
         units.extend(sorted(found, key=lambda u: u.key))
     return units
+
+
+def find_cards(urls: list[str]) -> list[str]:
+    """The model card files (``model_cards.csv|yaml|yml``) under the given files or folders."""
+    cards: list[str] = []
+    for url in urls:
+        fs, root = url_to_fs(url)
+        files = fs.find(root) if fs.isdir(root) else [root] if fs.exists(root) else []
+        cards.extend(
+            sorted(_unstrip(fs, p) for p in files if posixpath.basename(p) in CARD_FILE_NAMES)
+        )
+    return cards
 
 
 def read_unit(unit: Unit, names) -> IngestResult:
@@ -105,6 +121,7 @@ __all__ = [
     "UnknownLayout",
     "UnreadableSource",
     "discover",
+    "find_cards",
     "fingerprint",
     "read_unit",
     "reader",

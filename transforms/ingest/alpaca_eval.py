@@ -19,6 +19,11 @@ tie). ``run_id`` = ``alpaca_eval:<annotator_dir>:<results_dir>``, so a model wit
 folders (falcon-40b-instruct) keeps both runs. ``source_instance_id`` = ``instruction_id`` when
 present.
 
+Output length: metric ``output_chars`` = the characters of the judged model's output
+(``output_chars`` of the long table, ``len(output_2)`` of a native record), one per (input, model,
+run) of a kept judgement; a usage measure, never a label. Where it is not recorded (or not a
+finite length) nothing is emitted and nothing is quarantined.
+
 Quarantined: preference 0 or missing/NaN (AlpacaEval's "no valid judgment"), outside [1, 2] or
 not a number; a missing instruction, model or annotator; a repeated record of the same
 (instruction, model, annotator, run).
@@ -54,7 +59,8 @@ KIND = "alpaca_eval"
 LONG_TABLE = "annotations_long.parquet"
 NATIVE = "annotations.json"
 REQUIRED = ["instruction", "dataset", "annotator", "results_dir", "model", "preference"]
-OPTIONAL = ["annotator_dir", "instruction_id", "reference_model"]
+OPTIONAL = ["annotator_dir", "instruction_id", "reference_model", "output_chars"]
+OUTPUT_CHARS = "output_chars"  # metric name of the judged output's length in characters
 PREFERENCE_RANGE = (1.0, 2.0)
 # Rows that are not a model's judged output (SOURCE.md): AlpacaEval's placeholder "example", the
 # adversarial "gpt4_gamed" entry, and a reference model judged against itself (always a tie).
@@ -112,6 +118,7 @@ def _read_long(url: str, names: ModelNames) -> IngestResult:
     for col in OPTIONAL:
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, pl.String).alias(col))
+    df = df.with_columns(pl.col("output_chars").cast(pl.Float64, strict=False))
     df = df.with_columns(
         pl.col("annotator_dir").fill_null(pl.col("annotator")),
         pl.col("preference").cast(pl.Float64, strict=False).alias("value"),
@@ -146,15 +153,35 @@ def _read_long(url: str, names: ModelNames) -> IngestResult:
             pl.lit(None, pl.String).alias("split"),
             pl.col("instruction_id").cast(pl.String).alias("source_instance_id"),
         ),
-        outcomes=df.select(
+        outcomes=pl.concat([
+            df.select(
+                "input_id",
+                "dataset",
+                "metric",
+                "value",
+                "run_id",
+                pl.col("model").alias("source_model"),
+            ),
+            _output_lengths(df),
+        ]),
+        quarantine=pl.concat([bad, dup], how="vertical_relaxed"),
+    )
+
+
+def _output_lengths(df: pl.DataFrame) -> pl.DataFrame:
+    """One ``output_chars`` outcome per (input, dataset, model, run) where it is recorded."""
+    chars = pl.col("output_chars")
+    return (
+        df.filter(chars.is_finite() & (chars >= 0))
+        .unique(["input_id", "dataset", "model", "run_id"], keep="first", maintain_order=True)
+        .select(
             "input_id",
             "dataset",
-            "metric",
-            "value",
+            pl.lit(OUTPUT_CHARS).alias("metric"),
+            chars.alias("value"),
             "run_id",
             pl.col("model").alias("source_model"),
-        ),
-        quarantine=pl.concat([bad, dup], how="vertical_relaxed"),
+        )
     )
 
 
@@ -204,6 +231,7 @@ def _read_native(url: str, names: ModelNames) -> IngestResult:
     run_id = f"{KIND}:{annotator_dir}:{results_dir}"
     col = Collector(KIND, url, names)
     seen: dict[tuple[str, str, str], str] = {}
+    lengths: set[tuple[str, str, str]] = set()
     for record, item in iter_json_records(fs, path, url):
         if isinstance(item, ParseFailure):
             col.quarantine(url, record, None, item.reason, item.detail)
@@ -236,6 +264,11 @@ def _read_native(url: str, names: ModelNames) -> IngestResult:
             file=url,
             record=record,
         )
+        output = item.get("output_2")
+        if isinstance(output, str) and (iid, dataset, model) not in lengths:
+            lengths.add((iid, dataset, model))
+            col.add_outcome(iid, dataset=dataset, model=model, metric=OUTPUT_CHARS,
+                            value=len(output), run_id=run_id, file=url, record=record)
     return col.result(url)
 
 

@@ -27,7 +27,9 @@ Decisions:
 - **Metrics kept**: every per-instance stat except bookkeeping, i.e. names matching
   ``BOOKKEEPING`` (``num_*``, ``finish_reason_*``, ``inference_*``, ``training_*``, ``batch_*``,
   ``prompt_truncated``, ``max_prob``, ``predicted_index``). ``logprob`` is kept: it is the
-  per-instance log-likelihood the LL baseline needs. Stats derived across perturbations
+  per-instance log-likelihood the LL baseline needs. ``num_output_tokens`` and
+  ``num_prompt_tokens`` (``USAGE``) are kept too: the tokens a request used, for its cost
+  (usage measures, never labels). Stats derived across perturbations
   (``name.perturbation.computed_on`` ``worst``/``original``) are skipped.
 - **Value**: the stat's ``mean``, else ``sum / count``; ``count == 0`` is skipped silently
   (``training_co2_cost``).
@@ -80,6 +82,8 @@ INSTANCES = "instances.json"
 BOOKKEEPING = re.compile(
     r"(num_|finish_reason_|inference_|training_|batch_).*|prompt_truncated|max_prob|predicted_index"
 )
+# Per-instance stats kept although they match BOOKKEEPING: the tokens the request used.
+USAGE = ("num_output_tokens", "num_prompt_tokens")
 # Fields of a PerturbationDescription that do not tell two perturbations apart.
 _PERTURBATION_META = ("name", "robustness", "fairness", "computed_on")
 _DERIVED_COMPUTED_ON = ("worst", "original")
@@ -551,8 +555,9 @@ def _add_stat(
 
 
 def is_score(metric: str) -> bool:
-    """Whether a per-instance stat becomes an outcome (everything but ``BOOKKEEPING``)."""
-    return BOOKKEEPING.fullmatch(metric) is None
+    """Whether a per-instance stat becomes an outcome (everything but ``BOOKKEEPING``, except
+    the ``USAGE`` token counts)."""
+    return metric in USAGE or BOOKKEEPING.fullmatch(metric) is None
 
 
 def stat_value(stat: dict) -> float | None:

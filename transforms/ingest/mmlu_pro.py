@@ -11,7 +11,9 @@ A unit is a folder holding ``questions.parquet`` and ``results.parquet`` (and op
 - Dataset ``mmlu_pro/<category>``; ``source_instance_id`` is the question id (``<id>#v<qvar>`` for
   a variant); ``run_id`` is ``mmlu_pro:<model>``.
 - Metrics ``correct_rx`` (one extraction rule for every model: the one to label with) and
-  ``correct`` (the repo's stored prediction), each 1.0/0.0; a null is quarantined.
+  ``correct`` (the repo's stored prediction), each 1.0/0.0; a null is quarantined. Plus
+  ``output_chars``, the length of the model's output (``out_chars``, when the column is there):
+  a usage measure, never a label; a missing, non-finite or negative length is not emitted.
 - MMLU-Pro holds questions with the same text under two ids (159 pairs). They are one input;
   for each model the result of the lowest question id is kept and the other is quarantined
   (one row per dropped question: record ``question_id=894 (same text as question_id=893)``,
@@ -51,6 +53,7 @@ RESULTS = "results.parquet"
 VARIANTS = "question_variants.parquet"
 LETTERS = "ABCDEFGHIJ"
 METRICS = ("correct_rx", "correct")
+OUTPUT_CHARS = "output_chars"  # metric name of ``out_chars``, the output's length in characters
 _QUESTION_COLS = ["question_id", "category", "question", "options"]
 _RESULT_COLS = ["question_id", "model", "qvar", *METRICS]
 
@@ -74,7 +77,8 @@ def read(url: str, *, names: ModelNames) -> IngestResult:
     versions, bad = _all_versions(fs, root, label)
     quarantine = [bad]
 
-    results = _load(fs, f"{root}/{RESULTS}", r_file, _RESULT_COLS)
+    optional = [c for c in ("out_chars",) if c in parquet_columns(fs, f"{root}/{RESULTS}")]
+    results = _load(fs, f"{root}/{RESULTS}", r_file, _RESULT_COLS + optional)
     results, bad = _results(results, versions, r_file)
     quarantine.append(bad)
 
@@ -285,6 +289,17 @@ def _outcomes(results: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFr
         pl.format(f"{KIND}:{{}}", "model").alias("run_id"),
         pl.col("model").alias("source_model"),
     )
+    if "out_chars" in results.columns:
+        chars = pl.col("out_chars").cast(pl.Float64)
+        lengths = results.filter(chars.is_finite() & (chars >= 0)).select(
+            "input_id",
+            "dataset",
+            pl.lit(OUTPUT_CHARS).alias("metric"),
+            chars.alias("value"),
+            pl.format(f"{KIND}:{{}}", "model").alias("run_id"),
+            pl.col("model").alias("source_model"),
+        )
+        outcomes = pl.concat([outcomes, lengths])
     return outcomes, bad
 
 
