@@ -13,6 +13,8 @@ import polars as pl
 from fsspec.core import url_to_fs
 
 from benchroute.transforms.evaluate import Evaluation
+from benchroute.transforms.route_metrics import upper_hull
+from benchroute.transforms.routing_eval import RoutingResult
 from benchroute.transforms.paper import (
     PAPER_ALPHA_PRED_ACC,
     PAPER_KERNEL_MAE,
@@ -22,16 +24,21 @@ from benchroute.transforms.paper import (
 )
 
 TABLES = ("table1", "per_task", "predictor", "alpha", "table2")
+ROUTING_TABLES = ("points", "singles", "predictor_metrics", "summary")
 TIES = "train_acc"  # the tie rule shown in the Markdown tables (both are in the Parquet files)
 
 
 def write_report(
-    out_url: str, results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str]
+    out_url: str, results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str],
+    routing: Mapping[str, Mapping[str, RoutingResult]] | None = None,
 ) -> dict[str, str]:
-    """Write ``<out>/<group>/<table>.parquet``, ``summary.json``, ``report.md``, ``report.html``.
+    """Write ``<out>/<group>/<table>.parquet``, ``summary.json``, ``report.md``, ``report.html``;
+    with ``routing`` (group → split → ``transforms.routing_eval.RoutingResult``) also
+    ``<out>/<group>/routing_<split>_<table>.parquet`` and the cost–quality section.
 
     Returns the written paths by role.
     """
+    routing = routing or {}
     fs, root = url_to_fs(str(out_url))
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
@@ -42,15 +49,22 @@ def write_report(
             with fs.open(f"{root}/{group}/{name}.parquet", "wb") as f:
                 getattr(ev, name).write_parquet(f)
         fs.pipe_file(f"{root}/{group}/summary.json", _json(ev.summary))
+    for group, by_split in routing.items():
+        fs.makedirs(f"{root}/{group}", exist_ok=True)
+        for split, res in by_split.items():
+            for name in ROUTING_TABLES:
+                with fs.open(f"{root}/{group}/routing_{split}_{name}.parquet", "wb") as f:
+                    getattr(res, name).write_parquet(f)
     summary = {
         "meta": dict(meta),
         "skipped": dict(skipped),
         "groups": {g: ev.summary for g, ev in results.items()},
+        "routing": {g: {sp: r.summary.to_dicts() for sp, r in by.items()} for g, by in routing.items()},
     }
     fs.pipe_file(f"{root}/summary.json", _json(summary))
-    md = markdown_report(results, meta, skipped)
+    md = markdown_report(results, meta, skipped) + routing_markdown(routing)
     fs.pipe_file(f"{root}/report.md", md.encode())
-    fs.pipe_file(f"{root}/report.html", html_report(results, meta, skipped, md).encode())
+    fs.pipe_file(f"{root}/report.html", html_report(results, meta, skipped, md, routing).encode())
     written.update(
         {"summary": f"{root}/summary.json", "markdown": f"{root}/report.md", "html": f"{root}/report.html"}
     )
@@ -148,11 +162,59 @@ def _frame_markdown(df: pl.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------------ HTML
+SUMMARY_COLUMNS = (
+    "predictor", "best_model", "best_quality", "quality_lambda0", "aiq", "aiq_singles",
+    "quality_at_best_cost", "quality_at_60pct_cost", "quality_at_20pct_cost",
+    "cost_share_within_005", "cost_share_at_95pct_quality", "share_of_range_above_singles",
+)
+
+
+def routing_markdown(routing: Mapping[str, Mapping[str, RoutingResult]]) -> str:
+    """The cost–quality section: per group and split, each predictor's router against the single
+    models (cost shares relative to the best single model on the held-out inputs)."""
+    if not routing:
+        return ""
+    lines = [
+        "",
+        "# Cost-aware routing (per query)",
+        "",
+        "Held-out inputs: `random` = a random 20 % of the inputs of known tasks; `lodo` = each "
+        "dataset held out in turn. Quality = mean correctness of the routed answers; cost share = "
+        "cost / cost of always calling the best single model (the one with the best held-out "
+        "quality among priced models). AIQ = mean of the non-decreasing cost–quality hull over "
+        "the single models' cost range (RouterBench). `quality_at_60pct_cost` reads the router's "
+        "hull at 60 % of the best model's cost; `cost_share_within_005` is the least cost share "
+        "within .005 of the best model's quality.",
+    ]
+    for group, by_split in routing.items():
+        for split, res in by_split.items():
+            cols = [c for c in SUMMARY_COLUMNS if c in res.summary.columns]
+            singles = res.singles.sort("cost_share", nulls_last=True).select(
+                "model", pl.col("cost_share").round(4), pl.col("quality").round(4), "priced")
+            lines += [
+                "", f"## {group} — {split}", "",
+                _frame_markdown(res.summary.select(cols)), "",
+                "Predictor quality on the held-out labels:", "",
+                _frame_markdown(res.predictor_metrics), "",
+                "Single models:", "", _frame_markdown(singles),
+            ]
+    return "\n".join(lines) + "\n"
+
+
 def html_report(
-    results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str], markdown: str
+    results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str], markdown: str,
+    routing: Mapping[str, Mapping[str, RoutingResult]] | None = None,
 ) -> str:
-    """Self-contained HTML: the Markdown tables as HTML plus three plots per group."""
+    """Self-contained HTML: the Markdown tables as HTML plus the plots of each group."""
     body = [_markdown_to_html(markdown)]
+    for group, by_split in (routing or {}).items():
+        for split, res in by_split.items():
+            png = _plot_cost_quality(res)
+            if png:
+                title = f"Cost–quality: {group}, {split} split (routers by predictor vs single models)"
+                b64 = base64.b64encode(png).decode()
+                body.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'/>"
+                            f"<figcaption>{html.escape(title)}</figcaption></figure>")
     for group, ev in results.items():
         body.append(f"<h2>Plots: {html.escape(group)}</h2>")
         for title, png in (
@@ -278,4 +340,27 @@ def _plot_kernel(ev: Evaluation) -> bytes | None:
     ax.set_xlabel("true p(d', m)")
     ax.set_ylabel("estimate")
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _plot_cost_quality(res: RoutingResult) -> bytes | None:
+    """Each predictor's router points and hull beside the single models and their hull."""
+    s = res.singles.filter(pl.col("priced"))
+    if s.height == 0 or res.points.height == 0:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sc, sq = s["cost_share"].to_numpy(), s["quality"].to_numpy()
+    ax.scatter(sc, sq, color="black", s=14, zorder=3, label="single models")
+    h = upper_hull(sc, sq)
+    ax.plot(h[:, 0], h[:, 1], color="black", lw=1, ls="--", label="single-model hull (mixtures)")
+    for (name,), part in res.points.group_by("predictor", maintain_order=True):
+        rc, rq = part["cost_share"].to_numpy(), part["quality"].to_numpy()
+        h = upper_hull(rc, rq)
+        line = ax.plot(h[:, 0], h[:, 1], lw=1.5, label=f"router: {name}")[0]
+        ax.scatter(rc, rq, s=6, alpha=0.5, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("cost / cost of the best single model (log)")
+    ax.set_ylabel("quality of the routed answers")
+    ax.legend(fontsize=7)
     return _png(fig)

@@ -1,7 +1,7 @@
 """The consumer side of a router bundle: ``load_router`` / ``Router.score_task`` / ``Router.route``.
 
-A consumer needs numpy, pyarrow and fsspec (sentence-transformers only to embed raw text). The
-bundle's files (written by ``bundle_files``):
+A consumer needs numpy, pyarrow and fsspec (sentence-transformers only to embed raw text; never
+torch: every predictor predicts with numpy). The bundle's files (written by ``bundle_files``):
 
     index/embeddings.npy   n × d, L2-normalised (float16 by default, float32 on request)
     index/labels.npy       n × M float32, 0/1 with NaN where a model has no label
@@ -9,8 +9,16 @@ bundle's files (written by ``bundle_files``):
     index/input_ids.json   the input id of each row
     kernel/p.npy           D × M leave-one-dataset-out accuracies p(d, m) (NaN = none)
     kernel/u.npy           D descriptors u(d)
-    models.parquet         model, display_name, params_b, cost_per_1k_tokens, train_acc
+    predictor/params.json  the per-query correctness predictor (class and hyper-parameters)
+    predictor/*.npy        its fitted arrays (the kNN predictors read the index above)
+    routing/settings.json  reference model and cost, typical input tokens, coverage k
+    routing/curve.parquet  the cost–quality curve measured on held-out inputs (rule, value,
+                           cost_share, quality, quality_loss)
+    models.parquet         model cards (prices, size, rule that priced them), expected output
+                           tokens, training accuracy
     datasets.json          the D dataset names
+
+Both answers go through ``transforms.policy`` — the code the evaluation measures.
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchroute.artifacts.bundle import VerifiedBundle, json_bytes, npy_bytes, open_bundle
+from benchroute.transforms import costs as costs_
+from benchroute.transforms import policy
 from benchroute.transforms.kernel import NadarayaWatson, mean_knn_distance, neighbor_share_estimate
-from benchroute.transforms.knn import KNNCorrectness, Neighbors
-from benchroute.transforms.scores import s3
+from benchroute.transforms.knn import KNNCorrectness, Neighbors, covered, normalize_rows
+from benchroute.transforms.predictors import predictor_from_state
+from benchroute.transforms.scores import task_scores
 
 INDEX_DTYPES = {"float16": np.float16, "float32": np.float32}
+COVERAGE_K = 10
 
 
 class RouteError(ValueError):
@@ -38,47 +50,95 @@ class RouteError(ValueError):
 
 
 # ------------------------------------------------------------------------------ writing
-def bundle_files(fit, models_table: list[dict], *, index_dtype: str = "float16") -> dict[str, bytes]:
-    """The bundle's data files from a ``transforms.router_fit.RouterFit``."""
-    if index_dtype not in INDEX_DTYPES:
-        raise ValueError(f"index dtype must be one of {list(INDEX_DTYPES)}")
-    by_name = {m["model"]: m for m in models_table}
+MODEL_COLUMNS = [
+    ("model", pa.string()),
+    ("display_name", pa.string()),
+    ("params_b", pa.float64()),
+    ("open_weights", pa.bool_()),
+    ("context_window", pa.int64()),
+    ("usd_per_1m_input", pa.float64()),
+    ("usd_per_1m_output", pa.float64()),
+    ("price_rule", pa.string()),
+    ("price_source", pa.string()),
+    ("price_as_of", pa.string()),
+    ("expected_output_tokens", pa.float64()),
+    ("train_acc", pa.float64()),
+]
+
+
+def model_rows(fit, cards: list[dict]) -> list[dict]:
+    """One row per fitted model: its card (null where unknown), expected output tokens and
+    training accuracy."""
+    by_name = {c["model"]: c for c in cards}
     rows = []
     for j, name in enumerate(fit.models):
-        m = by_name.get(name, {})
-        rows.append(
-            {
-                "model": name,
-                "display_name": m.get("display_name") or name,
-                "params_b": m.get("params_b"),
-                "cost_per_1k_tokens": m.get("cost_per_1k_tokens"),
-                "train_acc": float(fit.train_acc[j]),
-            }
+        c = by_name.get(name, {})
+        row = {col: c.get(col) for col, _ in MODEL_COLUMNS}
+        row.update(
+            model=name,
+            display_name=c.get("display_name") or name,
+            usd_per_1m_input=_num(fit.cost.price_in[j]),
+            usd_per_1m_output=_num(fit.cost.price_out[j]),
+            price_rule=c.get("price_rule") or "unknown: no model card",
+            expected_output_tokens=float(fit.decision.exp_out_tokens[j]),
+            train_acc=float(fit.train_acc[j]),
         )
-    table = pa.Table.from_pylist(
-        rows,
-        schema=pa.schema(
-            [
-                ("model", pa.string()),
-                ("display_name", pa.string()),
-                ("params_b", pa.float64()),
-                ("cost_per_1k_tokens", pa.float64()),
-                ("train_acc", pa.float64()),
-            ]
-        ),
-    )
+        rows.append(row)
+    return rows
+
+
+def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
+                 index_dtype: str = "float16") -> dict[str, bytes]:
+    """The bundle's data files from a ``transforms.router_fit.RouterFit``, the model cards
+    (``transforms.model_cards`` columns) and the measured cost–quality curve."""
+    if index_dtype not in INDEX_DTYPES:
+        raise ValueError(f"index dtype must be one of {list(INDEX_DTYPES)}")
+    table = pa.Table.from_pylist(model_rows(fit, cards), schema=pa.schema(MODEL_COLUMNS))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    return {
+    curve_tab = pa.Table.from_pylist(
+        [{k: p[k] for k in CURVE_COLUMNS} for p in (curve or [])],
+        schema=pa.schema([(c, pa.string() if c == "rule" else pa.float64()) for c in CURVE_COLUMNS]),
+    )
+    cbuf = io.BytesIO()
+    pq.write_table(curve_tab, cbuf, compression="zstd")
+    params, arrays = predictor_state(fit.predictor)
+    dec = fit.decision
+    files = {
         "index/embeddings.npy": npy_bytes(fit.X.astype(INDEX_DTYPES[index_dtype])),
         "index/labels.npy": npy_bytes(fit.Y.astype(np.float32)),
         "index/members.npy": npy_bytes(fit.member.astype(bool)),
         "index/input_ids.json": json_bytes(list(fit.input_ids)),
         "kernel/p.npy": npy_bytes(fit.P.astype(np.float64)),
         "kernel/u.npy": npy_bytes(fit.u.astype(np.float64)),
+        "predictor/params.json": json_bytes(params),
+        "routing/settings.json": json_bytes({
+            "predictor": fit.predictor_name,
+            "reference_model": None if dec.reference is None else fit.models[dec.reference],
+            "reference_cost_usd": _num(dec.reference_cost),
+            "typical_input_tokens": float(dec.typical_in_tokens),
+            "chars_per_token": costs_.CHARS_PER_TOKEN,
+            "coverage_k": COVERAGE_K,
+        }),
+        "routing/curve.parquet": cbuf.getvalue(),
         "models.parquet": buf.getvalue(),
         "datasets.json": json_bytes(list(fit.datasets)),
     }
+    for name, arr in arrays.items():
+        files[f"predictor/{name}.npy"] = npy_bytes(arr)
+    return files
+
+
+CURVE_COLUMNS = ("rule", "value", "cost_share", "quality", "quality_loss")
+
+
+def predictor_state(est) -> tuple[dict, dict]:
+    """A fitted predictor's state without the kNN index (the bundle stores that once)."""
+    import inspect
+
+    if "include_index" in inspect.signature(est.to_state).parameters:
+        return est.to_state(include_index=False)
+    return est.to_state()
 
 
 def router_parameters(fit) -> dict:
@@ -90,6 +150,7 @@ def router_parameters(fit) -> dict:
         "bandwidth": fit.bandwidth,
         "kernel_loo_mae": None if fit.kernel_loo_mae != fit.kernel_loo_mae else fit.kernel_loo_mae,
         "descriptor": "mean cosine distance of a task's inputs to their k_descriptor nearest index rows",
+        "predictor": fit.predictor_name,
         "n_index": len(fit.input_ids),
         "n_models": len(fit.models),
         "n_datasets": len(fit.datasets),
@@ -102,7 +163,14 @@ class ModelInfo:
     model: str
     display_name: str
     params_b: float | None
-    cost_per_1k_tokens: float | None
+    open_weights: bool | None
+    context_window: int | None
+    usd_per_1m_input: float | None
+    usd_per_1m_output: float | None
+    price_rule: str | None
+    price_source: str | None
+    price_as_of: str | None
+    expected_output_tokens: float
     train_acc: float
 
 
@@ -116,10 +184,9 @@ class Router:
         X = bundle.npy("index/embeddings.npy").astype(np.float32)
         Y = bundle.npy("index/labels.npy").astype(np.float64)
         self.member = bundle.npy("index/members.npy")
-        # No fallback: a model none of whose k neighbours is labelled is *unknown* for that query
-        # (in a bundle built from several benchmarks, its training mean is from other data).
         self.knn = KNNCorrectness(
-            int(params.get("k", 10)), weights=params.get("weights", "uniform"), fallback="nan"
+            int(params.get("k", 10)), weights=params.get("weights", "uniform"),
+            fallback=params.get("fallback", "train_mean"),
         ).fit(X, Y)
         self.k_descriptor = int(params.get("k_descriptor", self.knn.n_neighbors))
         self.kernel = NadarayaWatson.from_fitted(
@@ -135,7 +202,22 @@ class Router:
         self.models = [ModelInfo(**row) for row in table]
         self.model_names = [m.model for m in self.models]
         self.datasets = bundle.json("datasets.json")
+        self.settings = bundle.json("routing/settings.json")
+        arrays = {rel[len("predictor/"):-4]: bundle.npy(rel) for rel in bundle.files
+                  if rel.startswith("predictor/") and rel.endswith(".npy")}
+        self.predictor = predictor_from_state(bundle.json("predictor/params.json"), arrays,
+                                              index=(self.knn.X_, self.knn.Y_))
+        curve = pq.ParquetFile(io.BytesIO(bundle.files["routing/curve.parquet"])).read().to_pylist()
+        self.curve = [policy.CurvePoint(**row) for row in curve]
         self._train_acc = np.array([m.train_acc for m in self.models])
+        self._price_in = np.array([np.nan if m.usd_per_1m_input is None else m.usd_per_1m_input
+                                   for m in self.models])
+        self._price_out = np.array([np.nan if m.usd_per_1m_output is None else m.usd_per_1m_output
+                                    for m in self.models])
+        self._exp_out = np.array([m.expected_output_tokens for m in self.models])
+        ref = self.settings.get("reference_cost_usd")
+        self._ref_cost = float(ref) if ref else float("nan")
+        self._params_b = np.array([np.nan if m.params_b is None else m.params_b for m in self.models])
         self._embedder = None
         self._embed_lock = threading.Lock()
 
@@ -167,9 +249,11 @@ class Router:
             out.append(vectors)
         return np.vstack(out).astype(np.float32)
 
-    def _embeddings(self, inputs, single: bool) -> np.ndarray:
+    def _embeddings(self, inputs, single: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embeddings, estimated input tokens of each text or None when given embeddings)."""
         if isinstance(inputs, str):
             inputs = [inputs]
+        tokens = None
         if isinstance(inputs, np.ndarray) or (
             isinstance(inputs, Sequence) and inputs and not isinstance(inputs[0], str)
         ):
@@ -185,14 +269,15 @@ class Router:
             texts = list(inputs)
             if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
                 raise RouteError("inputs must be non-empty strings or embedding vectors")
+            tokens = costs_.input_tokens(texts)
             X = self.embed(texts)
         if single and X.shape[0] != 1:
             raise RouteError(f"route takes one query, got {X.shape[0]}")
         if X.shape[0] == 0:
             raise RouteError("no inputs")
-        return X
+        return X, tokens
 
-    def _mask(self, models, max_params_b, max_cost) -> np.ndarray:
+    def _mask(self, models, max_params_b, max_cost, expected_cost) -> np.ndarray:
         mask = np.ones(len(self.models), bool)
         if models is not None:
             unknown = sorted(set(models) - set(self.model_names))
@@ -200,16 +285,59 @@ class Router:
                 raise RouteError(f"unknown models: {unknown}")
             mask &= np.isin(self.model_names, list(models))
         if max_params_b is not None:
-            mask &= np.array([m.params_b is not None and m.params_b <= max_params_b for m in self.models])
+            mask &= ~np.isnan(self._params_b) & (self._params_b <= max_params_b)
         if max_cost is not None:
-            mask &= np.array(
-                [m.cost_per_1k_tokens is not None and m.cost_per_1k_tokens <= max_cost for m in self.models]
-            )
+            mask &= ~np.isnan(expected_cost) & (expected_cost <= max_cost)
         if not mask.any():
             raise RouteError("no model satisfies the filters (models / size / cost budget)")
         return mask
 
+    def _point(self, lam, delta, max_cost_share, max_quality_loss) -> policy.Point:
+        try:
+            return policy.operating_point(self.curve, lam=lam, delta=delta, max_cost_share=max_cost_share,
+                                          max_quality_loss=max_quality_loss)
+        except policy.PolicyError as exc:
+            raise RouteError(str(exc)) from exc
+
+    def _priced_only(self, mask: np.ndarray, point_options) -> np.ndarray:
+        """A cost-aware request (any operating-point option given) chooses among the allowed
+        models with a known price, as the evaluation that measured the curve did."""
+        if all(o is None for o in point_options):
+            return mask
+        priced = mask & ~np.isnan(self._price_in) & ~np.isnan(self._price_out)
+        return priced if priced.any() else mask
+
+    def _tokens(self, tokens: np.ndarray | None, n: int, input_tokens: float | None) -> np.ndarray:
+        if input_tokens is not None:
+            if not np.isfinite(input_tokens) or input_tokens <= 0:
+                raise RouteError("input_tokens must be a positive number")
+            return np.full(n, float(input_tokens))
+        if tokens is not None:
+            return tokens
+        return np.full(n, float(self.settings.get("typical_input_tokens") or 1.0))
+
+    def expected_costs(self, in_tokens: np.ndarray) -> np.ndarray:
+        """(n × M) expected USD of each request on each model (NaN = unknown price)."""
+        return costs_.request_costs(in_tokens, self._exp_out, self._price_in, self._price_out)
+
+    def _relative(self, usd: np.ndarray) -> np.ndarray:
+        return usd / self._ref_cost if self._ref_cost > 0 else np.full(usd.shape, np.nan)
+
     # ---------------------------------------------------------------- answers
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, Neighbors]:
+        """ĝ (n × M) of the bundle's predictor, NaN where no neighbour is labelled for the model
+        (as ``transforms.routing_eval.predict_with_coverage``), and the neighbours."""
+        X = normalize_rows(X)
+        neigh = self.knn.kneighbors(X)
+        if getattr(self.predictor, "n_neighbors", None) == self.knn.n_neighbors and hasattr(
+            self.predictor, "predict_from_neighbors"
+        ):  # a kNN predictor over the bundle's index: reuse the one search
+            G = self.predictor.predict_from_neighbors(neigh)
+        else:
+            G = self.predictor.predict_proba(X)
+        cov = covered(_first(neigh, int(self.settings.get("coverage_k", COVERAGE_K))), self.knn.Y_)
+        return np.where(cov, np.asarray(G, np.float64), np.nan), neigh
+
     def score_task(
         self,
         inputs,
@@ -217,48 +345,58 @@ class Router:
         models: Sequence[str] | None = None,
         max_params_b: float | None = None,
         max_cost: float | None = None,
+        lam: float | None = None,
+        delta: float | None = None,
+        max_cost_share: float | None = None,
+        max_quality_loss: float | None = None,
+        input_tokens: float | None = None,
     ) -> list[dict]:
-        """S1, S2, S3 and p̂ for every allowed model on a task given its inputs (texts or
-        embeddings).
+        """S1, S2, S3, p̂ and expected cost for every allowed model on a task given its inputs
+        (texts or embeddings), best first.
 
-        ``coverage`` is the share of the task's inputs with at least one labelled neighbour for
-        the model; S1/S2 average over those inputs. Order: models covering at least half of the
-        task first, then best S3, then higher training accuracy.
+        The kNN predictor gives S1/S2 (``transforms.scores``; ``coverage`` is the share of inputs
+        with a labelled neighbour for the model, and S1/S2 average over those) and S3 uses the
+        kernel's p̂. The order is ``transforms.policy.rank`` of S3 and the task's mean relative cost
+        at the operating point asked for (λ = 0: best S3), models covering less than half of the
+        task last. ``max_cost`` bounds the expected USD per input.
         """
-        mask = self._mask(models, max_params_b, max_cost)
-        X = self._embeddings(inputs, single=False)
+        X, tokens = self._embeddings(inputs, single=False)
+        point = self._point(lam, delta, max_cost_share, max_quality_loss)
+        usd = self.expected_costs(self._tokens(tokens, X.shape[0], input_tokens)).mean(axis=0)
+        mask = self._mask(models, max_params_b, max_cost, usd)
+        mask = self._priced_only(mask, (lam, delta, max_cost_share, max_quality_loss))
         neigh = self.knn.kneighbors(X)
-        G = self.knn.predict_from_neighbors(_first(neigh, self.knn.n_neighbors))
+        first = _first(neigh, self.knn.n_neighbors)
+        cov = covered(first, self.knn.Y_)
+        G = np.where(cov, self.knn.predict_from_neighbors(first), np.nan)
         u_new = mean_knn_distance(neigh, self.k_descriptor)
         if self._task_kernel is not None:
             p_hat = self._task_kernel.predict(u_new)[0]
         else:
             p_hat = np.full(len(self.models), np.nan)
-        p_share = neighbor_share_estimate(_first(neigh, self.knn.n_neighbors), self.member, self.kernel.P_)
+        p_share = neighbor_share_estimate(first, self.member, self.kernel.P_)
         p_hat = np.where(np.isnan(p_hat), p_share, p_hat)
         p_hat = np.where(np.isnan(p_hat), self._train_acc, p_hat)
-        known = ~np.isnan(G)
-        coverage = known.mean(axis=0)
-        with np.errstate(invalid="ignore"):
-            s1_ = np.where(coverage > 0, np.nansum(G, axis=0) / np.maximum(known.sum(axis=0), 1), np.nan)
-            s2_ = np.where(coverage > 0, (np.where(known, G, 0) > 0.5).sum(axis=0) / np.maximum(known.sum(axis=0), 1), np.nan)
-        s3_ = s3(s2_, p_hat)
+        ts = task_scores(G, p_hat)
+        coverage = cov.mean(axis=0)
+        s3_rankable = np.where(coverage >= 0.5, ts.s3, np.nan)
+        order = policy.rank(s3_rankable[None, :], self._relative(usd)[None, :], point, allowed=mask,
+                            tiebreak=self._train_acc)[0]
         rows = []
-        for j in np.flatnonzero(mask):
+        for j in order:
+            if not mask[j]:
+                continue
             info = self.models[j]
-            rows.append(
-                {
-                    "model": info.model,
-                    "S1": _num(s1_[j]),
-                    "S2": _num(s2_[j]),
-                    "S3": _num(s3_[j]),
-                    "p_hat": _num(p_hat[j]),
-                    "coverage": float(coverage[j]),
-                    "params_b": info.params_b,
-                    "cost_per_1k_tokens": info.cost_per_1k_tokens,
-                }
-            )
-        rows.sort(key=lambda r: _task_order(r, self._train_acc[self.model_names.index(r["model"])]))
+            rows.append({
+                "model": info.model,
+                "S1": _num(ts.s1[j]),
+                "S2": _num(ts.s2[j]),
+                "S3": _num(ts.s3[j]),
+                "p_hat": _num(p_hat[j]),
+                "coverage": float(coverage[j]),
+                "expected_cost_usd": _num(usd[j]),
+                "params_b": info.params_b,
+            })
         return rows
 
     def route(
@@ -268,24 +406,38 @@ class Router:
         models: Sequence[str] | None = None,
         max_params_b: float | None = None,
         max_cost: float | None = None,
+        lam: float | None = None,
+        delta: float | None = None,
+        max_cost_share: float | None = None,
+        max_quality_loss: float | None = None,
+        input_tokens: float | None = None,
         top: int = 3,
     ) -> dict:
-        """The model to send one query (text or embedding) to: argmax_m g_m(x) among the allowed
-        models that have a labelled neighbour (``g`` is null for the others, which come last),
-        ties broken by training accuracy; with the ``top`` best as alternatives."""
-        mask = self._mask(models, max_params_b, max_cost)
-        X = self._embeddings(query, single=True)
-        g = self.knn.predict_proba(X)[0]
-        known = ~np.isnan(g)
-        # Models with a labelled neighbour first, then g desc, then training accuracy desc.
-        order = np.lexsort((-self._train_acc, -np.where(known, g, -1.0), ~known))
-        order = [j for j in order if mask[j]]
+        """The model to send one query (text or embedding) to: ``transforms.policy`` over the
+        bundle's predictor ĝ and each model's expected cost, at the operating point asked for
+        (``lam``/``delta``, or ``max_cost_share``/``max_quality_loss`` read from the stored curve;
+        none = best ĝ over every model). A cost-aware request chooses among the models with a known
+        price. Models with no labelled neighbour (``g`` null) come last. ``max_cost``
+        bounds the expected USD of this request; ``input_tokens`` overrides the estimate (the
+        text's length, or the bundle's typical request when given an embedding)."""
+        X, tokens = self._embeddings(query, single=True)
+        point = self._point(lam, delta, max_cost_share, max_quality_loss)
+        usd = self.expected_costs(self._tokens(tokens, 1, input_tokens))
+        mask = self._mask(models, max_params_b, max_cost, usd[0])
+        mask = self._priced_only(mask, (lam, delta, max_cost_share, max_quality_loss))
+        G, _ = self.predict(X)
+        order = [j for j in policy.rank(G, self._relative(usd), point, allowed=mask,
+                                        tiebreak=self._train_acc)[0] if mask[j]]
+        g = G[0]
         best = order[0]
         return {
             "model": self.model_names[best],
             "g": _num(g[best]),
+            "expected_cost_usd": _num(usd[0, best]),
+            "operating_point": point.to_dict(),
             "candidates": [
-                {"model": self.model_names[j], "g": _num(g[j]), "train_acc": float(self._train_acc[j])}
+                {"model": self.model_names[j], "g": _num(g[j]), "expected_cost_usd": _num(usd[0, j]),
+                 "train_acc": float(self._train_acc[j])}
                 for j in order[:top]
             ],
             "bundle_version": self.version,
@@ -295,11 +447,6 @@ class Router:
 def _num(x) -> float | None:
     x = float(x)
     return x if x == x else None
-
-
-def _task_order(row: dict, train_acc: float) -> tuple:
-    s3_ = row["S3"] if row["S3"] is not None else -1.0
-    return (row["coverage"] < 0.5, -s3_, -train_acc)
 
 
 def _first(neigh: Neighbors, k: int) -> Neighbors:
@@ -320,9 +467,7 @@ def describe(router: Router) -> dict:
         "embedder": m.get("embedder"),
         "parameters": m.get("parameters"),
         "models": [vars(x) for x in router.models],
+        "routing": router.settings,
+        "curve": [vars(p) for p in router.curve],
         "evaluation": m.get("evaluation", {}),
     }
-
-
-def to_json(obj) -> str:
-    return json.dumps(obj, default=float)

@@ -8,15 +8,21 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import polars as pl
 
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.bundle import BundleContent, BundleStore
 from benchroute.artifacts.router import bundle_files, router_parameters
 from benchroute.artifacts.store import Store
+from benchroute.transforms import costs as costs_
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.fingerprints import glob_expr
-from benchroute.transforms.router_fit import fit_router
+from benchroute.transforms.lodo_groups import lodo_groups
+from benchroute.transforms.model_cards import cards_for
+from benchroute.transforms.predictors import make_predictor
+from benchroute.transforms.router_fit import DEFAULT_PREDICTOR, fit_router
+from benchroute.transforms.routing_eval import CostData, evaluate_routing, pooled_curve
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,62 @@ def finite(obj):
     return obj
 
 
+def cost_data(store: Store, bench: BenchmarkArrays, cards: list[dict]) -> CostData:
+    """Prices (from the model cards) and token counts (input text length; recorded output
+    lengths, see ``transforms.costs``) aligned to ``bench``."""
+    by_name = {c["model"]: c for c in cards}
+    price = lambda m, col: np.nan if by_name.get(m, {}).get(col) is None else float(by_name[m][col])  # noqa: E731
+    p_in = np.array([price(m, "usd_per_1m_input") for m in bench.models])
+    p_out = np.array([price(m, "usd_per_1m_output") for m in bench.models])
+    ids = pl.DataFrame({"input_id": bench.input_ids})
+    texts = ids.join(store.read("inputs", columns=["input_id", "text"]), on="input_id", how="left")
+    in_tok = costs_.input_tokens([t or "" for t in texts["text"].to_list()])
+    out = np.full((len(bench.input_ids), len(bench.models)), np.nan)
+    recorded = (
+        store.read("outcomes", columns=["input_id", "model", "metric", "value", "perturbation"])
+        .filter(pl.col("metric").is_in(list(costs_.OUTPUT_METRICS)) & pl.col("perturbation").is_null())
+        .with_columns(tokens=pl.col("value") * pl.col("metric").replace_strict(costs_.OUTPUT_METRICS))
+        .group_by("input_id", "model").agg(pl.col("tokens").mean())
+    )
+    if recorded.height:
+        row_of = {iid: r for r, iid in enumerate(bench.input_ids)}
+        m_of = {m: j for j, m in enumerate(bench.models)}
+        rec = recorded.filter(pl.col("input_id").is_in(bench.input_ids) & pl.col("model").is_in(bench.models))
+        r = np.array([row_of[i] for i in rec["input_id"]], np.int64)
+        c = np.array([m_of[m] for m in rec["model"]], np.int64)
+        out[r, c] = rec["tokens"].to_numpy()
+    return CostData(p_in, p_out, in_tok, out)
+
+
+def routing_curves(
+    store: Store, X: np.ndarray, ids: list[str], labels: pl.DataFrame, memberships: pl.DataFrame,
+    models: pl.DataFrame, cards: list[dict], predictor: str, *, seed: int = 0, log=None,
+) -> tuple[list[dict], dict]:
+    """The cost–quality curve of ``predictor``'s router on a random 20 % of each source group's
+    inputs (``transforms.routing_eval``), pooled over groups; and each group's summary."""
+    results = []
+    for g in lodo_groups(labels, memberships, min_datasets=1):
+        if g.skipped:
+            continue
+        bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
+        try:
+            res = evaluate_routing(bench, cost_data(store, bench, cards),
+                                   {predictor: lambda: make_predictor(predictor)}, split="random",
+                                   seed=seed, log=log)
+        except ValueError as exc:  # no held-out input labelled for every model
+            if log:
+                log.info("no routing curve for %s: %s", g.name, exc)
+            continue
+        results.append((g.name, res))
+    curve = pooled_curve([r for _, r in results], predictor)
+    summaries = {name: r.summary.row(0, named=True) for name, r in results}
+    return curve, summaries
+
+
 def bundle_content(
     store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict, *,
-    k: int = 10, weights: str = "uniform", index_dtype: str = "float16", log=None,
+    k: int = 10, weights: str = "uniform", index_dtype: str = "float16",
+    predictor: str = DEFAULT_PREDICTOR, log=None,
 ) -> BundleContent:
     """The bundle of the selected data with the given evaluation (see ``evaluation_entry``)."""
     store = Store(store_url)
@@ -116,37 +175,51 @@ def bundle_content(
     ids = sorted(labels["input_id"].unique().to_list())
     X, ids = emb_store.read_matrix(store, embedder_id, ids)
     bench = BenchmarkArrays.from_frames(X, ids, labels, memberships, models)
+    cards = cards_for(store, list(bench.models))
     t0 = time.perf_counter()
-    fit = fit_router(bench, k=k, weights=weights)
+    fit = fit_router(bench, k=k, weights=weights, predictor=predictor,
+                     cost=cost_data(store, bench, cards))
+    curve, routing = routing_curves(store, X, ids, labels, memberships, models, cards, predictor, log=log)
     if log:
         log.info(
-            "fitted router: %d inputs, %d models, %d datasets in %.1f s",
-            len(fit.input_ids), len(fit.models), len(fit.datasets), time.perf_counter() - t0,
+            "fitted router (%s): %d inputs, %d models, %d datasets, %d curve points in %.1f s",
+            predictor, len(fit.input_ids), len(fit.models), len(fit.datasets), len(curve),
+            time.perf_counter() - t0,
         )
-    models_table = models.to_dicts()
-    by_name: dict[str, dict] = {}
-    for r in models_table:
-        by_name.setdefault(r["model"], r)
+    files = bundle_files(fit, cards, curve, index_dtype=index_dtype)
+    info = pq_models(files["models.parquet"])
     return BundleContent(
         name,
-        bundle_files(fit, models_table, index_dtype=index_dtype),
+        files,
         {
             "embedder": bundle_embedder(store, embedder_id),
             "binarization_rules": binarization_rules(store),
             "sources": [{"key": k_, "fingerprint": v} for k_, v in sorted(store.units().items())],
             "parameters": {**router_parameters(fit), "index_dtype": index_dtype},
-            "evaluation": finite(evaluation),
-            "models": [
-                {
-                    "model": m,
-                    "display_name": by_name[m]["display_name"] if m in by_name else m,
-                    "params_b": by_name[m]["params_b"] if m in by_name else None,
-                    "cost_per_1k_tokens": None,
-                }
-                for m in fit.models
-            ],
+            "evaluation": finite(with_routing(evaluation, routing)),
+            "models": finite(info),
         },
     )
+
+
+def with_routing(evaluation: dict, routing: dict) -> dict:
+    """Each group's evaluation entry with its routing summary (``routing_random``: the
+    cost-aware router on a random 20 % of its inputs) added."""
+    out = {g: dict(v) for g, v in evaluation.items()}
+    for g, summary in routing.items():
+        out.setdefault(g, {})["routing_random"] = summary
+    return out
+
+
+def pq_models(data: bytes) -> list[dict]:
+    """The bundle's model table as manifest entries (cards, expected output tokens)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    keep = ("model", "display_name", "params_b", "usd_per_1m_input", "usd_per_1m_output", "price_rule",
+            "price_source", "price_as_of")
+    return [{k_: r[k_] for k_ in keep} for r in pq.read_table(io.BytesIO(data)).to_pylist()]
 
 
 def publish_content(store_url: str, content: BundleContent, *, started: float | None = None) -> dict:

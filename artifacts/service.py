@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from benchroute.artifacts.bundle import BundleError, BundleStore
 from benchroute.artifacts.router import RouteError, Router, describe, load_router
@@ -31,9 +31,23 @@ MAX_TEXT_CHARS = 20_000
 
 
 class Filters(BaseModel):
+    """Which models may answer, and the operating point of the cost-aware policy (at most one of
+    ``lambda``, ``delta``, ``max_cost_share``, ``max_quality_loss``)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
     models: list[str] | None = Field(default=None, max_length=1_000)
-    max_params_b: float | None = Field(default=None, gt=0)
-    max_cost: float | None = Field(default=None, ge=0)
+    max_params_b: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    lam: float | None = Field(default=None, ge=0, alias="lambda", allow_inf_nan=False)
+    delta: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_cost_share: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_quality_loss: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    input_tokens: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in ("models", "max_params_b", "max_cost", "lam", "delta",
+                                              "max_cost_share", "max_quality_loss", "input_tokens")}
 
 
 class RouteRequest(Filters):
@@ -137,8 +151,7 @@ def create_app(url: str, name: str, version: str = "latest", poll_seconds: float
         router = holder.router
         try:
             return router.route(
-                req.text if req.text is not None else req.embedding,
-                models=req.models, max_params_b=req.max_params_b, max_cost=req.max_cost, top=req.top,
+                req.text if req.text is not None else req.embedding, top=req.top, **req.options(),
             )
         except RouteError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
@@ -149,8 +162,7 @@ def create_app(url: str, name: str, version: str = "latest", poll_seconds: float
         t0 = time.perf_counter()
         try:
             rows = router.score_task(
-                req.texts if req.texts is not None else req.embeddings,
-                models=req.models, max_params_b=req.max_params_b, max_cost=req.max_cost,
+                req.texts if req.texts is not None else req.embeddings, **req.options(),
             )
         except RouteError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc

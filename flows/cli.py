@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", action="append", dest="kinds", help="only these source kinds")
     p.add_argument("--aliases", help="CSV of model aliases (alias,model[,display_name,params_b])")
     p.add_argument("--rules", help="JSON of binarization rules")
+    p.add_argument("--models", dest="model_cards",
+                   help="model card (CSV or YAML: sizes, prices) over the shipped and landing-zone cards")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("inspect", help="summarise what a store holds")
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source", action="append", dest="sources", help="only these sources")
     p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
+    p.add_argument("--predictor", action="append", dest="predictors", default=None,
+                   help="predictors whose cost-aware routers are evaluated (default: knn and the default)")
+    p.add_argument("--routing-split", action="append", dest="routing_splits", default=None,
+                   choices=["random", "lodo"], help="held-out inputs for the routing evaluation (default both)")
+    p.add_argument("--no-routing", action="store_true", help="skip the cost-aware routing evaluation")
 
     p = sub.add_parser("publish", help="fit the router and publish a bundle version (Prefect flow)")
     p.add_argument("--store", required=True)
@@ -57,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
     p.add_argument("--index-dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation summary")
+    p.add_argument("--models", dest="model_cards",
+                   help="model card (CSV or YAML: sizes, prices) over the store's card files")
+    p.add_argument("--predictor", default=None,
+                   help="per-query correctness predictor (knn, knn_shrunk, mlp, factorized; default: the measured best)")
+
+    p = sub.add_parser("cards", help="model cards: sizes, open weights and prices")
+    csub = p.add_subparsers(dest="action", required=True)
+    q = csub.add_parser("build", help="price every model of a store (or the shipped list) from price lists")
+    q.add_argument("--prices", required=True,
+                   help="folder with api_prices.csv and open_weights_tiers.csv")
+    q.add_argument("--store", default=None, help="the store whose models to price (default: "
+                   "every model of the shipped facts and of api_prices.csv)")
+    q.add_argument("--facts", default=None, help="CSV of model facts over the shipped model_facts.csv")
+    q.add_argument("--out", default=None, help="CSV file to write (default: standard output)")
 
     p = sub.add_parser("bundles", help="the registry of bundle versions")
     bsub = p.add_subparsers(dest="action", required=True)
@@ -88,7 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", help="JSONL of tasks: {\"id\": …, \"texts\": [...]} per line")
     p.add_argument("--model", action="append", dest="models", help="allowed models")
     p.add_argument("--max-params-b", type=float)
-    p.add_argument("--max-cost", type=float)
+    p.add_argument("--max-cost", type=float, help="at most this expected USD per request")
+    point = p.add_mutually_exclusive_group()
+    point.add_argument("--lambda", type=float, dest="lam",
+                       help="utility rule: argmax g - lambda * cost / reference cost")
+    point.add_argument("--delta", type=float, help="cheapest model within delta of the best g")
+    point.add_argument("--max-cost-share", type=float,
+                       help="best measured quality at most this share of the reference model's cost")
+    point.add_argument("--max-quality-loss", type=float,
+                       help="cheapest measured point within this loss of the best single model")
+    p.add_argument("--input-tokens", type=float, help="prompt tokens (default: from the text)")
     p.add_argument("text", nargs="?", help="the query")
 
     p = sub.add_parser("serve", help="HTTP service: /v1/route, /v1/score-task, /v1/bundle, /healthz")
@@ -122,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "publish": _publish,
         "bundles": _bundles,
+        "cards": _cards,
         "route": _route,
         "serve": _serve,
     }
@@ -155,11 +186,31 @@ def _publish(args) -> int:
         weights=args.weights,
         index_dtype=args.index_dtype,
         evaluate=not args.no_evaluate,
+        model_cards=args.model_cards,
+        **({"predictor": args.predictor} if args.predictor else {}),
     )
     state = "published" if r["created"] else "unchanged, latest stays"
     print(f"{state}: {r['name']} {r['version']} ({r['files']} files, {r['bytes']:,} bytes)")
     print(f"bundle: {r['url']}")
     print(f'try:    {command_name()} route --bundle {args.store} --name {r["name"]} "your question"')
+    return 0
+
+
+def _cards(args) -> int:
+    import fsspec
+
+    from benchroute.artifacts.model_cards import build_store_cards
+    from benchroute.transforms.model_cards import rule_counts
+
+    cards = build_store_cards(args.prices, args.store, args.facts)
+    if args.out:
+        with fsspec.open(args.out, "w", encoding="utf-8") as f:
+            f.write(cards.write_csv())
+    else:
+        sys.stdout.write(cards.write_csv())
+    counts = rule_counts(cards.with_columns(pl.col("price_rule").str.extract(r"^([a-z_]+)")))
+    print(f"{cards.height} model cards{' -> ' + args.out if args.out else ''}: "
+          + ", ".join(f"{n} {rule}" for rule, n in counts.items()), file=sys.stderr)
     return 0
 
 
@@ -184,10 +235,12 @@ def _bundles(args) -> int:
 
 
 def _route(args) -> int:
-    from benchroute.artifacts.router import load_router
+    from benchroute.artifacts.router import RouteError, load_router
 
     router = load_router(args.bundle, args.name, args.version)
-    filters = {"models": args.models, "max_params_b": args.max_params_b, "max_cost": args.max_cost}
+    filters = {"models": args.models, "max_params_b": args.max_params_b, "max_cost": args.max_cost,
+               "lam": args.lam, "delta": args.delta, "max_cost_share": args.max_cost_share,
+               "max_quality_loss": args.max_quality_loss, "input_tokens": args.input_tokens}
     if args.file:
         import fsspec
 
@@ -196,13 +249,21 @@ def _route(args) -> int:
                 if not line.strip():
                     continue
                 task = json.loads(line)
-                rows = router.score_task(task["texts"], **filters)
+                try:
+                    rows = router.score_task(task["texts"], **filters)
+                except RouteError as exc:
+                    print(f"task {task.get('id', n)}: {exc}", file=sys.stderr)
+                    return 2
                 print(json.dumps({"id": task.get("id", n), "choice": rows[0]["model"], "scores": rows}))
         return 0
     if not args.text:
         print("give a query text or --file tasks.jsonl", file=sys.stderr)
         return 2
-    print(json.dumps(router.route(args.text, **filters), indent=1))
+    try:
+        print(json.dumps(router.route(args.text, **filters), indent=1))
+    except RouteError as exc:
+        print(f"benchroute route: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -242,6 +303,8 @@ def _evaluate(args) -> int:
         seed=args.seed,
         sources=args.sources,
         exclude_models=args.exclude_models,
+        predictors=args.predictors,
+        routing_splits=[] if args.no_routing else args.routing_splits,
     )
     for group, s in result["groups"].items():
         print(
@@ -251,6 +314,14 @@ def _evaluate(args) -> int:
         )
     for group, why in result["skipped"].items():
         print(f"{group}: not evaluated ({why})")
+    for group, by_split in result.get("routing", {}).items():
+        for split, rows in by_split.items():
+            for r in rows:
+                print(
+                    f"{group}/{split} routing with {r['predictor']}: quality {r.get('quality_lambda0', float('nan')):.3f} "
+                    f"at λ=0 (best model {r.get('best_model')} {r.get('best_quality', float('nan')):.3f}); "
+                    f"AIQ {r.get('aiq', float('nan')):.3f} vs single models {r.get('aiq_singles', float('nan')):.3f}"
+                )
     print(f"report: {result['paths']['markdown']} and {result['paths']['html']}")
     return 0
 
@@ -265,6 +336,7 @@ def _ingest(args) -> int:
         aliases=args.aliases,
         rules=args.rules,
         progress=not args.no_progress,
+        model_cards=args.model_cards,
     )
     print(
         f"ingest: {summary['units_found']} units found, {summary['units_skipped']} already in the "

@@ -17,9 +17,14 @@ from prefect.cache_policies import NO_CACHE
 from benchroute import code_version
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.report import write_report
+from benchroute.artifacts.router_build import cost_data
 from benchroute.artifacts.store import Store
 from benchroute.transforms.evaluate import BenchmarkArrays, EvalConfig, Evaluation, evaluate_lodo
 from benchroute.transforms.lodo_groups import lodo_groups
+from benchroute.transforms.model_cards import cards_for
+from benchroute.transforms.predictors import make_predictor
+from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
+from benchroute.transforms.routing_eval import RoutingResult, evaluate_routing
 
 
 class EvaluationError(RuntimeError):
@@ -93,6 +98,49 @@ def evaluate_groups(
     return results, skipped
 
 
+def routing_groups(
+    store: Store,
+    embedder_id: str,
+    labels: pl.DataFrame,
+    memberships: pl.DataFrame,
+    models: pl.DataFrame,
+    predictors: list[str],
+    *,
+    splits: tuple[str, ...] = ("random", "lodo"),
+    seed: int = 0,
+    sources: list[str] | None = None,
+    exclude_models: list[str] | None = None,
+    max_folds: int = 15,
+    log=None,
+) -> dict[str, dict[str, RoutingResult]]:
+    """Per source group and split, each predictor's cost-aware router (``transforms.routing_eval``)."""
+    groups = [g for g in lodo_groups(labels, memberships, exclude_models=exclude_models or [],
+                                     min_datasets=1) if not g.skipped]
+    if sources:
+        groups = [g for g in groups if g.name in sources]
+    if not groups:
+        return {}
+    needed = sorted(set().union(*(set(g.labels["input_id"]) for g in groups)))
+    X, ids = emb_store.read_matrix(store, embedder_id, needed)
+    out: dict[str, dict[str, RoutingResult]] = {}
+    for g in groups:
+        bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
+        cost = cost_data(store, bench, cards_for(store, list(bench.models)))
+        factories = {p: (lambda p=p: make_predictor(p)) for p in dict.fromkeys(predictors)}
+        for split in splits:
+            if split == "lodo" and len(g.datasets) < 2:
+                continue
+            try:
+                res = evaluate_routing(bench, cost, factories, split=split, seed=seed,
+                                       max_folds=max_folds, log=log)
+            except ValueError as exc:
+                if log:
+                    log.info("no %s routing evaluation for %s: %s", split, g.name, exc)
+                continue
+            out.setdefault(g.name, {})[split] = res
+    return out
+
+
 def evaluate_store(
     store_url: str,
     out: str,
@@ -101,9 +149,13 @@ def evaluate_store(
     config: EvalConfig = EvalConfig(),
     sources: list[str] | None = None,
     exclude_models: list[str] | None = None,
+    predictors: list[str] | None = None,
+    routing_splits: tuple[str, ...] = ("random", "lodo"),
     log=None,
 ) -> dict:
-    """Evaluate every source group of the store and write the report to ``out``."""
+    """Evaluate every source group of the store and write the report to ``out``: the paper's
+    task-level LODO, and cost-aware per-query routing of each predictor on ``routing_splits``
+    (default: the kNN and the default predictor)."""
     t0 = time.perf_counter()
     store = Store(store_url)
     embedder_id = pick_embedder(store, embedder)
@@ -116,6 +168,11 @@ def evaluate_store(
         store, embedder_id, labels, memberships, models, config,
         sources=sources, exclude_models=exclude_models, loglik=loglik, log=log,
     )
+    routing = routing_groups(
+        store, embedder_id, labels, memberships, models, predictors or ["knn", DEFAULT_PREDICTOR],
+        splits=routing_splits, seed=config.seed, sources=sources, exclude_models=exclude_models,
+        log=log,
+    ) if routing_splits else {}
     meta = {
         "store": store_url,
         "embedder": embedder_id,
@@ -125,21 +182,24 @@ def evaluate_store(
         "alphas": list(config.alphas),
         "code_version": code_version(),
     }
-    paths = write_report(out, results, meta, skipped)
+    meta["predictors"] = ", ".join(dict.fromkeys(predictors or ["knn", DEFAULT_PREDICTOR]))
+    paths = write_report(out, results, meta, skipped, routing)
     return {
         "out": out,
         "paths": paths,
         "groups": {g: ev.summary for g, ev in results.items()},
+        "routing": {g: {sp: r.summary.to_dicts() for sp, r in by.items()} for g, by in routing.items()},
         "skipped": skipped,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
 @task(cache_policy=NO_CACHE, retries=1)
-def evaluate_task(store: str, out: str, embedder: str | None, config: EvalConfig, sources, exclude) -> dict:
+def evaluate_task(store: str, out: str, embedder: str | None, config: EvalConfig, sources, exclude,
+                  predictors=None, routing_splits=("random", "lodo")) -> dict:
     return evaluate_store(
         store, out, embedder=embedder, config=config, sources=sources, exclude_models=exclude,
-        log=get_run_logger(),
+        predictors=predictors, routing_splits=tuple(routing_splits), log=get_run_logger(),
     )
 
 
@@ -153,10 +213,13 @@ def evaluate_flow(
     seed: int = 0,
     sources: list[str] | None = None,
     exclude_models: list[str] | None = None,
+    predictors: list[str] | None = None,
+    routing_splits: list[str] | None = None,
 ) -> dict:
     """Run the evaluation and publish its Markdown report as a Prefect artifact."""
     config = EvalConfig(k=k, weights=weights, seed=seed)
-    result = evaluate_task(store, out, embedder, config, sources, exclude_models)
+    splits = ("random", "lodo") if routing_splits is None else tuple(routing_splits)
+    result = evaluate_task(store, out, embedder, config, sources, exclude_models, predictors, splits)
     fs, _ = url_to_fs(out)
     markdown = fs.cat_file(result["paths"]["markdown"]).decode("utf-8")
     create_markdown_artifact(markdown=markdown[:100_000], key="evaluation", description="LODO evaluation")

@@ -22,7 +22,9 @@ from benchroute.artifacts.router_build import (
 )
 from benchroute.artifacts.store import Store
 from benchroute.flows.evaluate import evaluate_groups, pick_embedder
+from benchroute.flows.ingest import cards_task
 from benchroute.transforms.evaluate import EvalConfig
+from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
 
 
 def build_content(
@@ -36,6 +38,7 @@ def build_content(
     weights: str = "uniform",
     index_dtype: str = "float16",
     evaluate: bool = True,
+    predictor: str = DEFAULT_PREDICTOR,
     log=None,
 ) -> BundleContent:
     """Everything a bundle holds, computed from the store (the refresh flow's builder, with the
@@ -55,7 +58,7 @@ def build_content(
         evaluation = {g: {"skipped": why} for g, why in skipped.items()}
         evaluation.update({g: evaluation_entry(ev) for g, ev in results.items()})
     return bundle_content(store_url, name, embedder_id, sel, evaluation, k=k, weights=weights,
-                          index_dtype=index_dtype, log=log)
+                          index_dtype=index_dtype, predictor=predictor, log=log)
 
 
 def publish_store(store_url: str, name: str = "default", *, log=None, **kwargs) -> dict:
@@ -80,8 +83,15 @@ def publish_flow(
     weights: str = "uniform",
     index_dtype: str = "float16",
     evaluate: bool = True,
+    predictor: str = DEFAULT_PREDICTOR,
+    model_cards: str | None = None,
 ) -> dict:
-    """Fit and publish the router bundle; the bundle summary becomes a Prefect artifact."""
+    """Fit and publish the router bundle; the bundle summary becomes a Prefect artifact.
+
+    ``model_cards``: a card file over the defaults and the landing-zone card files the store
+    recorded (it replaces a card an earlier run gave); the store's card is brought up to date
+    first either way."""
+    cards_task(store, [], model_cards)
     result = publish_task(
         store,
         name,
@@ -93,6 +103,7 @@ def publish_flow(
             "weights": weights,
             "index_dtype": index_dtype,
             "evaluate": evaluate,
+            "predictor": predictor,
         },
     )
     state = "published new version" if result["created"] else "unchanged: kept version"

@@ -61,6 +61,46 @@ def test_route_restricted_to_models_and_budget(published):
         router.route(np.zeros(7))
 
 
+def test_budget_filter_on_real_prices(published):
+    store, _ = published
+    router = load_router(store, "sample")
+    x = router.knn.X_[0]
+    costs = dict(zip(router.model_names, router.expected_costs(np.array([router.settings["typical_input_tokens"]]))[0]))
+    priced = sorted(c for c in costs.values() if c == c)
+    assert len(priced) >= 10, "the sample's cards price most models"
+    budget = priced[len(priced) // 3]
+    choice = router.route(x, max_cost=budget)
+    assert choice["expected_cost_usd"] is not None and choice["expected_cost_usd"] <= budget
+    assert all(c["expected_cost_usd"] <= budget for c in choice["candidates"])
+    # The bound is inclusive: the cheapest model alone fits a budget equal to its cost.
+    cheapest = min((c, m) for m, c in costs.items() if c == c)
+    assert router.route(x, max_cost=cheapest[0], models=[cheapest[1]])["model"] == cheapest[1]
+    with pytest.raises(RouteError, match="filters"):
+        router.route(x, max_cost=priced[0] / 2)
+
+
+def test_cost_aware_operating_points(published):
+    store, _ = published
+    router = load_router(store, "sample")
+    assert router.curve, "the bundle carries its measured cost–quality curve"
+    X = router.knn.X_[::25]
+    spend = {}
+    for opts in ({}, {"lam": 0.0}, {"max_cost_share": 0.3}, {"lam": 50.0}, {"delta": 0.2}):
+        answers = [router.route(x, **opts) for x in X]
+        spend[str(opts)] = np.nanmean([a["expected_cost_usd"] or np.nan for a in answers])
+        if opts:  # a cost-aware request picks a priced model
+            assert all(a["expected_cost_usd"] is not None for a in answers)
+    assert spend["{'lam': 50.0}"] <= spend["{'max_cost_share': 0.3}"] <= spend["{'lam': 0.0}"]
+    point = router.route(X[0], max_cost_share=0.3)["operating_point"]
+    chosen = [p for p in router.curve if p.rule == point["rule"] and p.value == point["value"]]
+    assert chosen and chosen[0].cost_share <= 0.3
+    with pytest.raises(RouteError, match="at most one"):
+        router.route(X[0], lam=0.1, delta=0.1)
+    rows = router.score_task(router.knn.X_[:40], lam=1e3)
+    covered = [r for r in rows if r["coverage"] >= 0.5 and r["expected_cost_usd"] is not None]
+    assert rows[0]["expected_cost_usd"] == min(r["expected_cost_usd"] for r in covered)
+
+
 def test_route_raw_text_uses_the_bundle_embedder(published):
     store, _ = published
     router = load_router(store, "sample")
@@ -89,4 +129,11 @@ def test_cli_publish_list_route(embedded_sample_store, capsys, tmp_path):
     assert cli(["route", "--bundle", embedded_sample_store, "--name", "cli", "--file", str(tasks)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["id"] == "t" and out["choice"]
+    assert cli(["route", "--bundle", embedded_sample_store, "--name", "cli", "--max-cost-share", "0.5",
+                "What is 2 + 2?"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["operating_point"]["rule"] in ("utility", "within_delta") and answer["expected_cost_usd"]
+    assert cli(["route", "--bundle", embedded_sample_store, "--name", "cli", "--max-cost-share", "1e-9",
+                "What is 2 + 2?"]) == 2
+    assert "no measured point" in capsys.readouterr().err
     assert BundleStore(embedded_sample_store).ref("cli") is not None

@@ -34,6 +34,14 @@ def test_endpoints(served):
     assert r.status_code == 200 and len(r.json()["candidates"]) == 2
     s = client.post("/v1/score-task", json={"embeddings": [x, x]})
     assert s.status_code == 200 and s.json()["models"]
+    r = client.post("/v1/route", json={"embedding": x, "max_cost_share": 0.5})
+    assert r.status_code == 200 and r.json()["operating_point"]["value"] >= 0
+    r = client.post("/v1/route", json={"embedding": x, "lambda": 0.05, "input_tokens": 500})
+    assert r.status_code == 200 and r.json()["operating_point"] == {"rule": "utility", "value": 0.05}
+    assert client.post("/v1/route", json={"embedding": x, "lambda": 0.1, "delta": 0.1}).status_code == 400
+    assert client.post("/v1/route", json={"embedding": x, "lambda": -1}).status_code == 422
+    s = client.post("/v1/score-task", json={"embeddings": [x, x], "delta": 0.1})
+    assert s.status_code == 200 and s.json()["models"][0]["expected_cost_usd"] is not None
 
 
 @pytest.mark.parametrize(

@@ -352,3 +352,20 @@ def grouped_topk(
             out_i[start:stop, g] = np.where(i >= 0, order[lo + np.maximum(i, 0)], -1)
             out_s[start:stop, g] = s
     return GroupedNeighbors(out_i, out_s)
+
+
+def covered(neighbors: Neighbors, Y: np.ndarray) -> np.ndarray:
+    """(n_query × M) bool: whether any of a query's neighbours has a label for each model.
+
+    A model none of whose neighbours is labelled never ran on anything like the query (in a bundle
+    built from several benchmarks, a model of another benchmark): the policy does not pick it while
+    a covered model is allowed.
+    """
+    idx = neighbors.indices
+    labelled = ~np.isnan(np.asarray(Y, np.float32))
+    out = np.zeros((idx.shape[0], labelled.shape[1]), bool)
+    for j in range(idx.shape[1]):
+        col = idx[:, j]
+        ok = col >= 0
+        out[ok] |= labelled[col[ok]]
+    return out

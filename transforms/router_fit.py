@@ -1,5 +1,7 @@
-"""Fit what a router bundle carries: the kNN index with every model's labels, and the kernel
-estimator of p(d', m) from leave-one-dataset-out accuracies over the whole benchmark."""
+"""Fit what a router bundle carries: the kNN index with every model's labels, the kernel
+estimator of p(d', m) from leave-one-dataset-out accuracies over the whole benchmark, the default
+correctness predictor for per-query routing, and what the cost-aware policy needs (each model's
+expected output tokens, the reference model and its cost)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import numpy as np
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.kernel import NadarayaWatson, lodo_accuracies
 from benchroute.transforms.knn import Fallback, Weights, grouped_topk
+from benchroute.transforms.predictors import make_predictor
+from benchroute.transforms.routing_eval import CostData, DecisionCosts, decision_costs
+
+DEFAULT_PREDICTOR = "mlp"  # measured best on the targets: benchmarks/cost_routing.py (README, "Cost-aware routing")
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,10 @@ class RouterFit:
     k_descriptor: int
     weights: str
     fallback: str
+    predictor_name: str = DEFAULT_PREDICTOR
+    predictor: object = None  # fitted, with to_state()
+    decision: DecisionCosts | None = None  # expected output tokens, reference model and cost
+    cost: CostData | None = None
 
 
 def fit_router(
@@ -47,8 +57,12 @@ def fit_router(
     weights: Weights = "uniform",
     fallback: Fallback = "train_mean",
     k_descriptor: int | None = None,
+    predictor: str = DEFAULT_PREDICTOR,
+    cost: CostData | None = None,
 ) -> RouterFit:
-    """Fit the router on every labelled input of ``bench`` (no dataset held out)."""
+    """Fit the router on every labelled input of ``bench`` (no dataset held out); ``predictor``
+    names the per-query correctness predictor (``transforms.predictors.PREDICTORS``), ``cost``
+    the prices and token counts aligned to ``bench`` (None: no prices known)."""
     k_desc = k_descriptor or k
     k_search = max(k, k_desc)
     n = len(bench.input_ids)
@@ -64,6 +78,12 @@ def fit_router(
     else:  # one dataset: p̂ is its p whatever the bandwidth
         bandwidth, loo = 1.0, float("nan")
     train_acc = np.nanmean(bench.dataset_accuracy(), axis=0)
+    n, M = bench.Y.shape
+    if cost is None:
+        nan = np.full(M, np.nan)
+        cost = CostData(nan, nan, np.ones(n), np.full((n, M), np.nan))
+    est = make_predictor(predictor).fit(bench.X, bench.Y)
+    decision = decision_costs(cost, np.arange(n), train_acc)
     return RouterFit(
         input_ids=list(bench.input_ids),
         models=list(bench.models),
@@ -81,4 +101,8 @@ def fit_router(
         k_descriptor=k_desc,
         weights=weights,
         fallback=fallback,
+        predictor_name=predictor,
+        predictor=est,
+        decision=decision,
+        cost=cost,
     )

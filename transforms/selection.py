@@ -5,9 +5,10 @@ A choice is a probability vector w over the M models, so a tie can be resolved i
 - ``ties="expectation"``: every model whose score is within ``atol`` of the best is equally
   likely (what a random tie-break gives on average); a metric of the choice is its w-weighted
   mean.
-- ``ties="train_acc"``: among the tied models, the one with the highest ``tiebreak`` value
-  (training accuracy: the mean over the training datasets of the model's accuracy on each);
-  remaining ties go to the first model in model order.
+- ``ties="train_acc"``: the served router's rule (``transforms.policy`` at λ = 0): among the
+  models tied on the score (to 1e-9), the one with the highest ``tiebreak`` value (training
+  accuracy: the mean over the training datasets of the model's accuracy on each); remaining ties
+  go to the first model in model order.
 
 NaN scores never win unless every score is NaN (then all models tie).
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+
+from benchroute.transforms import policy
 
 Ties = Literal["expectation", "train_acc"]
 TIE_RULES: tuple[Ties, ...] = ("expectation", "train_acc")
@@ -42,11 +45,9 @@ def choose(
         return tied / tied.sum()
     if ties != "train_acc":
         raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
-    if tiebreak is not None:
-        tb = np.where(tied, np.nan_to_num(np.asarray(tiebreak, np.float64), nan=-np.inf), -np.inf)
-        tied = tied & (tb >= tb.max())
+    # The served router's ordering (transforms.policy at λ = 0): best score, then tiebreak.
     w = np.zeros(tied.shape)
-    w[np.flatnonzero(tied)[0]] = 1.0
+    w[policy.choose(np.asarray(scores, np.float64)[None, :], None, policy.Point(), tiebreak=tiebreak)[0]] = 1.0
     return w
 
 
@@ -64,13 +65,8 @@ def choose_rows(
         return tied / tied.sum(axis=1, keepdims=True)
     if ties != "train_acc":
         raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
-    if tiebreak is not None:
-        tb = np.nan_to_num(np.asarray(tiebreak, np.float64), nan=-np.inf)
-        tbm = np.where(tied, tb[None, :], -np.inf)
-        tied = tied & (tbm >= tbm.max(axis=1, keepdims=True))
-    first = np.argmax(tied, axis=1)
     W = np.zeros(S.shape)
-    W[np.arange(S.shape[0]), first] = 1.0
+    W[np.arange(S.shape[0]), policy.choose(scores, None, policy.Point(), tiebreak=tiebreak)] = 1.0
     return W
 
 

@@ -1,0 +1,335 @@
+"""Cost-aware per-query routing, evaluated on held-out inputs (DESIGN §2b).
+
+For one benchmark (a source group's ``BenchmarkArrays``) and each correctness predictor:
+
+1. Folds. ``split="random"``: a seeded random ``test_fraction`` of the inputs labelled for every
+   model is held out ("known task" traffic: the task is in the training data, these inputs are
+   not); ``split="lodo"``: each dataset in turn is held out (a new task), its inputs never training
+   neighbours (by membership, as in ``transforms.evaluate``); with more than ``max_folds`` datasets,
+   datasets are dealt into ``max_folds`` folds.
+2. The predictor is fitted on the training rows and predicts ĝ on the held-out rows; models with
+   no labelled neighbour among the k nearest training rows are NaN (``knn.covered``) — exactly as
+   the served router does.
+3. Decisions: ``policy.choose`` at every point of ``policy.sweep_points()`` with the expected cost of
+   each request (input tokens of the text, the model's mean *training* output tokens), relative to
+   the reference model (best training accuracy among priced models), among the models with a known
+   price (as the served router does whenever a caller asks for a cost-aware point).
+4. Measured: quality = mean label y of the chosen model; cost = the request's *realised* cost (the
+   recorded output tokens of that answer where the data has them). Single models, their hull
+   (random mixtures of two models), the router's hull, AIQ of each on the single models' cost range,
+   quality at the best model's cost and at 60 % / 20 % of it, cost at the best model's quality; and
+   the predictor's accuracy, Brier score, ECE and log-loss on the held-out labels.
+
+Everything is deterministic given the seed (the predictors are seeded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import warnings
+
+import numpy as np
+import polars as pl
+
+from benchroute.transforms import costs as costs_
+from benchroute.transforms import policy, route_metrics
+from benchroute.transforms.evaluate import BenchmarkArrays
+from benchroute.transforms.knn import KNNCorrectness, covered
+
+COVERAGE_K = 10  # neighbours that decide whether a model can be judged on a query
+
+
+@dataclass(frozen=True)
+class CostData:
+    """Prices and token counts aligned to a ``BenchmarkArrays``: ``price_in``/``price_out`` (M,)
+    USD per 1M tokens (NaN = unknown), ``in_tokens`` (n,), ``out_tokens`` (n × M, NaN = not
+    recorded)."""
+
+    price_in: np.ndarray
+    price_out: np.ndarray
+    in_tokens: np.ndarray
+    out_tokens: np.ndarray
+
+    @property
+    def priced(self) -> np.ndarray:
+        return ~np.isnan(self.price_in) & ~np.isnan(self.price_out)
+
+
+@dataclass(frozen=True)
+class Fold:
+    name: str
+    train: np.ndarray  # row indices
+    test: np.ndarray  # row indices
+    Y_test: np.ndarray  # labels of the test rows in the held-out data (n_test × M)
+
+
+def folds(bench: BenchmarkArrays, split: str, *, seed: int = 0, test_fraction: float = 0.2,
+          min_inputs: int = 10, max_folds: int | None = None) -> list[Fold]:
+    """The held-out folds of ``split`` ("random" or "lodo")."""
+    n = len(bench.input_ids)
+    if split == "random":
+        complete = np.flatnonzero(~np.isnan(bench.Y).any(axis=1))
+        rng = np.random.default_rng(seed)
+        n_test = int(round(test_fraction * complete.size))
+        test = np.sort(rng.choice(complete, n_test, replace=False)) if n_test else np.empty(0, np.int64)
+        train = np.setdiff1d(np.arange(n), test)
+        return [Fold("random", train, test, bench.Y[test])] if test.size else []
+    if split != "lodo":
+        raise ValueError(f"split must be 'random' or 'lodo', got {split!r}")
+    eligible = [d for d in range(len(bench.datasets)) if bench.complete_rows(d).size >= min_inputs]
+    if max_folds and len(eligible) > max_folds:
+        groups = [eligible[i::max_folds] for i in range(max_folds)]
+    else:
+        groups = [[d] for d in eligible]
+    out = []
+    for ds in groups:
+        held = np.zeros(n, bool)
+        test_parts, y_parts = [], []
+        for d in ds:
+            held |= bench.member[:, d]
+            local = bench.complete_rows(d)
+            test_parts.append(bench.dataset_rows[d][local])
+            y_parts.append(bench.dataset_y[d][local])
+        name = bench.datasets[ds[0]] if len(ds) == 1 else "+".join(bench.datasets[d] for d in ds)
+        out.append(Fold(name, np.flatnonzero(~held), np.concatenate(test_parts), np.vstack(y_parts)))
+    return out
+
+
+@dataclass(frozen=True)
+class DecisionCosts:
+    """What the policy needs about costs, learned from training rows only."""
+
+    exp_out_tokens: np.ndarray  # (M,)
+    reference: int | None  # the reference model (best training accuracy among priced)
+    reference_cost: float  # USD of a typical request on it
+    typical_in_tokens: float
+
+    def relative(self, cost: CostData, in_tokens: np.ndarray) -> np.ndarray:
+        """(n × M) expected cost of each request on each model / reference cost."""
+        usd = costs_.request_costs(in_tokens, self.exp_out_tokens, cost.price_in, cost.price_out)
+        return usd / self.reference_cost if self.reference_cost > 0 else np.full(usd.shape, np.nan)
+
+
+def decision_costs(cost: CostData, train_rows: np.ndarray, train_acc: np.ndarray) -> DecisionCosts:
+    exp_out = costs_.expected_output_tokens(cost.out_tokens[train_rows])
+    ref = costs_.reference_model(train_acc, cost.price_in, cost.price_out)  # best priced model
+    typical = float(np.median(cost.in_tokens[train_rows])) if train_rows.size else 1.0
+    return DecisionCosts(exp_out, ref, costs_.reference_cost(typical, exp_out, cost.price_in,
+                                                             cost.price_out, ref), typical)
+
+
+def realised_costs(cost: CostData, rows: np.ndarray, exp_out: np.ndarray) -> np.ndarray:
+    """(n × M) USD of each held-out request on each model with its recorded output tokens (the
+    model's mean where not recorded)."""
+    T = cost.out_tokens[rows]
+    T = np.where(np.isnan(T), exp_out[None, :], T)
+    return costs_.request_costs(cost.in_tokens[rows], T, cost.price_in, cost.price_out)
+
+
+def train_accuracy(bench: BenchmarkArrays, train_rows: np.ndarray) -> np.ndarray:
+    """(M,) mean over datasets of each model's accuracy on the training rows: the tie-break and
+    the choice of reference model, as in ``router_fit`` (there over all rows)."""
+    held = np.ones(len(bench.input_ids), bool)
+    held[train_rows] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(bench.dataset_accuracy(exclude_rows=held), axis=0)
+
+
+def predict_with_coverage(predictor, X_train, Y_train, X_test, *, k: int = COVERAGE_K) -> np.ndarray:
+    """ĝ of a fitted ``predictor`` on ``X_test``, NaN where no training neighbour of the query is
+    labelled for the model (``knn.covered``)."""
+    G = np.asarray(predictor.predict_proba(X_test), np.float64)
+    if np.isnan(Y_train).any():
+        neigh = KNNCorrectness(k, fallback="nan").fit(X_train, Y_train).kneighbors(X_test)
+        G = np.where(covered(neigh, Y_train), G, np.nan)
+    return G
+
+
+@dataclass
+class RoutingResult:
+    """Per predictor: the held-out predictions pooled over folds and what they give."""
+
+    split: str
+    models: list[str]
+    points: pl.DataFrame  # predictor, rule, value, cost, cost_share, quality, quality_loss
+    singles: pl.DataFrame  # model, cost, cost_share, quality, priced
+    predictor_metrics: pl.DataFrame  # predictor, accuracy, brier, ece, log_loss, fit_s
+    summary: pl.DataFrame  # predictor, aiq, aiq_singles, best_model, best_quality, best_cost, ...
+    choices: dict[str, dict[tuple[str, float], np.ndarray]] = field(default_factory=dict)
+    test_rows: np.ndarray | None = None
+
+
+def evaluate_routing(
+    bench: BenchmarkArrays,
+    cost: CostData,
+    predictors: Mapping[str, Callable[[], object]],
+    *,
+    split: str = "random",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    max_folds: int | None = None,
+    points: list[policy.Point] | None = None,
+    keep_choices: bool = False,
+    log=None,
+) -> RoutingResult:
+    """Evaluate each predictor's cost-aware router on the held-out folds of ``split``."""
+    import time
+
+    pts = points or policy.sweep_points()
+    fs = folds(bench, split, seed=seed, test_fraction=test_fraction, max_folds=max_folds)
+    if not fs:
+        raise ValueError(f"{split}: no held-out inputs labelled for every model")
+    M = len(bench.models)
+    test_rows = np.concatenate([f.test for f in fs])
+    Y = np.vstack([f.Y_test for f in fs])
+    # Costs: realised per held-out request, and the decision costs of each fold (training rows only).
+    accs = [train_accuracy(bench, f.train) for f in fs]
+    dcs = [decision_costs(cost, f.train, a) for f, a in zip(fs, accs)]
+    R = np.vstack([realised_costs(cost, f.test, dc.exp_out_tokens) for f, dc in zip(fs, dcs)])
+    Crel = np.vstack([dc.relative(cost, cost.in_tokens[f.test]) for f, dc in zip(fs, dcs)])
+    # The reference (best single) model on the held-out data: the cost shares' denominator.
+    quality_single = Y.mean(axis=0)
+    priced = cost.priced
+    ref_cost = np.nan
+    best = int(np.argmax(np.where(priced, quality_single, -np.inf))) if priced.any() else None
+    if best is not None:
+        ref_cost = float(R[:, best].mean())
+    singles = pl.DataFrame({
+        "model": bench.models,
+        "cost": R.mean(axis=0),
+        "cost_share": R.mean(axis=0) / ref_cost if ref_cost == ref_cost else np.full(M, np.nan),
+        "quality": quality_single,
+        "priced": priced,
+    })
+    point_rows, metric_rows, summary_rows = [], [], []
+    choices: dict[str, dict] = {}
+    for name, factory in predictors.items():
+        t0 = time.perf_counter()
+        G = np.vstack([
+            predict_with_coverage(factory().fit(bench.X[f.train], bench.Y[f.train]),
+                                  bench.X[f.train], bench.Y[f.train], bench.X[f.test])
+            for f in fs
+        ])
+        fit_s = time.perf_counter() - t0
+        if log:
+            log.info("routing %s/%s: %d held-out inputs, %d models, %.1f s", split, name, Y.shape[0], M, fit_s)
+        metric_rows.append({"predictor": name, "accuracy": route_metrics.binary_accuracy(G, Y),
+                            "brier": route_metrics.brier(G, Y), "ece": route_metrics.ece(G, Y),
+                            "log_loss": _log_loss(G, Y), "fit_s": fit_s})
+        per_pred: dict = {}
+        for pt in pts:
+            if pt.rule != "utility" or pt.value > 0:
+                if not priced.any():
+                    continue
+            chosen = _choose_per_fold(G, Crel, pt, fs, accs, priced if priced.any() else None)
+            q = float(Y[np.arange(Y.shape[0]), chosen].mean())
+            c = float(R[np.arange(Y.shape[0]), chosen].mean())
+            point_rows.append({"predictor": name, "rule": pt.rule, "value": pt.value, "cost": c,
+                               "cost_share": c / ref_cost if ref_cost == ref_cost else np.nan,
+                               "quality": q})
+            if keep_choices:
+                per_pred[(pt.rule, pt.value)] = chosen
+        choices[name] = per_pred
+    pts_df = pl.DataFrame(point_rows) if point_rows else pl.DataFrame(
+        schema={"predictor": pl.String, "rule": pl.String, "value": pl.Float64, "cost": pl.Float64,
+                "cost_share": pl.Float64, "quality": pl.Float64})
+    best_q = float(quality_single[best]) if best is not None else float(quality_single.max())
+    pts_df = pts_df.with_columns(quality_loss=best_q - pl.col("quality"))
+    for name in predictors:
+        summary_rows.append(_summary(name, pts_df.filter(pl.col("predictor") == name), singles, best,
+                                     bench.models, best_q))
+    return RoutingResult(split, list(bench.models), pts_df, singles, pl.DataFrame(metric_rows),
+                         pl.DataFrame(summary_rows), choices, test_rows)
+
+
+def _choose_per_fold(G, Crel, pt, fs, accs, allowed) -> np.ndarray:
+    out, start = [], 0
+    for f, acc in zip(fs, accs):
+        sl = slice(start, start + f.test.size)
+        out.append(policy.choose(G[sl], Crel[sl], pt, allowed=allowed, tiebreak=acc))
+        start += f.test.size
+    return np.concatenate(out)
+
+
+def _log_loss(G, Y) -> float:
+    ok = ~np.isnan(G) & ~np.isnan(Y)
+    p = np.clip(G[ok], 1e-6, 1 - 1e-6)
+    y = Y[ok]
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if ok.any() else float("nan")
+
+
+def _summary(name, pts: pl.DataFrame, singles: pl.DataFrame, best, models, best_q) -> dict:
+    s = singles.filter(pl.col("priced"))
+    out = {"predictor": name, "best_model": models[best] if best is not None else None,
+           "best_quality": best_q}
+    if s.height == 0 or pts.height == 0:
+        q0 = pts.filter((pl.col("rule") == "utility") & (pl.col("value") == 0))["quality"]
+        out["quality_lambda0"] = float(q0[0]) if q0.len() else float("nan")
+        return out
+    sc, sq = s["cost_share"].to_numpy(), s["quality"].to_numpy()
+    rc, rq = pts["cost_share"].to_numpy(), pts["quality"].to_numpy()
+    lo, hi = float(sc.min()), float(sc.max())
+    grid = np.linspace(lo, hi, 401)
+    r_h = route_metrics.hull_value(route_metrics.upper_hull(rc, rq), grid)
+    s_h = route_metrics.hull_value(route_metrics.upper_hull(sc, sq), grid)
+    above = np.nan_to_num(r_h, nan=-np.inf) >= s_h - 1e-9
+    q0 = pts.filter((pl.col("rule") == "utility") & (pl.col("value") == 0))["quality"]
+    out.update({
+        "quality_lambda0": float(q0[0]) if q0.len() else float("nan"),
+        "aiq": route_metrics.aiq(rc, rq, lo, hi),
+        "aiq_singles": route_metrics.aiq(sc, sq, lo, hi),
+        "quality_at_best_cost": route_metrics.quality_at_cost(rc, rq, 1.0),
+        "quality_at_60pct_cost": route_metrics.quality_at_cost(rc, rq, 0.6),
+        "quality_at_20pct_cost": route_metrics.quality_at_cost(rc, rq, 0.2),
+        "cost_share_at_best_quality": route_metrics.cost_at_quality(rc, rq, best_q),
+        "cost_share_within_005": route_metrics.cost_at_quality(rc, rq, best_q - 0.005),
+        "cost_share_at_95pct_quality": route_metrics.cost_at_quality(rc, rq, 0.95 * best_q),
+        "share_of_range_above_singles": float(above.mean()),
+    })
+    return out
+
+
+def pooled_curve(results: list[RoutingResult], predictor: str) -> list[dict]:
+    """One cost–quality curve over several groups' held-out inputs, weighted by their counts:
+    cost share = Σ router cost / Σ reference cost, quality and the best single model's quality
+    averaged over inputs. Groups without a priced reference model are left out; a point must be
+    measured in every group kept."""
+    parts = []
+    for r in results:
+        pts = r.points.filter(pl.col("predictor") == predictor)
+        n = int(r.test_rows.size) if r.test_rows is not None else 0
+        if n == 0 or pts.height == 0:
+            continue
+        ref = (pts["cost"] / pts["cost_share"]).drop_nans().drop_nulls()
+        if ref.len() == 0 or not np.isfinite(ref[0]) or ref[0] <= 0:
+            continue
+        best_q = float((pts["quality"] + pts["quality_loss"])[0])
+        parts.append(pts.select("rule", "value", "cost", "quality").with_columns(
+            n=pl.lit(n), ref=pl.lit(float(ref[0])), best_q=pl.lit(best_q)))
+    if not parts:
+        return []
+    allp = pl.concat(parts)
+    k = len(parts)
+    pooled = (
+        allp.group_by("rule", "value")
+        .agg(
+            (pl.col("cost") * pl.col("n")).sum().alias("c"),
+            (pl.col("ref") * pl.col("n")).sum().alias("r"),
+            (pl.col("quality") * pl.col("n")).sum().alias("q"),
+            (pl.col("best_q") * pl.col("n")).sum().alias("b"),
+            pl.col("n").sum().alias("n"),
+            pl.len().alias("groups"),
+        )
+        .filter(pl.col("groups") == k)
+        .select(
+            "rule", "value",
+            (pl.col("c") / pl.col("r")).alias("cost_share"),
+            (pl.col("q") / pl.col("n")).alias("quality"),
+            ((pl.col("b") - pl.col("q")) / pl.col("n")).alias("quality_loss"),
+        )
+        .sort("rule", "value")
+    )
+    return pooled.to_dicts()
