@@ -175,3 +175,13 @@ def test_grouped_merge_equals_one_search_with_duplicate_vectors():
         # splits a tie may pick the other copy of a vector, never another vector)
         vec = np.r_[0:30, 0:30, 0:10]
         np.testing.assert_array_equal(np.sort(vec[got.indices]), np.sort(vec[ref.indices]))
+
+
+def test_covered_marks_models_with_a_labelled_neighbour():
+    from benchroute.transforms.knn import Neighbors, covered
+
+    nan = np.nan
+    Y = np.array([[1.0, nan, nan], [nan, 0.0, nan], [0.0, nan, nan]])
+    neigh = Neighbors(np.array([[0, 2], [1, -1], [2, -1]]), np.zeros((3, 2), np.float32))
+    # Query 0 sees rows 0 and 2 (model 0 only); query 1 row 1 (model 1); -1 is no neighbour.
+    assert covered(neigh, Y).tolist() == [[True, False, False], [False, True, False], [True, False, False]]

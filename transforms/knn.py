@@ -362,10 +362,6 @@ def covered(neighbors: Neighbors, Y: np.ndarray) -> np.ndarray:
     a covered model is allowed.
     """
     idx = neighbors.indices
-    labelled = ~np.isnan(np.asarray(Y, np.float32))
-    out = np.zeros((idx.shape[0], labelled.shape[1]), bool)
-    for j in range(idx.shape[1]):
-        col = idx[:, j]
-        ok = col >= 0
-        out[ok] |= labelled[col[ok]]
-    return out
+    valid = idx >= 0
+    labelled = ~np.isnan(np.asarray(Y)[np.where(valid, idx, 0)])  # (n, k, M): only the neighbours' rows
+    return (labelled & valid[:, :, None]).any(axis=1)
