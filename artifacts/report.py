@@ -190,7 +190,7 @@ def routing_markdown(routing: Mapping[str, Mapping[str, RoutingResult]]) -> str:
         for split, res in by_split.items():
             cols = [c for c in SUMMARY_COLUMNS if c in res.summary.columns]
             singles = res.singles.sort("cost_share", nulls_last=True).select(
-                "model", pl.col("cost_share").round(4), pl.col("quality").round(4), "priced")
+                "model", pl.col("cost_share").round(4), pl.col("quality").round(4), "priced", "comparable")
             lines += [
                 "", f"## {group} — {split}", "",
                 _frame_markdown(res.summary.select(cols)), "",
@@ -345,7 +345,7 @@ def _plot_kernel(ev: Evaluation) -> bytes | None:
 
 def _plot_cost_quality(res: RoutingResult) -> bytes | None:
     """Each predictor's router points and hull beside the single models and their hull."""
-    s = res.singles.filter(pl.col("priced"))
+    s = res.singles.filter(pl.col("priced") & pl.col("comparable"))
     if s.height == 0 or res.points.height == 0:
         return None
     plt = _figure()

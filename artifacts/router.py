@@ -37,12 +37,11 @@ from benchroute.artifacts.bundle import VerifiedBundle, json_bytes, npy_bytes, o
 from benchroute.transforms import costs as costs_
 from benchroute.transforms import policy
 from benchroute.transforms.kernel import NadarayaWatson, mean_knn_distance, neighbor_share_estimate
-from benchroute.transforms.knn import KNNCorrectness, Neighbors, covered, normalize_rows
+from benchroute.transforms.knn import COVERAGE_K, KNNCorrectness, Neighbors, covered, normalize_rows
 from benchroute.transforms.predictors import predictor_from_state
 from benchroute.transforms.scores import task_scores
 
 INDEX_DTYPES = {"float16": np.float16, "float32": np.float32}
-COVERAGE_K = 10
 
 
 class RouteError(ValueError):
@@ -184,11 +183,15 @@ class Router:
         X = bundle.npy("index/embeddings.npy").astype(np.float32)
         Y = bundle.npy("index/labels.npy").astype(np.float64)
         self.member = bundle.npy("index/members.npy")
+        self.settings = bundle.json("routing/settings.json")
+        self.k = int(params.get("k", 10))
+        self.k_descriptor = int(params.get("k_descriptor", self.k))
+        self.coverage_k = int(self.settings.get("coverage_k", COVERAGE_K))
+        # One search serves the kNN scores (k), the task descriptor and the coverage check.
         self.knn = KNNCorrectness(
-            int(params.get("k", 10)), weights=params.get("weights", "uniform"),
+            max(self.k, self.k_descriptor, self.coverage_k), weights=params.get("weights", "uniform"),
             fallback=params.get("fallback", "train_mean"),
         ).fit(X, Y)
-        self.k_descriptor = int(params.get("k_descriptor", self.knn.n_neighbors))
         self.kernel = NadarayaWatson.from_fitted(
             bundle.npy("kernel/u.npy"), bundle.npy("kernel/p.npy"), float(params.get("bandwidth", 1.0))
         )
@@ -202,7 +205,6 @@ class Router:
         self.models = [ModelInfo(**row) for row in table]
         self.model_names = [m.model for m in self.models]
         self.datasets = bundle.json("datasets.json")
-        self.settings = bundle.json("routing/settings.json")
         arrays = {rel[len("predictor/"):-4]: bundle.npy(rel) for rel in bundle.files
                   if rel.startswith("predictor/") and rel.endswith(".npy")}
         self.predictor = predictor_from_state(bundle.json("predictor/params.json"), arrays,
@@ -257,7 +259,10 @@ class Router:
         if isinstance(inputs, np.ndarray) or (
             isinstance(inputs, Sequence) and inputs and not isinstance(inputs[0], str)
         ):
-            X = np.asarray(inputs, dtype=np.float32)
+            try:
+                X = np.asarray(inputs, dtype=np.float32)
+            except (ValueError, TypeError) as exc:
+                raise RouteError(f"embeddings must be a list of equal-length number lists: {exc}") from exc
             if X.ndim == 1:
                 X = X[None, :]
             dim = self.knn.n_features_in_
@@ -301,11 +306,15 @@ class Router:
 
     def _priced_only(self, mask: np.ndarray, point_options) -> np.ndarray:
         """A cost-aware request (any operating-point option given) chooses among the allowed
-        models with a known price, as the evaluation that measured the curve did."""
+        models with a known price, as the evaluation that measured the curve did; without one
+        (or without a reference cost) it is refused rather than silently ignored."""
         if all(o is None for o in point_options):
             return mask
         priced = mask & ~np.isnan(self._price_in) & ~np.isnan(self._price_out)
-        return priced if priced.any() else mask
+        if not priced.any() or not self._ref_cost > 0:
+            raise RouteError("lambda, delta, max_cost_share and max_quality_loss need prices: none of "
+                             "the allowed models has a known price in this bundle's model cards")
+        return priced
 
     def _tokens(self, tokens: np.ndarray | None, n: int, input_tokens: float | None) -> np.ndarray:
         if input_tokens is not None:
@@ -329,13 +338,14 @@ class Router:
         (as ``transforms.routing_eval.predict_with_coverage``), and the neighbours."""
         X = normalize_rows(X)
         neigh = self.knn.kneighbors(X)
-        if getattr(self.predictor, "n_neighbors", None) == self.knn.n_neighbors and hasattr(
+        k_pred = getattr(self.predictor, "n_neighbors", None)
+        if k_pred is not None and k_pred <= self.knn.n_neighbors and hasattr(
             self.predictor, "predict_from_neighbors"
         ):  # a kNN predictor over the bundle's index: reuse the one search
-            G = self.predictor.predict_from_neighbors(neigh)
+            G = self.predictor.predict_from_neighbors(_first(neigh, k_pred))
         else:
             G = self.predictor.predict_proba(X)
-        cov = covered(_first(neigh, int(self.settings.get("coverage_k", COVERAGE_K))), self.knn.Y_)
+        cov = covered(_first(neigh, self.coverage_k), self.knn.Y_)
         return np.where(cov, np.asarray(G, np.float64), np.nan), neigh
 
     def score_task(
@@ -366,8 +376,8 @@ class Router:
         mask = self._mask(models, max_params_b, max_cost, usd)
         mask = self._priced_only(mask, (lam, delta, max_cost_share, max_quality_loss))
         neigh = self.knn.kneighbors(X)
-        first = _first(neigh, self.knn.n_neighbors)
-        cov = covered(first, self.knn.Y_)
+        first = _first(neigh, self.k)
+        cov = covered(_first(neigh, self.coverage_k), self.knn.Y_)
         G = np.where(cov, self.knn.predict_from_neighbors(first), np.nan)
         u_new = mean_knn_distance(neigh, self.k_descriptor)
         if self._task_kernel is not None:

@@ -12,17 +12,16 @@ import numpy as np
 import polars as pl
 
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.bundle import BundleContent, BundleStore
-from benchroute.artifacts.router import bundle_files, router_parameters
+from benchroute.artifacts.bundle import BundleContent, BundleStore, json_bytes
+from benchroute.artifacts.router import CURVE_COLUMNS, bundle_files, router_parameters
 from benchroute.artifacts.store import Store
 from benchroute.transforms import costs as costs_
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.fingerprints import glob_expr
-from benchroute.transforms.lodo_groups import lodo_groups
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.router_fit import DEFAULT_PREDICTOR, fit_router
-from benchroute.transforms.routing_eval import CostData, evaluate_routing, pooled_curve
+from benchroute.transforms.routing_eval import CostData, NoHeldOutInputs, evaluate_routing
 
 
 @dataclass(frozen=True)
@@ -137,29 +136,23 @@ def cost_data(store: Store, bench: BenchmarkArrays, cards: list[dict]) -> CostDa
     return CostData(p_in, p_out, in_tok, out)
 
 
-def routing_curves(
-    store: Store, X: np.ndarray, ids: list[str], labels: pl.DataFrame, memberships: pl.DataFrame,
-    models: pl.DataFrame, cards: list[dict], predictor: str, *, seed: int = 0, log=None,
-) -> tuple[list[dict], dict]:
-    """The cost–quality curve of ``predictor``'s router on a random 20 % of each source group's
-    inputs (``transforms.routing_eval``), pooled over groups; and each group's summary."""
-    results = []
-    for g in lodo_groups(labels, memberships, min_datasets=1):
-        if g.skipped:
-            continue
-        bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
-        try:
-            res = evaluate_routing(bench, cost_data(store, bench, cards),
-                                   {predictor: lambda: make_predictor(predictor)}, split="random",
-                                   seed=seed, log=log)
-        except ValueError as exc:  # no held-out input labelled for every model
-            if log:
-                log.info("no routing curve for %s: %s", g.name, exc)
-            continue
-        results.append((g.name, res))
-    curve = pooled_curve([r for _, r in results], predictor)
-    summaries = {name: r.summary.row(0, named=True) for name, r in results}
-    return curve, summaries
+def routing_curve(bench: BenchmarkArrays, cost: CostData, predictor: str, *, seed: int = 0,
+                  log=None) -> tuple[list[dict], dict]:
+    """The cost–quality curve of the bundle as built, measured on held-out inputs: ``predictor``
+    fitted on a random 80 % of the bundle's inputs, the policy with the bundle's own costs and
+    reference over all its models on the other 20 % (``transforms.routing_eval``); and the
+    summary (AIQ, quality at a cost share…). Empty without held-out inputs or prices."""
+    try:
+        res = evaluate_routing(bench, cost, {predictor: lambda: make_predictor(predictor)},
+                               split="random", seed=seed, complete_only=False, log=log)
+    except NoHeldOutInputs as exc:
+        if log:
+            log.info("no routing curve: %s", exc)
+        return [], {}
+    pts = res.points.filter(pl.col("cost_share").is_finite())
+    summary = {**res.summary.row(0, named=True), **res.predictor_metrics.drop("fit_s").row(0, named=True)}
+    # (no timing: equal data must give an equal bundle)
+    return pts.select(list(CURVE_COLUMNS)).to_dicts(), summary
 
 
 def bundle_content(
@@ -177,9 +170,9 @@ def bundle_content(
     bench = BenchmarkArrays.from_frames(X, ids, labels, memberships, models)
     cards = cards_for(store, list(bench.models))
     t0 = time.perf_counter()
-    fit = fit_router(bench, k=k, weights=weights, predictor=predictor,
-                     cost=cost_data(store, bench, cards))
-    curve, routing = routing_curves(store, X, ids, labels, memberships, models, cards, predictor, log=log)
+    cost = cost_data(store, bench, cards)
+    fit = fit_router(bench, k=k, weights=weights, predictor=predictor, cost=cost)
+    curve, routing = routing_curve(bench, cost, predictor, log=log)
     if log:
         log.info(
             "fitted router (%s): %d inputs, %d models, %d datasets, %d curve points in %.1f s",
@@ -187,6 +180,7 @@ def bundle_content(
             time.perf_counter() - t0,
         )
     files = bundle_files(fit, cards, curve, index_dtype=index_dtype)
+    files["routing/summary.json"] = json_bytes(finite(routing))
     info = pq_models(files["models.parquet"])
     return BundleContent(
         name,
@@ -196,19 +190,10 @@ def bundle_content(
             "binarization_rules": binarization_rules(store),
             "sources": [{"key": k_, "fingerprint": v} for k_, v in sorted(store.units().items())],
             "parameters": {**router_parameters(fit), "index_dtype": index_dtype},
-            "evaluation": finite(with_routing(evaluation, routing)),
+            "evaluation": finite(evaluation),
             "models": finite(info),
         },
     )
-
-
-def with_routing(evaluation: dict, routing: dict) -> dict:
-    """Each group's evaluation entry with its routing summary (``routing_random``: the
-    cost-aware router on a random 20 % of its inputs) added."""
-    out = {g: dict(v) for g, v in evaluation.items()}
-    for g, summary in routing.items():
-        out.setdefault(g, {})["routing_random"] = summary
-    return out
 
 
 def pq_models(data: bytes) -> list[dict]:

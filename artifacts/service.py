@@ -34,7 +34,7 @@ class Filters(BaseModel):
     """Which models may answer, and the operating point of the cost-aware policy (at most one of
     ``lambda``, ``delta``, ``max_cost_share``, ``max_quality_loss``)."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")  # a typo is a 422, not ignored
 
     models: list[str] | None = Field(default=None, max_length=1_000)
     max_params_b: float | None = Field(default=None, gt=0, allow_inf_nan=False)

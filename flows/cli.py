@@ -9,6 +9,10 @@ import sys
 
 import polars as pl
 
+from benchroute.transforms.predictors import PREDICTORS
+
+PREDICTOR_NAMES = sorted(PREDICTORS)
+
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--source", action="append", dest="sources", help="only these sources")
     p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
-    p.add_argument("--predictor", action="append", dest="predictors", default=None,
+    p.add_argument("--predictor", action="append", dest="predictors", default=None, choices=PREDICTOR_NAMES,
                    help="predictors whose cost-aware routers are evaluated (default: knn and the default)")
     p.add_argument("--routing-split", action="append", dest="routing_splits", default=None,
                    choices=["random", "lodo"], help="held-out inputs for the routing evaluation (default both)")
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation summary")
     p.add_argument("--models", dest="model_cards",
                    help="model card (CSV or YAML: sizes, prices) over the store's card files")
-    p.add_argument("--predictor", default=None,
+    p.add_argument("--predictor", default=None, choices=PREDICTOR_NAMES,
                    help="per-query correctness predictor (knn, knn_shrunk, mlp, factorized; default: the measured best)")
 
     p = sub.add_parser("cards", help="model cards: sizes, open weights and prices")

@@ -24,7 +24,7 @@ from benchroute.transforms.lodo_groups import lodo_groups
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
-from benchroute.transforms.routing_eval import RoutingResult, evaluate_routing
+from benchroute.transforms.routing_eval import NoHeldOutInputs, RoutingResult, evaluate_routing
 
 
 class EvaluationError(RuntimeError):
@@ -133,7 +133,7 @@ def routing_groups(
             try:
                 res = evaluate_routing(bench, cost, factories, split=split, seed=seed,
                                        max_folds=max_folds, log=log)
-            except ValueError as exc:
+            except NoHeldOutInputs as exc:
                 if log:
                     log.info("no %s routing evaluation for %s: %s", split, g.name, exc)
                 continue

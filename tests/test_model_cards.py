@@ -94,6 +94,8 @@ def test_csv_and_yaml_cards_read_alike(tmp_path):
         ("my-org/x,0.1,0.1,0,", "params_b", "not positive"),
         ("my-org/x,0.1,0.1,,Some pricing page", "price_rule", "missing"),
         ("openai/gpt-4o-2024-05-13,1,1,,", "model", "repeats row 1"),
+        ("my-org/x,0.5,,,", "usd_per_1m_output", "needs both"),
+        ("my-org/x,,0.5,,", "usd_per_1m_input", "needs both"),
     ],
 )
 def test_a_bad_card_is_refused_naming_file_row_model_and_field(tmp_path, row, field, words):

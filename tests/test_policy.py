@@ -106,6 +106,18 @@ def test_request_costs_by_hand():
     assert costs.reference_model(np.array([0.9]), np.array([NAN]), np.array([NAN])) is None
 
 
+def test_within_delta_with_unknown_costs_and_reference_support():
+    # Within δ: model 0 (.90, unknown price) and model 1 (.85, priced): the priced one is cheaper.
+    c = np.array([NAN, 0.3, 0.02])
+    assert policy.choose(G[:1], c, Point("within_delta", 0.05)).tolist() == [1]
+    # Only unpriced models near the best: the best ĝ among them.
+    assert policy.choose(G[:1], np.array([NAN, NAN, 0.02]), Point("within_delta", 0.05)).tolist() == [0]
+    # The reference needs support: a model seen on 1 input (accuracy 1.0) is not it.
+    acc, p = np.array([1.0, 0.8, 0.6]), np.array([1.0, 1.0, 1.0])
+    assert costs.reference_model(acc, p, p, support=np.array([1, 900, 1000])) == 1
+    assert costs.reference_model(acc, p, p) == 0
+
+
 def test_hull_is_non_decreasing_and_concave():
     # (cost, quality): a dominated point (.5, .5) and a point under the chord (.6, .62).
     c = [0.1, 0.5, 0.6, 1.0, 0.4]
@@ -126,6 +138,12 @@ def test_aiq_by_hand():
     assert route_metrics.cost_at_quality([0.0, 1.0], [0.5, 1.0], 0.75) == pytest.approx(0.5)
     assert np.isnan(route_metrics.cost_at_quality([0.0, 1.0], [0.5, 1.0], 1.1))
     assert route_metrics.quality_at_cost([0.0, 1.0], [0.5, 1.0], 0.2) == pytest.approx(0.6)
+    # A target a hair above the first point (float noise) is reached there, not interpolated.
+    assert route_metrics.cost_at_quality([0.2], [0.7 - 1e-13], 0.7) == pytest.approx(0.2)
+    # By hand: hull (.1,.5) (.3,.7) (.6,.75) (1,.8) → AIQ over [.1, 1] = .6475 / .9.
+    c, q = [0.1, 0.3, 0.6, 1.0], [0.5, 0.7, 0.75, 0.8]
+    assert route_metrics.aiq(c, q, 0.1, 1.0) == pytest.approx(0.6475 / 0.9, abs=1e-5)
+    assert route_metrics.cost_at_quality(c, q, 0.78) == pytest.approx(0.84)
 
 
 def test_calibration_metrics_by_hand():

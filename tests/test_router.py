@@ -96,6 +96,11 @@ def test_cost_aware_operating_points(published):
     assert chosen and chosen[0].cost_share <= 0.3
     with pytest.raises(RouteError, match="at most one"):
         router.route(X[0], lam=0.1, delta=0.1)
+    unpriced = [m.model for m in router.models if m.usd_per_1m_input is None]
+    assert unpriced
+    with pytest.raises(RouteError, match="need prices"):
+        router.route(X[0], models=unpriced[:3], lam=0.1)
+    assert router.route(X[0], models=unpriced[:3])["model"] in unpriced  # quality only: fine
     rows = router.score_task(router.knn.X_[:40], lam=1e3)
     covered = [r for r in rows if r["coverage"] >= 0.5 and r["expected_cost_usd"] is not None]
     assert rows[0]["expected_cost_usd"] == min(r["expected_cost_usd"] for r in covered)

@@ -60,6 +60,10 @@ def test_bundle_picks_equal_evaluation_picks(embedded_sample_store, tmp_path, pr
     assert router.model_names == list(bench.models)
     assert len(router.knn.X_) == fold.train.size  # trained on exactly the evaluation's rows
 
+    # The default request (no cost option): argmax ĝ over every model, priced or not.
+    evaluated = res.choices[predictor][("argmax_all", 0.0)][start : start + fold.test.size]
+    served = [router.route(bench.X[r])["model"] for r in rows]
+    assert served == [bench.models[j] for j in evaluated]
     checked = 0
     for pt in POINTS:
         evaluated = res.choices[predictor][(pt.rule, pt.value)][start : start + fold.test.size]
@@ -69,6 +73,22 @@ def test_bundle_picks_equal_evaluation_picks(embedded_sample_store, tmp_path, pr
         assert served == [bench.models[j] for j in evaluated], f"{pt} differs on {held}"
         checked += len(served)
     assert checked >= 4 * 10
-    # The curve a caller reads from the bundle is the one the evaluation of the bundle measured.
-    assert router.curve and {p.rule for p in router.curve} == {"utility", "within_delta"}
-    assert pl.DataFrame([vars(p) for p in router.curve])["cost_share"].is_finite().all()
+    # The curve a caller reads is the evaluation of this bundle's data (a random 20 % held out,
+    # the bundle's own costs and models): the same numbers as running that evaluation here.
+    own_bench = bench_of(store, eid, labels, memberships, models, held)
+    own = evaluate_routing(own_bench, cost_data(store, own_bench, cards_for(store, list(own_bench.models))),
+                           {predictor: lambda: make_predictor(predictor)}, split="random",
+                           complete_only=False)
+    expect = own.points.filter(pl.col("cost_share").is_finite())
+    got = pl.DataFrame([vars(p) for p in router.curve])
+    assert got.height == expect.height > 0
+    assert np.allclose(got["cost_share"].to_numpy(), expect["cost_share"].to_numpy())
+    assert np.allclose(got["quality"].to_numpy(), expect["quality"].to_numpy())
+
+
+def bench_of(store, eid, labels, memberships, models, held):
+    """The bundle's benchmark: the labels without the held-out dataset."""
+    lab = labels.filter(pl.col("dataset") != held)
+    ids = sorted(lab["input_id"].unique().to_list())
+    X, ids = emb_store.read_matrix(store, eid, ids)
+    return BenchmarkArrays.from_frames(X, ids, lab, memberships, models)

@@ -51,13 +51,21 @@ def expected_output_tokens(out_tokens: np.ndarray) -> np.ndarray:
     return mean
 
 
-def reference_model(train_acc: np.ndarray, price_in: np.ndarray, price_out: np.ndarray) -> int | None:
-    """The best single model with a known price (highest training accuracy), or None."""
+def reference_model(train_acc: np.ndarray, price_in: np.ndarray, price_out: np.ndarray,
+                    support: np.ndarray | None = None) -> int | None:
+    """The best single model with a known price (highest training accuracy) among those with at
+    least half the training labels of the best-supported priced model (``support``: labels per
+    model; a model seen on one input is no reference), or None when no model is priced."""
     priced = ~np.isnan(np.asarray(price_in, np.float64)) & ~np.isnan(np.asarray(price_out, np.float64))
+    if support is not None:
+        sup = np.asarray(support, np.float64)
+        priced &= sup >= 0.5 * (sup[priced].max() if priced.any() else 0.0)
+        priced &= sup > 0
     if not priced.any():
         return None
-    acc = np.where(priced, np.nan_to_num(np.asarray(train_acc, np.float64), nan=-np.inf), -np.inf)
-    return int(np.argmax(acc))
+    idx = np.flatnonzero(priced)
+    acc = np.nan_to_num(np.asarray(train_acc, np.float64)[idx], nan=-np.inf)
+    return int(idx[np.argmax(acc)])
 
 
 def reference_cost(typical_in_tokens: float, exp_out_tokens: np.ndarray, price_in: np.ndarray,

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 DEFAULT_BLOCK_BYTES = 32 * 2**20  # one block of float32 similarities (argpartition adds 2x)
+COVERAGE_K = 10  # neighbours that decide whether a model can be judged on a query (``covered``)
 
 Weights = Literal["uniform", "distance"]
 Fallback = Literal["train_mean", "nan"]

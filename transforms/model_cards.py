@@ -193,6 +193,11 @@ def _parse_row(raw: dict) -> tuple[dict, list[tuple[str, str]]]:
         bad.append(("active_params_b", f"{card['active_params_b']:g} exceeds params_b "
                                        f"{card['params_b']:g}"))
     priced = card["usd_per_1m_input"] is not None or card["usd_per_1m_output"] is not None
+    for col, other in (("usd_per_1m_output", "usd_per_1m_input"), ("usd_per_1m_input", "usd_per_1m_output")):
+        if card[other] is not None and card[col] is None and not any(f == col for f, _ in bad):
+            # A half price would replace the whole price of the built card and un-price the model.
+            bad.append((col, f"missing: a price needs both input and output (give {col} = {other} "
+                             "if the provider charges one rate)"))
     rule = card["price_rule"]
     if priced and rule and rule.startswith("unknown"):
         bad.append(("price_rule", f"{rule!r} with a price"))

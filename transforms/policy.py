@@ -17,8 +17,8 @@ Inputs, for n queries and M models:
 
 Rules (DESIGN §2b), each a ``Point``:
 
-- ``utility``: argmax_m ĝ_m(x) − λ·c_m(x). λ = 0 is the paper's argmax ĝ; models of unknown price
-  can only be chosen at λ = 0.
+- ``utility``: argmax_m ĝ_m(x) − λ·c_m(x). λ = 0 is the paper's argmax ĝ; at λ > 0 a model of
+  unknown price is chosen only when no candidate has a price (the router refuses such a request).
 - ``within_delta``: the cheapest model whose ĝ is within δ of the best ĝ among the allowed
   models (unknown prices last among those).
 
@@ -30,6 +30,7 @@ an explicit ``lambda``/``delta`` (``operating_point``).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -154,7 +155,7 @@ def operating_point(
     if len(given) > 1:
         raise PolicyError(f"give at most one of lambda, delta, max_cost_share, max_quality_loss; got {sorted(given)}")
     for k, v in given.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
             raise PolicyError(f"{k} must be a finite number >= 0, got {v!r}")
     if lam is not None:
         return Point("utility", float(lam))

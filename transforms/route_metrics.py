@@ -72,7 +72,7 @@ def cost_at_quality(costs, qualities, target: float) -> float:
     hull = upper_hull(costs, qualities)
     if hull.shape[0] == 0 or hull[-1, 1] < target - 1e-12:
         return float("nan")
-    if hull[0, 1] >= target:
+    if hull[0, 1] >= target - 1e-12:
         return float(hull[0, 0])
     i = int(np.argmax(hull[:, 1] >= target - 1e-12))
     (c0, q0), (c1, q1) = hull[i - 1], hull[i]

@@ -83,7 +83,7 @@ def fit_router(
         nan = np.full(M, np.nan)
         cost = CostData(nan, nan, np.ones(n), np.full((n, M), np.nan))
     est = make_predictor(predictor).fit(bench.X, bench.Y)
-    decision = decision_costs(cost, np.arange(n), train_acc)
+    decision = decision_costs(cost, np.arange(n), train_acc, (~np.isnan(bench.Y)).sum(axis=0))
     return RouterFit(
         input_ids=list(bench.input_ids),
         models=list(bench.models),

@@ -36,9 +36,7 @@ import polars as pl
 from benchroute.transforms import costs as costs_
 from benchroute.transforms import policy, route_metrics
 from benchroute.transforms.evaluate import BenchmarkArrays
-from benchroute.transforms.knn import KNNCorrectness, covered
-
-COVERAGE_K = 10  # neighbours that decide whether a model can be judged on a query
+from benchroute.transforms.knn import COVERAGE_K, KNNCorrectness, covered
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,19 @@ class Fold:
     Y_test: np.ndarray  # labels of the test rows in the held-out data (n_test × M)
 
 
+class NoHeldOutInputs(ValueError):
+    """A split that leaves no input to evaluate on (message says which)."""
+
+
 def folds(bench: BenchmarkArrays, split: str, *, seed: int = 0, test_fraction: float = 0.2,
-          min_inputs: int = 10, max_folds: int | None = None) -> list[Fold]:
-    """The held-out folds of ``split`` ("random" or "lodo")."""
+          min_inputs: int = 10, max_folds: int | None = None, complete_only: bool = True) -> list[Fold]:
+    """The held-out folds of ``split`` ("random" or "lodo"). ``complete_only=False`` (random
+    split only) holds out any labelled input, not only those labelled for every model: a bundle
+    of several sources, whose models never ran on each other's inputs."""
     n = len(bench.input_ids)
     if split == "random":
-        complete = np.flatnonzero(~np.isnan(bench.Y).any(axis=1))
+        labelled = ~np.isnan(bench.Y).any(axis=1) if complete_only else ~np.isnan(bench.Y).all(axis=1)
+        complete = np.flatnonzero(labelled)
         rng = np.random.default_rng(seed)
         n_test = int(round(test_fraction * complete.size))
         test = np.sort(rng.choice(complete, n_test, replace=False)) if n_test else np.empty(0, np.int64)
@@ -112,9 +117,12 @@ class DecisionCosts:
         return usd / self.reference_cost if self.reference_cost > 0 else np.full(usd.shape, np.nan)
 
 
-def decision_costs(cost: CostData, train_rows: np.ndarray, train_acc: np.ndarray) -> DecisionCosts:
+def decision_costs(cost: CostData, train_rows: np.ndarray, train_acc: np.ndarray,
+                   support: np.ndarray) -> DecisionCosts:
+    """Expected output tokens, reference model and cost from the training rows; ``support`` (M,)
+    the training labels of each model (the reference needs at least half the best support)."""
     exp_out = costs_.expected_output_tokens(cost.out_tokens[train_rows])
-    ref = costs_.reference_model(train_acc, cost.price_in, cost.price_out)  # best priced model
+    ref = costs_.reference_model(train_acc, cost.price_in, cost.price_out, support)
     typical = float(np.median(cost.in_tokens[train_rows])) if train_rows.size else 1.0
     return DecisionCosts(exp_out, ref, costs_.reference_cost(typical, exp_out, cost.price_in,
                                                              cost.price_out, ref), typical)
@@ -154,7 +162,7 @@ class RoutingResult:
 
     split: str
     models: list[str]
-    points: pl.DataFrame  # predictor, rule, value, cost, cost_share, quality, quality_loss
+    points: pl.DataFrame  # predictor, rule, value, cost, cost_share, quality, scored, quality_loss
     singles: pl.DataFrame  # model, cost, cost_share, quality, priced
     predictor_metrics: pl.DataFrame  # predictor, accuracy, brier, ece, log_loss, fit_s
     summary: pl.DataFrame  # predictor, aiq, aiq_singles, best_model, best_quality, best_cost, ...
@@ -173,28 +181,36 @@ def evaluate_routing(
     max_folds: int | None = None,
     points: list[policy.Point] | None = None,
     keep_choices: bool = False,
+    complete_only: bool = True,
     log=None,
 ) -> RoutingResult:
     """Evaluate each predictor's cost-aware router on the held-out folds of ``split``."""
     import time
 
     pts = points or policy.sweep_points()
-    fs = folds(bench, split, seed=seed, test_fraction=test_fraction, max_folds=max_folds)
+    fs = folds(bench, split, seed=seed, test_fraction=test_fraction, max_folds=max_folds,
+               complete_only=complete_only)
     if not fs:
-        raise ValueError(f"{split}: no held-out inputs labelled for every model")
+        raise NoHeldOutInputs(f"{split}: no held-out inputs labelled for every model")
     M = len(bench.models)
     test_rows = np.concatenate([f.test for f in fs])
     Y = np.vstack([f.Y_test for f in fs])
     # Costs: realised per held-out request, and the decision costs of each fold (training rows only).
     accs = [train_accuracy(bench, f.train) for f in fs]
-    dcs = [decision_costs(cost, f.train, a) for f, a in zip(fs, accs)]
+    dcs = [decision_costs(cost, f.train, a, (~np.isnan(bench.Y[f.train])).sum(axis=0))
+           for f, a in zip(fs, accs)]
     R = np.vstack([realised_costs(cost, f.test, dc.exp_out_tokens) for f, dc in zip(fs, dcs)])
     Crel = np.vstack([dc.relative(cost, cost.in_tokens[f.test]) for f, dc in zip(fs, dcs)])
-    # The reference (best single) model on the held-out data: the cost shares' denominator.
-    quality_single = Y.mean(axis=0)
+    # The best single model on the held-out data (among priced models labelled on at least half of
+    # the held-out inputs): the cost shares' denominator and the quality to match.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        quality_single = np.nanmean(Y, axis=0)
+    support = (~np.isnan(Y)).sum(axis=0)
     priced = cost.priced
     ref_cost = np.nan
-    best = int(np.argmax(np.where(priced, quality_single, -np.inf))) if priced.any() else None
+    eligible = priced & (support >= 0.5 * support.max())
+    best = int(np.flatnonzero(eligible)[np.argmax(quality_single[eligible])]) if eligible.any() else None
     if best is not None:
         ref_cost = float(R[:, best].mean())
     singles = pl.DataFrame({
@@ -203,6 +219,9 @@ def evaluate_routing(
         "cost_share": R.mean(axis=0) / ref_cost if ref_cost == ref_cost else np.full(M, np.nan),
         "quality": quality_single,
         "priced": priced,
+        # Labelled on at least half of the held-out inputs: a single model comparable to the rest
+        # (in a bundle of several sources a model seen on a few inputs has a quality of its own).
+        "comparable": support >= 0.5 * support.max(),
     })
     point_rows, metric_rows, summary_rows = [], [], []
     choices: dict[str, dict] = {}
@@ -216,27 +235,33 @@ def evaluate_routing(
         fit_s = time.perf_counter() - t0
         if log:
             log.info("routing %s/%s: %d held-out inputs, %d models, %.1f s", split, name, Y.shape[0], M, fit_s)
-        metric_rows.append({"predictor": name, "accuracy": route_metrics.binary_accuracy(G, Y),
+        per_pred: dict = {}
+        # The default request (no cost option): argmax ĝ over every model, priced or not.
+        chosen = _choose_per_fold(G, Crel, policy.Point(), fs, accs, None)
+        q_all, _ = _scored(Y, R, chosen)
+        if keep_choices:
+            per_pred[("argmax_all", 0.0)] = chosen
+        metric_rows.append({"predictor": name, "quality_argmax_all_models": q_all,
+                            "accuracy": route_metrics.binary_accuracy(G, Y),
                             "brier": route_metrics.brier(G, Y), "ece": route_metrics.ece(G, Y),
                             "log_loss": _log_loss(G, Y), "fit_s": fit_s})
-        per_pred: dict = {}
         for pt in pts:
             if pt.rule != "utility" or pt.value > 0:
                 if not priced.any():
                     continue
             chosen = _choose_per_fold(G, Crel, pt, fs, accs, priced if priced.any() else None)
-            q = float(Y[np.arange(Y.shape[0]), chosen].mean())
-            c = float(R[np.arange(Y.shape[0]), chosen].mean())
+            q, c = _scored(Y, R, chosen)
             point_rows.append({"predictor": name, "rule": pt.rule, "value": pt.value, "cost": c,
                                "cost_share": c / ref_cost if ref_cost == ref_cost else np.nan,
-                               "quality": q})
+                               "quality": q,
+                               "scored": float((~np.isnan(Y[np.arange(Y.shape[0]), chosen])).mean())})
             if keep_choices:
                 per_pred[(pt.rule, pt.value)] = chosen
         choices[name] = per_pred
     pts_df = pl.DataFrame(point_rows) if point_rows else pl.DataFrame(
         schema={"predictor": pl.String, "rule": pl.String, "value": pl.Float64, "cost": pl.Float64,
-                "cost_share": pl.Float64, "quality": pl.Float64})
-    best_q = float(quality_single[best]) if best is not None else float(quality_single.max())
+                "cost_share": pl.Float64, "quality": pl.Float64, "scored": pl.Float64})
+    best_q = float(quality_single[best]) if best is not None else float(np.nanmax(quality_single))
     pts_df = pts_df.with_columns(quality_loss=best_q - pl.col("quality"))
     for name in predictors:
         summary_rows.append(_summary(name, pts_df.filter(pl.col("predictor") == name), singles, best,
@@ -254,6 +279,17 @@ def _choose_per_fold(G, Crel, pt, fs, accs, allowed) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _scored(Y: np.ndarray, R: np.ndarray, chosen: np.ndarray) -> tuple[float, float]:
+    """Mean quality and mean realised cost of the chosen answers, over the inputs where the chosen
+    model has a label (all of them within one source: every model is labelled there)."""
+    rows = np.arange(Y.shape[0])
+    q = Y[rows, chosen]
+    ok = ~np.isnan(q)
+    if not ok.any():
+        return float("nan"), float("nan")
+    return float(q[ok].mean()), float(R[rows, chosen][ok].mean())
+
+
 def _log_loss(G, Y) -> float:
     ok = ~np.isnan(G) & ~np.isnan(Y)
     p = np.clip(G[ok], 1e-6, 1 - 1e-6)
@@ -262,7 +298,7 @@ def _log_loss(G, Y) -> float:
 
 
 def _summary(name, pts: pl.DataFrame, singles: pl.DataFrame, best, models, best_q) -> dict:
-    s = singles.filter(pl.col("priced"))
+    s = singles.filter(pl.col("priced") & pl.col("comparable"))
     out = {"predictor": name, "best_model": models[best] if best is not None else None,
            "best_quality": best_q}
     if s.height == 0 or pts.height == 0:
@@ -290,46 +326,3 @@ def _summary(name, pts: pl.DataFrame, singles: pl.DataFrame, best, models, best_
         "share_of_range_above_singles": float(above.mean()),
     })
     return out
-
-
-def pooled_curve(results: list[RoutingResult], predictor: str) -> list[dict]:
-    """One cost–quality curve over several groups' held-out inputs, weighted by their counts:
-    cost share = Σ router cost / Σ reference cost, quality and the best single model's quality
-    averaged over inputs. Groups without a priced reference model are left out; a point must be
-    measured in every group kept."""
-    parts = []
-    for r in results:
-        pts = r.points.filter(pl.col("predictor") == predictor)
-        n = int(r.test_rows.size) if r.test_rows is not None else 0
-        if n == 0 or pts.height == 0:
-            continue
-        ref = (pts["cost"] / pts["cost_share"]).drop_nans().drop_nulls()
-        if ref.len() == 0 or not np.isfinite(ref[0]) or ref[0] <= 0:
-            continue
-        best_q = float((pts["quality"] + pts["quality_loss"])[0])
-        parts.append(pts.select("rule", "value", "cost", "quality").with_columns(
-            n=pl.lit(n), ref=pl.lit(float(ref[0])), best_q=pl.lit(best_q)))
-    if not parts:
-        return []
-    allp = pl.concat(parts)
-    k = len(parts)
-    pooled = (
-        allp.group_by("rule", "value")
-        .agg(
-            (pl.col("cost") * pl.col("n")).sum().alias("c"),
-            (pl.col("ref") * pl.col("n")).sum().alias("r"),
-            (pl.col("quality") * pl.col("n")).sum().alias("q"),
-            (pl.col("best_q") * pl.col("n")).sum().alias("b"),
-            pl.col("n").sum().alias("n"),
-            pl.len().alias("groups"),
-        )
-        .filter(pl.col("groups") == k)
-        .select(
-            "rule", "value",
-            (pl.col("c") / pl.col("r")).alias("cost_share"),
-            (pl.col("q") / pl.col("n")).alias("quality"),
-            ((pl.col("b") - pl.col("q")) / pl.col("n")).alias("quality_loss"),
-        )
-        .sort("rule", "value")
-    )
-    return pooled.to_dicts()
