@@ -147,6 +147,53 @@ def test_held_out_inputs_are_never_neighbours_even_when_shared():
     assert shared_rows.size == 6 and not train[shared_rows].any()
 
 
+def _bma_leak_case():
+    """Models a and b; the held-out dataset "h" shares all its inputs with "t1".
+
+    On the training data only (t1's own inputs, t2, t4, t5) a is the better model: t1 a 4/6 vs
+    b 3/6, the others a 3/6 vs b 3/6. On h's six inputs (also in t1, labelled there too) b is
+    right and a wrong, so counting them in t1 (t1: a 4/12 vs b 9/12) or counting h itself would
+    make b the BMA.
+    """
+    rng = np.random.default_rng(0)
+    recs, members = [], []
+
+    def add(prefix, n, a_right, b_right, datasets):
+        for i in range(n):
+            iid = f"{prefix}{i:031x}"
+            for d in datasets:
+                members.append((iid, d))
+                recs.append((iid, d, "a", int(i < a_right)))
+                recs.append((iid, d, "b", int(i < b_right)))
+
+    add("1", 6, 4, 3, ["t1"])
+    for j in (2, 4, 5):  # neutral training datasets (the kernel needs a few)
+        add(str(j), 6, 3, 3, [f"t{j}"])
+    add("3", 6, 0, 6, ["h", "t1"])
+    labels = pl.DataFrame(recs, schema=["input_id", "dataset", "model", "y"], orient="row")
+    labels = labels.with_columns(value=pl.col("y").cast(pl.Float64))
+    memberships = pl.DataFrame(members, schema=["input_id", "dataset"], orient="row")
+    ids = sorted(labels["input_id"].unique().to_list())
+    X = rng.normal(size=(len(ids), 8)).astype(np.float32)
+    return BenchmarkArrays.from_frames(X, ids, labels, memberships)
+
+
+def test_bma_never_counts_the_held_out_inputs():
+    b = _bma_leak_case()
+    h = b.datasets.index("h")
+    # the case is what it claims: with h's inputs counted, b would be the BMA
+    leaky = np.nanmean(b.dataset_accuracy(), axis=0)
+    assert leaky[b.models.index("b")] > leaky[b.models.index("a")]
+    held = b.member[:, h]
+    clean = np.nanmean(np.delete(b.dataset_accuracy(exclude_rows=held), h, axis=0), axis=0)
+    assert clean[b.models.index("a")] > clean[b.models.index("b")]
+    ev = evaluate_lodo(b, EvalConfig(k=3, min_inputs=4, alphas=(0.0,)))
+    bma = ev.per_task.filter((pl.col("dataset") == "h") & (pl.col("method") == "BMA"))
+    assert bma.height == 2  # both tie rules
+    assert bma["model"].to_list() == ["a", "a"]
+    assert bma["acc"].to_list() == [0.0, 0.0]  # a is wrong on every input of h: no leak helped
+
+
 def test_lodo_invariants_and_determinism():
     X, ids, labels, memberships = _synthetic(seed=1)
     b = BenchmarkArrays.from_frames(X, ids, labels, memberships)

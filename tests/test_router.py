@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 
-from benchroute.artifacts.bundle import BundleStore, open_bundle
-from benchroute.artifacts.router import RouteError, load_router
+from benchroute.artifacts.bundle import BundleStore, VerifiedBundle, open_bundle
+from benchroute.artifacts.router import (
+    RouteError,
+    Router,
+    bundle_files,
+    load_router,
+    router_parameters,
+)
 from benchroute.flows.cli import main as cli
 from benchroute.flows.publish import publish_store
+from benchroute.transforms.evaluate import BenchmarkArrays
+from benchroute.transforms.router_fit import fit_router
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +68,43 @@ def test_route_restricted_to_models_and_budget(published):
         router.route(x, models=["no-such-model"])
     with pytest.raises(RouteError, match="columns"):
         router.route(np.zeros(7))
+
+
+def _small_router() -> Router:
+    """A router over three models of known size (7, 8 and 70 B) and one of unknown size, built
+    in memory from a tiny benchmark (no sample, no embedder): the filters are all it tests."""
+    rng = np.random.default_rng(0)
+    sizes = {"small": 7.0, "mid": 8.0, "big": 70.0, "unsized": None}
+    ids = [f"{i:032x}" for i in range(24)]
+    labels = pl.DataFrame(
+        [(iid, f"d{i % 3}", m, int(rng.random() < 0.5))
+         for i, iid in enumerate(ids) for m in sizes],
+        schema=["input_id", "dataset", "model", "y"], orient="row",
+    ).with_columns(value=pl.col("y").cast(pl.Float64))
+    memberships = labels.select("input_id", "dataset").unique()
+    models = pl.DataFrame({"model": list(sizes), "params_b": list(sizes.values())},
+                          schema={"model": pl.String, "params_b": pl.Float64})
+    bench = BenchmarkArrays.from_frames(rng.normal(size=(24, 8)).astype(np.float32), ids, labels,
+                                        memberships, models)
+    fit = fit_router(bench, k=3, predictor="knn")
+    files = bundle_files(fit, [{"model": m, "params_b": b} for m, b in sizes.items()])
+    manifest = {"name": "small", "version": "test", "parameters": router_parameters(fit)}
+    return Router(VerifiedBundle("memory://small", manifest, files))
+
+
+def test_size_bound_is_inclusive():
+    router = _small_router()
+    x = router.knn.X_[0]
+    # A bound equal to a model's size allows it, alone or among others.
+    assert router.route(x, models=["small"], max_params_b=7.0)["model"] == "small"
+    assert router.route(x, models=["small", "big"], max_params_b=7.0)["model"] == "small"
+    assert [r["model"] for r in router.score_task(x[None, :], max_params_b=7.0)] == ["small"]
+    assert {r["model"] for r in router.score_task(x[None, :], max_params_b=8.0)} == {"small", "mid"}
+    # Just below it, nothing is left; an unknown size never passes a size bound.
+    with pytest.raises(RouteError, match="filters"):
+        router.route(x, max_params_b=6.99)
+    with pytest.raises(RouteError, match="filters"):
+        router.route(x, models=["unsized"], max_params_b=1e6)
 
 
 def test_budget_filter_on_real_prices(published):

@@ -96,3 +96,34 @@ def test_store_on_s3(s3_server):
     Appender(store).append({"inputs": _inputs("b", "c")}, units={"u2": "2"}, info={})
     assert sorted(store.read("inputs")["text"]) == ["a", "b", "c"]
     assert store.units() == {"u": "1", "u2": "2"}
+
+
+def test_racing_writers_never_overwrite_a_commit(store):
+    """Two writers read the same next number; the loser must not replace the winner's commit.
+
+    The race is forced: between this writer reading the next free number and writing its commit
+    file, a second writer (another Store on the same root) commits under that number. Only an
+    exclusive create ("xb") makes the late writer notice and move on to the next number.
+    """
+    store.commit(append={"inputs": _inputs("a")})
+    other = Store(store.url)
+    real_next_seq = store._next_seq
+    calls, winner = [], []
+
+    def stale_next_seq():
+        seq = real_next_seq()
+        if not calls:  # first read: the other writer commits before we write
+            other.commit(append={"inputs": _inputs("b")}, units={"other": "f"})
+            winner.append(store.fs.cat_file(store.path("_log", f"{seq:010d}.json")))
+        calls.append(seq)
+        return seq
+
+    store._next_seq = stale_next_seq
+    mine = store.commit(append={"inputs": _inputs("c")}, units={"mine": "f"})
+    assert calls[0] == 2, "the race was not set up: the first read must see number 2 as free"
+    assert mine.seq == 3 and len(calls) == 2
+    commits = Store(store.url).commits()
+    assert [c.seq for c in commits] == [1, 2, 3]
+    assert store.fs.cat_file(store.path("_log", "0000000002.json")) == winner[0]  # untouched
+    assert commits[1].units == {"other": "f"} and commits[2].units == {"mine": "f"}
+    assert sorted(Store(store.url).read("inputs")["text"]) == ["a", "b", "c"]
