@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from benchroute.schemas.manifest import (
     ManifestError,
     check_manifest,
     check_relpath,
+    json_schema,
 )
 
 BUNDLES_DIR = "bundles"
@@ -36,6 +38,26 @@ REFS_DIR = "refs"
 
 class BundleError(RuntimeError):
     """A bundle that cannot be published or loaded (message names the bundle and file)."""
+
+
+_PROPS = json_schema()["properties"]
+NAME_RE = re.compile(_PROPS["name"]["pattern"])
+VERSION_RE = re.compile(_PROPS["version"]["pattern"])
+REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def check_name(name, where: str = "") -> str:
+    """A bundle name as the manifest schema allows it (one folder, never ``..`` or a path)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BundleError(f"{where or 'bundle'}: bad bundle name {name!r}")
+    return name
+
+
+def check_version(version, where: str = "") -> str:
+    """A version id as the manifest schema allows it (``<UTC time>Z-<12 hex>``, one folder)."""
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise BundleError(f"{where or 'bundle'}: bad version {version!r}")
+    return version
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -100,11 +122,12 @@ class BundleStore:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self._ls(self.path()))
 
     def versions(self, name: str) -> list[str]:
-        """Published versions (those with a manifest), oldest first (version ids sort by time)."""
+        """Published versions (folders named as a version id, with a manifest), oldest first
+        (version ids sort by time)."""
         out = []
-        for p in self._ls(self.path(name)):
+        for p in self._ls(self.path(check_name(name))):
             v = posixpath.basename(p.rstrip("/"))
-            if v != REFS_DIR and not v.startswith("_") and self.fs.exists(f"{p}/{MANIFEST_FILE}"):
+            if VERSION_RE.fullmatch(v) and self.fs.exists(f"{p}/{MANIFEST_FILE}"):
                 out.append(v)
         return sorted(out)
 
@@ -117,12 +140,25 @@ class BundleStore:
             return []
 
     # refs ---------------------------------------------------------------------------
+    def _ref_path(self, name: str, ref: str) -> str:
+        check_name(name)
+        if not isinstance(ref, str) or not REF_RE.fullmatch(ref):
+            raise BundleError(f"bundle {name}: bad ref name {ref!r}")
+        return self.path(name, REFS_DIR, f"{ref}.json")
+
     def ref(self, name: str, ref: str = "latest") -> str | None:
-        p = self.path(name, REFS_DIR, f"{ref}.json")
+        """The version a ref names (None when there is no such ref); a ref file that is not
+        ``{"version": <version id>}`` is refused, naming the file and the value."""
+        p = self._ref_path(name, ref)
         if not self.fs.exists(p):
             return None
         with self.fs.open(p, "rb") as f:
-            return json.loads(f.read())["version"]
+            raw = f.read()
+        try:
+            version = json.loads(raw)["version"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BundleError(f"ref file {p}: not {{\"version\": …}}: {raw[:200]!r}") from exc
+        return check_version(version, f"ref file {p}")
 
     def refs(self, name: str) -> dict[str, str]:
         out = {}
@@ -133,28 +169,30 @@ class BundleStore:
         return out
 
     def set_ref(self, name: str, ref: str, version: str) -> None:
+        p = self._ref_path(name, ref)
         if version not in self.versions(name):
             raise BundleError(f"bundle {name}: no published version {version!r}")
-        if not ref.replace("-", "").replace("_", "").isalnum():
-            raise BundleError(f"bundle {name}: bad ref name {ref!r}")
-        _atomic_put(self.fs, self.path(name, REFS_DIR, f"{ref}.json"), json_bytes({"version": version}))
+        _atomic_put(self.fs, p, json_bytes({"version": version}))
 
     def delete_ref(self, name: str, ref: str) -> None:
-        p = self.path(name, REFS_DIR, f"{ref}.json")
+        p = self._ref_path(name, ref)
         if self.fs.exists(p):
             self.fs.rm(p)
 
     def resolve(self, name: str, version: str = "latest") -> str:
-        """A version id from a version id or a ref name (``latest``, a pin)."""
+        """A version id from a version id or a ref name (``latest``, a pin); only ever a version
+        id (the schema's pattern), so the folder it names is one of this bundle's."""
         if version in self.versions(name):
             return version
+        if isinstance(version, str) and VERSION_RE.fullmatch(version):
+            raise BundleError(f"bundle {name} in {self.url}: no published version {version!r}")
         resolved = self.ref(name, version)
         if resolved is None:
             raise BundleError(f"bundle {name} in {self.url}: no version or ref {version!r}")
         return resolved
 
     def manifest(self, name: str, version: str) -> dict:
-        p = self.path(name, version, MANIFEST_FILE)
+        p = self.path(check_name(name), check_version(version, f"bundle {name}"), MANIFEST_FILE)
         try:
             with self.fs.open(p, "rb") as f:
                 data = json.loads(f.read())
@@ -247,7 +285,9 @@ def open_bundle(url: str, name: str | None = None, version: str = "latest") -> V
     ``url`` is a store root (with ``name``; without one, its ``default`` bundle), a bundle's folder
     (``<store>/bundles/<name>``) or a version folder (``…/<name>/<version>``). Every listed file
     is hashed; an unknown schema version, a file not in the manifest, a path escaping the folder,
-    a size or hash mismatch, or a pickle in an ``.npy`` is refused with the file's name.
+    a size or hash mismatch, or a pickle in an ``.npy`` is refused with the file's name. The
+    manifest's ``name`` and ``version`` must be the folder's (``…/<name>/<version>``), so a ref
+    or a copied manifest cannot make another folder pass for this bundle.
     """
     fs, path = url_to_fs(str(url).rstrip("/"))
     path = path.rstrip("/")
@@ -274,6 +314,12 @@ def open_bundle(url: str, name: str | None = None, version: str = "latest") -> V
         check_manifest(manifest, label)
     except ManifestError as exc:
         raise BundleError(str(exc)) from exc
+    where = (posixpath.basename(posixpath.dirname(folder)), posixpath.basename(folder))
+    if (manifest["name"], manifest["version"]) != where:
+        raise BundleError(
+            f"{label}: manifest is bundle {manifest['name']}/{manifest['version']}, "
+            f"but was loaded from folder {where[0]}/{where[1]}"
+        )
     listed = set(manifest["files"]) | {MANIFEST_FILE}
     for full in fs.find(folder):
         rel = full[len(folder) + 1 :]

@@ -239,9 +239,14 @@ def _bundles(args) -> int:
 
 
 def _route(args) -> int:
+    from benchroute.artifacts.bundle import BundleError
     from benchroute.artifacts.router import RouteError, load_router
 
-    router = load_router(args.bundle, args.name, args.version)
+    try:
+        router = load_router(args.bundle, args.name, args.version)
+    except BundleError as exc:  # a bad ref, a tampered or missing bundle: a message, not a traceback
+        print(f"benchroute route: {exc}", file=sys.stderr)
+        return 2
     filters = {"models": args.models, "max_params_b": args.max_params_b, "max_cost": args.max_cost,
                "lam": args.lam, "delta": args.delta, "max_cost_share": args.max_cost_share,
                "max_quality_loss": args.max_quality_loss, "input_tokens": args.input_tokens}

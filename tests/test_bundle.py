@@ -113,6 +113,22 @@ def test_truncated_file_is_refused(store_url):
         open_bundle(store_url, "demo")
 
 
+@pytest.mark.parametrize("rel", ["index/embeddings.npy", "labels.parquet"])
+def test_same_size_tampering_is_refused_by_the_hash(store_url, rel):
+    """One byte changed, the size kept: only the sha256 comparison can catch it."""
+    bs = BundleStore(store_url)
+    v = bs.publish(_content(), code_version="t").version
+    path = bs.path("demo", v, rel)
+    with bs.fs.open(path, "rb") as f:
+        data = bytearray(f.read())
+    pos = len(data) - 1 if rel.endswith(".npy") else len(data) // 2  # npy: last float's byte
+    data[pos] ^= 0x01
+    bs.fs.pipe_file(path, bytes(data))
+    assert len(data) == bs.manifest("demo", v)["files"][rel]["size"]
+    with pytest.raises(BundleError, match=f"{rel} does not match its sha256"):
+        open_bundle(store_url, "demo")
+
+
 def _rewrite_manifest(store_url, change) -> None:
     bs = BundleStore(store_url)
     v = bs.publish(_content(), code_version="t").version
@@ -219,3 +235,132 @@ def test_publish_and_load_through_s3(s3_server):
     assert open_bundle(url, "demo").manifest["version"] == second.version
     assert registry.rollback(url, "demo") == first.version
     assert open_bundle(url, "demo").npy("index/embeddings.npy").shape == (5, 4)
+
+
+# ------------------------------------------------------------------ refs stay inside the store
+def _store_with_an_outside_bundle(tmp_path) -> tuple[str, str, str]:
+    """(store, its own version, a version copied outside it): ``<tmp>/elsewhere/<v>`` and
+    ``<tmp>/elsewhere/demo/<v>`` hold a complete, verifiable bundle that is not in the store."""
+    import shutil
+
+    store = str(tmp_path / "store")
+    own = BundleStore(store).publish(_content(0), code_version="t").version
+    other = BundleStore(str(tmp_path / "other")).publish(_content(1), code_version="t")
+    shutil.copytree(other.url, tmp_path / "elsewhere" / other.version)
+    shutil.copytree(other.url, tmp_path / "elsewhere" / "demo" / other.version)
+    return store, own, other.version
+
+
+def _write_ref(store: str, name: str, version: str, ref: str = "latest") -> str:
+    """Overwrite a ref file by hand (as anyone with write access to the store could)."""
+    path = os.path.join(store, "bundles", name, "refs", f"{ref}.json")
+    with open(path, "w") as f:
+        json.dump({"version": version}, f)
+    return path
+
+
+@pytest.mark.parametrize("form", ["relative", "relative-with-name", "absolute"])
+def test_a_ref_cannot_leave_the_store(tmp_path, capsys, form):
+    import re
+
+    from benchroute.artifacts.router import load_router
+    from benchroute.flows.cli import main as cli
+
+    store, own, outside = _store_with_an_outside_bundle(tmp_path)
+    value = {
+        "relative": f"../../../elsewhere/{outside}",
+        "relative-with-name": f"../../../elsewhere/demo/{outside}",  # name and version would match
+        "absolute": str(tmp_path / "elsewhere" / "demo" / outside),
+    }[form]
+    ref_file = _write_ref(store, "demo", value)
+    refused = rf"{re.escape(ref_file)}.*{re.escape(repr(value))}"
+    with pytest.raises(BundleError, match=refused):
+        BundleStore(store).resolve("demo")
+    with pytest.raises(BundleError, match=refused):
+        open_bundle(store, "demo")
+    with pytest.raises(BundleError, match=refused):
+        load_router(store, "demo")
+    assert cli(["route", "--bundle", store, "--name", "demo", "a question"]) == 2
+    err = capsys.readouterr().err
+    assert "latest.json" in err and value in err and "Traceback" not in err
+
+    BundleStore(store).set_ref("demo", "latest", own)  # a legit ref still works
+    assert BundleStore(store).resolve("demo") == own
+    assert open_bundle(store, "demo").manifest["version"] == own
+
+
+@pytest.mark.parametrize(
+    "content", ['{"version": 5}', "[]", "not json", '{"v": 1}', json.dumps({"version": "latest"})]
+)
+def test_malformed_ref_files_are_refused_naming_the_file(store_url, content):
+    bs = BundleStore(store_url)
+    bs.publish(_content(), code_version="t")
+    bs.fs.pipe_file(bs.path("demo", "refs", "latest.json"), content.encode())
+    with pytest.raises(BundleError, match="latest.json"):
+        bs.resolve("demo")
+    with pytest.raises(BundleError, match="latest.json"):
+        open_bundle(store_url, "demo")
+
+
+@pytest.mark.parametrize(
+    "name,version,message",
+    [
+        ("../demo", "latest", "bad bundle name"),
+        ("demo/..", "latest", "bad bundle name"),
+        ("demo", "../../demo/refs/latest", "bad ref name"),
+        ("demo", "/etc/passwd", "bad ref name"),
+        ("demo", "20990101T000000000000Z-0123456789ab", "no published version"),
+    ],
+)
+def test_names_and_versions_that_are_not_one_folder_are_refused(store_url, name, version, message):
+    BundleStore(store_url).publish(_content(), code_version="t")
+    with pytest.raises(BundleError, match=message):
+        open_bundle(store_url, name, version=version)
+    with pytest.raises(BundleError, match=message):
+        BundleStore(store_url).resolve(name, version)
+
+
+def test_a_copied_manifest_does_not_pass_for_another_folder(store_url):
+    """The manifest's name and version must be the folder's: a copy under another version id or
+    another bundle name is refused, by ref, by version and by URL."""
+    bs = BundleStore(store_url)
+    v = bs.publish(_content(), code_version="t").version
+    fake = "20990101T000000000000Z-0123456789ab"
+    bs.fs.copy(bs.path("demo", v), bs.path("demo", fake), recursive=True)
+    bs.fs.copy(bs.path("demo", v), bs.path("copy", v), recursive=True)
+    bs.fs.copy(bs.path("demo", v), bs.path("demo", "not-a-version"), recursive=True)
+    assert bs.versions("demo") == sorted([v, fake]) and bs.versions("copy") == [v]
+    with pytest.raises(BundleError, match="no version or ref 'not-a-version'"):
+        open_bundle(store_url, "demo", version="not-a-version")
+    with pytest.raises(BundleError, match=f"manifest is bundle demo/{v}.*folder demo/{fake}"):
+        open_bundle(store_url, "demo", version=fake)
+    bs.set_ref("copy", "latest", v)
+    with pytest.raises(BundleError, match=f"manifest is bundle demo/{v}.*folder copy/{v}"):
+        open_bundle(store_url, "copy")
+    with pytest.raises(BundleError, match="manifest is bundle demo/"):
+        open_bundle(f"{store_url}/bundles/copy/{v}")
+    assert open_bundle(store_url, "demo", version=v).manifest["version"] == v
+
+
+def test_cli_route_follows_a_legit_ref_and_refuses_an_escaping_one(embedded_sample_store, capsys):
+    """On a real router bundle: a pin and ``latest`` route, a ``latest`` outside the store is an
+    exit code 2 with the ref file named, not a traceback."""
+    from benchroute.artifacts.router import load_router
+    from benchroute.flows.cli import main as cli
+    from benchroute.flows.publish import publish_store
+
+    store = embedded_sample_store
+    v = publish_store(store, "refs-escape", evaluate=False)["version"]
+    registry.pin(store, "refs-escape", v, "prod")
+    assert load_router(store, "refs-escape", "prod").version == v
+    for version in ("latest", "prod"):
+        assert cli(["route", "--bundle", store, "--name", "refs-escape", "--version", version,
+                    "What is 2 + 2?"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"]
+    ref_file = _write_ref(store, "refs-escape", f"../../../elsewhere/{v}")
+    try:
+        assert cli(["route", "--bundle", store, "--name", "refs-escape", "What is 2 + 2?"]) == 2
+        err = capsys.readouterr().err
+        assert ref_file in err and f"../../../elsewhere/{v}" in err and "Traceback" not in err
+    finally:
+        BundleStore(store).set_ref("refs-escape", "latest", v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -11,7 +12,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from benchroute.artifacts.service import create_app
+from benchroute.artifacts.bundle import BundleStore
+from benchroute.artifacts.service import MAX_BODY_BYTES, MAX_TASK_CHARS, MAX_TEXT_CHARS, create_app
 from benchroute.flows.publish import publish_store
 
 
@@ -78,10 +80,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_swaps_to_a_new_latest_without_dropping_requests(embedded_sample_store):
-    store = embedded_sample_store
-    first = publish_store(store, "swap", evaluate=False)
-    app = create_app(store, "swap", poll_seconds=0.1)
+@contextlib.contextmanager
+def _uvicorn(app):
+    """``app`` served by a real uvicorn on a free loopback port; yields its base URL."""
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -93,11 +94,22 @@ def test_swaps_to_a_new_latest_without_dropping_requests(embedded_sample_store):
             break
         except httpx.HTTPError:
             time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_swaps_to_a_new_latest_without_dropping_requests(embedded_sample_store):
+    store = embedded_sample_store
+    first = publish_store(store, "swap", evaluate=False)
+    app = create_app(store, "swap", poll_seconds=0.1)
     x = app.state.holder.router.knn.X_[0].tolist()
     seen, failures = set(), 0
     stop = time.monotonic() + 30
     published_second = None
-    with httpx.Client(timeout=5) as client:
+    with _uvicorn(app) as url, httpx.Client(timeout=5) as client:
         i = 0
         while time.monotonic() < stop:
             r = client.post(f"{url}/v1/route", json={"embedding": x})
@@ -108,7 +120,141 @@ def test_swaps_to_a_new_latest_without_dropping_requests(embedded_sample_store):
                 published_second = publish_store(store, "swap", k=5, evaluate=False)
             if published_second and published_second["version"] in seen and i > 40:
                 break
-    server.should_exit = True
-    thread.join(timeout=10)
     assert failures == 0
     assert first["version"] in seen and published_second["version"] in seen
+
+
+# ------------------------------------------------------------------ no 500s, bounded requests
+@pytest.fixture(scope="module")
+def live(served):
+    """The ``svc`` bundle behind a real uvicorn on loopback: (base URL, a stored embedding)."""
+    store, app, _ = served
+    x = app.state.holder.router.knn.X_[0].tolist()
+    with _uvicorn(create_app(store, "svc", poll_seconds=0.2)) as url:
+        yield url, x
+
+
+def _raw(client: httpx.Client, url: str, text: str) -> httpx.Response:
+    """POST ``text`` as is (NaN and lone surrogates are JSON no encoder here would write)."""
+    return client.post(url, content=text.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    "path,body,code",
+    [
+        ("/v1/route", '{"embedding": %s, "max_params_b": NaN}', 422),
+        ("/v1/route", '{"embedding": %s, "lambda": Infinity}', 422),
+        ("/v1/route", '{"text": "\\ud800 what?"}', 422),
+        ("/v1/route", '{"embedding": %s, "models": ["\\udfff"]}', 422),
+        ("/v1/route", '{"embedding": %s, "\\ud800": 1}', 422),
+        ("/v1/score-task", '{"texts": ["ok", "\\ud800"]}', 422),
+        ("/v1/score-task", '{"embeddings": [%s, [0.1, 0.2]]}', 400),
+        ("/v1/score-task", '{"embeddings": [%s, [NaN]]}', 400),
+        ("/v1/route", '{"embedding": [NaN, %t]}', 400),
+    ],
+    ids=["nan", "inf", "surrogate", "surrogate-model", "surrogate-key", "surrogate-texts",
+         "ragged", "ragged-nan", "nan-embedding"],
+)
+def test_malformed_values_are_4xx_and_keep_the_connection(live, path, body, code):
+    url, x = live
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = _raw(client, path, body.replace("%s", str(x)).replace("%t", str(x[1:])[1:-1]))
+        assert r.status_code == code, r.text
+        assert r.json()["detail"]
+        after = client.post("/v1/route", json={"embedding": x})  # same keep-alive connection
+        assert after.status_code == 200 and after.json()["model"]
+
+
+def test_chunked_body_over_the_limit_is_refused_while_it_arrives(live):
+    """No Content-Length: the bytes are counted as they come, so the 413 needs no whole body."""
+    url, x = live
+    sent = 0
+
+    def body(total: int = 3 * MAX_BODY_BYTES, chunk: bytes = b" " * 2**16):
+        nonlocal sent
+        while sent < total:
+            sent += len(chunk)
+            yield chunk
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/score-task", content=body(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "request body over" in r.json()["detail"]
+        assert client.post("/v1/route", json={"embedding": x}).status_code == 200
+    # A body that never ends: the answer comes once the limit is passed, not at its end.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(b"POST /v1/score-task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b" " * 2**16
+        for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
+            s.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        assert s.recv(64).startswith(b"HTTP/1.1 413")
+
+
+def test_score_task_text_is_bounded_in_total(served):
+    _, _, client = served
+    n = MAX_TASK_CHARS // MAX_TEXT_CHARS + 1
+    r = client.post("/v1/score-task", json={"texts": ["x" * MAX_TEXT_CHARS] * n})
+    assert r.status_code == 422 and f"at most {MAX_TASK_CHARS} characters" in r.text
+
+
+class _Failing:
+    """A router stand-in whose every call raises ``exc`` (and that the poller will not swap out)."""
+
+    def __init__(self, version: str, exc: Exception):
+        self.version, self.exc = version, exc
+
+    def route(self, *args, **kwargs):
+        raise self.exc
+
+    score_task = route
+
+
+def test_router_errors_are_400_and_a_crash_is_a_json_500(served, monkeypatch):
+    _, app, client = served
+    holder = app.state.holder
+    x = holder.router.knn.X_[0].tolist()
+    echoed = ValueError("unknown models: ['\ud800']")  # an error that quotes a lone surrogate back
+    monkeypatch.setattr(holder, "router", _Failing(holder.router.version, echoed))
+    r = client.post("/v1/route", json={"embedding": x})
+    assert r.status_code == 400 and r.json() == {"detail": str(echoed)}
+    monkeypatch.setattr(holder, "router", _Failing(holder.router.version, RuntimeError("secret state")))
+    r = client.post("/v1/score-task", json={"embeddings": [x]})
+    assert r.status_code == 500 and "RuntimeError" in r.json()["detail"]
+    assert "secret state" not in r.text and "Traceback" not in r.text
+    monkeypatch.undo()
+    assert client.post("/v1/route", json={"embedding": x}).status_code == 200
+
+
+def _wait_for(client, pred, seconds: float = 60) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        health = client.get("/healthz").json()
+        if pred(health) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.1)
+
+
+def test_failed_swap_reports_degraded_until_a_good_one(embedded_sample_store):
+    store, bs = embedded_sample_store, BundleStore(embedded_sample_store)
+    first = publish_store(store, "degrade", evaluate=False)["version"]
+    second = publish_store(store, "degrade", k=5, evaluate=False)["version"]
+    bs.set_ref("degrade", "latest", first)
+    rel = sorted(bs.manifest("degrade", second)["files"])[0]
+    path = bs.path("degrade", second, rel)
+    with bs.fs.open(path, "rb") as f:
+        good = f.read()
+    bs.fs.pipe_file(path, good[:-1] + bytes([good[-1] ^ 1]))  # same size, other bytes
+    with TestClient(create_app(store, "degrade", poll_seconds=0.1)) as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+        bs.set_ref("degrade", "latest", second)  # a tampered version becomes latest
+        health = _wait_for(client, lambda h: h["last_error"])
+        assert health["status"] == "degraded" and health["version"] == first
+        assert rel in health["last_error"]
+        bs.set_ref("degrade", "latest", first)  # rolled back to what is served: healthy again
+        assert _wait_for(client, lambda h: not h["last_error"])["status"] == "ok"
+        bs.set_ref("degrade", "latest", second)
+        assert _wait_for(client, lambda h: h["last_error"])["status"] == "degraded"
+        bs.fs.pipe_file(path, good)
+        health = _wait_for(client, lambda h: h["version"] == second)
+        assert health == {**health, "status": "ok", "version": second, "last_error": None}
