@@ -91,11 +91,29 @@ class BundleContent:
     meta: Mapping = field(default_factory=dict)  # embedder, rules, sources, parameters, …
 
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        for rel in sorted(self.files):
-            h.update(f"{rel}\0{sha256(self.files[rel])}\n".encode())
-        h.update(json_bytes(dict(self.meta)))
-        return h.hexdigest()
+        return content_digest({rel: sha256(data) for rel, data in self.files.items()}, dict(self.meta))
+
+
+# Manifest keys that describe the publication, not the content (everything else is metadata that
+# can change an answer, and is covered by the content hash).
+PUBLICATION_KEYS = frozenset({"schema_version", "name", "version", "content_hash", "created",
+                              "code_version", "files"})
+
+
+def content_digest(file_sha256: Mapping[str, str], meta: Mapping) -> str:
+    """The content hash of a bundle: every file's path and sha256, and its metadata (embedder,
+    rules, sources, parameters, evaluation, models) as canonical JSON."""
+    h = hashlib.sha256()
+    for rel in sorted(file_sha256):
+        h.update(f"{rel}\0{file_sha256[rel]}\n".encode())
+    h.update(json_bytes(dict(meta)))
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: Mapping) -> str:
+    """The content hash that a manifest's file list and metadata give (what ``publish`` wrote)."""
+    meta = {k: v for k, v in manifest.items() if k not in PUBLICATION_KEYS}
+    return content_digest({rel: e["sha256"] for rel, e in manifest["files"].items()}, meta)
 
 
 @dataclass(frozen=True)
@@ -319,6 +337,15 @@ def open_bundle(url: str, name: str | None = None, version: str = "latest") -> V
         raise BundleError(
             f"{label}: manifest is bundle {manifest['name']}/{manifest['version']}, "
             f"but was loaded from folder {where[0]}/{where[1]}"
+        )
+    # Everything that changes an answer (settings, embedder, models, file list) is covered by the
+    # content hash, and the version id ends with it: an edited manifest is refused here, before
+    # any of its settings is used.
+    digest = manifest_digest(manifest)
+    if digest != manifest["content_hash"] or not manifest["version"].endswith(f"-{digest[:12]}"):
+        raise BundleError(
+            f"{label}: manifest.json does not match its content hash (its settings, models or file "
+            "list were changed after publishing)"
         )
     listed = set(manifest["files"]) | {MANIFEST_FILE}
     for full in fs.find(folder):

@@ -155,6 +155,27 @@ def test_paths_escaping_the_bundle_are_refused(store_url, bad):
         open_bundle(store_url, "demo")
 
 
+@pytest.mark.parametrize("change", [
+    lambda m: m["parameters"].update(k=50),  # a routing setting
+    lambda m: m.update(embedder={"name": "evil/other-model", "dim": 4, "weights_hash": "x"}),
+    lambda m: m.update(content_hash="0" * 64),
+    lambda m: m["files"].pop("params.json"),  # a listed file dropped (and deleted below)
+])
+def test_an_edited_manifest_is_refused(store_url, change):
+    """Issue 12 item 3: settings in manifest.json are covered by the verified content hash."""
+    bs = BundleStore(store_url)
+    v = bs.publish(_content(), code_version="t").version
+    assert open_bundle(store_url, "demo").manifest["parameters"]["k"] == 5
+    path = bs.path("demo", v, "manifest.json")
+    m = json.loads(bs.fs.cat_file(path))
+    change(m)
+    if "params.json" not in m["files"]:
+        bs.fs.rm(bs.path("demo", v, "params.json"))
+    bs.fs.pipe_file(path, json.dumps(m).encode())
+    with pytest.raises(BundleError, match="does not match its content hash"):
+        open_bundle(store_url, "demo")
+
+
 def test_pickled_npy_is_refused(store_url):
     bs = BundleStore(store_url)
     buf = io.BytesIO()
