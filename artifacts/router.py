@@ -101,7 +101,7 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
     )
     cbuf = io.BytesIO()
     pq.write_table(curve_tab, cbuf, compression="zstd")
-    params, arrays = predictor_state(fit.predictor)
+    params, arrays = fit.predictor.to_state(include_index=False)  # the index is stored once, below
     dec = fit.decision
     files = {
         "index/embeddings.npy": npy_bytes(fit.X.astype(INDEX_DTYPES[index_dtype])),
@@ -129,15 +129,6 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
 
 
 CURVE_COLUMNS = ("rule", "value", "cost_share", "quality", "quality_loss")
-
-
-def predictor_state(est) -> tuple[dict, dict]:
-    """A fitted predictor's state without the kNN index (the bundle stores that once)."""
-    import inspect
-
-    if "include_index" in inspect.signature(est.to_state).parameters:
-        return est.to_state(include_index=False)
-    return est.to_state()
 
 
 def router_parameters(fit) -> dict:

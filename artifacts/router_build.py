@@ -109,23 +109,33 @@ def finite(obj):
     return obj
 
 
-def cost_data(store: Store, bench: BenchmarkArrays, cards: list[dict]) -> CostData:
-    """Prices (from the model cards) and token counts (input text length; recorded output
-    lengths, see ``transforms.costs``) aligned to ``bench``."""
-    by_name = {c["model"]: c for c in cards}
-    price = lambda m, col: np.nan if by_name.get(m, {}).get(col) is None else float(by_name[m][col])  # noqa: E731
-    p_in = np.array([price(m, "usd_per_1m_input") for m in bench.models])
-    p_out = np.array([price(m, "usd_per_1m_output") for m in bench.models])
-    ids = pl.DataFrame({"input_id": bench.input_ids})
-    texts = ids.join(store.read("inputs", columns=["input_id", "text"]), on="input_id", how="left")
-    in_tok = costs_.input_tokens([t or "" for t in texts["text"].to_list()])
-    out = np.full((len(bench.input_ids), len(bench.models)), np.nan)
+def token_frames(store: Store) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(input texts, recorded output tokens per input and model) of the store: what
+    ``cost_data`` reads, to read once when several benchmarks of one store are costed."""
+    texts = store.read("inputs", columns=["input_id", "text"])
     recorded = (
         store.read("outcomes", columns=["input_id", "model", "metric", "value", "perturbation"])
         .filter(pl.col("metric").is_in(list(costs_.OUTPUT_METRICS)) & pl.col("perturbation").is_null())
         .with_columns(tokens=pl.col("value") * pl.col("metric").replace_strict(costs_.OUTPUT_METRICS))
         .group_by("input_id", "model").agg(pl.col("tokens").mean())
     )
+    return texts, recorded
+
+
+def cost_data(store: Store, bench: BenchmarkArrays, cards: list[dict],
+              tokens: tuple[pl.DataFrame, pl.DataFrame] | None = None) -> CostData:
+    """Prices (from the model cards) and token counts (input text length; recorded output
+    lengths, see ``transforms.costs``) aligned to ``bench``; ``tokens``: ``token_frames(store)``
+    when already read."""
+    texts_all, recorded = tokens if tokens is not None else token_frames(store)
+    by_name = {c["model"]: c for c in cards}
+    price = lambda m, col: np.nan if by_name.get(m, {}).get(col) is None else float(by_name[m][col])  # noqa: E731
+    p_in = np.array([price(m, "usd_per_1m_input") for m in bench.models])
+    p_out = np.array([price(m, "usd_per_1m_output") for m in bench.models])
+    ids = pl.DataFrame({"input_id": bench.input_ids})
+    texts = ids.join(texts_all, on="input_id", how="left")
+    in_tok = costs_.input_tokens([t or "" for t in texts["text"].to_list()])
+    out = np.full((len(bench.input_ids), len(bench.models)), np.nan)
     if recorded.height:
         row_of = {iid: r for r, iid in enumerate(bench.input_ids)}
         m_of = {m: j for j, m in enumerate(bench.models)}

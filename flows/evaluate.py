@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from benchroute import code_version
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.report import write_report
-from benchroute.artifacts.router_build import cost_data
+from benchroute.artifacts.router_build import cost_data, token_frames
 from benchroute.artifacts.store import Store
 from benchroute.transforms.evaluate import BenchmarkArrays, EvalConfig, Evaluation, evaluate_lodo
 from benchroute.transforms.lodo_groups import lodo_groups
@@ -123,9 +123,10 @@ def routing_groups(
     needed = sorted(set().union(*(set(g.labels["input_id"]) for g in groups)))
     X, ids = emb_store.read_matrix(store, embedder_id, needed)
     out: dict[str, dict[str, RoutingResult]] = {}
+    tokens = token_frames(store)  # read once for every group
     for g in groups:
         bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
-        cost = cost_data(store, bench, cards_for(store, list(bench.models)))
+        cost = cost_data(store, bench, cards_for(store, list(bench.models)), tokens)
         factories = {p: (lambda p=p: make_predictor(p)) for p in dict.fromkeys(predictors)}
         for split in splits:
             if split == "lodo" and len(g.datasets) < 2:

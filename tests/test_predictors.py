@@ -406,3 +406,20 @@ def test_unfitted_and_wrong_dimension_errors(data, fitted):
             fitted[name].predict_proba(data["Xte"][:, :16])
     with pytest.raises(ValueError, match="labels must lie"):
         KNNPredictor().fit(data["Xtr"], data["Ytr"] * 2)
+
+
+def test_every_predictor_stores_without_its_index_by_one_call(data):
+    """A bundle stores the kNN index once and calls ``to_state(include_index=False)`` on whatever
+    predictor it holds, a network or a calibrated one around a network included."""
+    for name in ("mlp", "mlp_calibrated", "knn_shrunk"):
+        est = make_predictor(name, **({} if name.startswith("knn") else {"hidden": 8, "max_epochs": 3}))
+        est.fit(data["Xtr"], data["Ytr"])
+        params, arrays = est.to_state(include_index=False)
+        restored = predictor_from_state(params, arrays, index=(est_index(est)))
+        np.testing.assert_allclose(restored.predict_proba(data["Xte"]), est.predict_proba(data["Xte"]))
+
+
+def est_index(est):
+    """The (X, Y) index a bundle would pass back (only kNN predictors use it)."""
+    base = getattr(est, "base_", est)
+    return (base.X_, base.Y_) if hasattr(base, "X_") else None

@@ -513,7 +513,10 @@ class _NetworkPredictor(BasePredictor):
         P[:, self.n_labels_ == 0] = np.nan
         return P
 
-    def to_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+    def to_state(self, include_index: bool = True, index_dtype: str = "float32") -> tuple[dict, dict[str, np.ndarray]]:
+        """State as JSON params and arrays; ``include_index``/``index_dtype`` are the kNN
+        predictors' options (a network keeps no index), accepted so every predictor (and a
+        calibrated one around it) is stored by the same call."""
         params = self._state_params({
             "activations": list(self.activations_),
             "n_layers": len(self.layers_),
