@@ -6,6 +6,13 @@ Publishing writes the data files, reads them back to verify them, and writes the
 (one put, exclusive), so a version folder without a manifest is invisible; the ``latest`` ref
 (``refs/latest.json``) moves only after that. A reader therefore sees the old bundle or the new
 one, never a mix. Identical content (same files and metadata) publishes no new version.
+
+A publish is also recoverable: before its first file it records its intent
+(``<name>/_publishing/<version>.json``) and clears it only after ``latest`` moved. The next
+``publish`` (or ``recover``) of the name finishes what a killed publisher left half-done: an
+intent whose manifest landed moves ``latest`` there (unless a newer version is latest already),
+one without a manifest older than ``STALE_PUBLISH_S`` is rolled back (its folder removed). A
+deliberate ``rollback`` clears the intents first, so it is never undone by a later recovery.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
+from benchroute.faults import crash_point
 from benchroute.schemas.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -34,6 +42,9 @@ from benchroute.schemas.manifest import (
 
 BUNDLES_DIR = "bundles"
 REFS_DIR = "refs"
+PENDING_DIR = "_publishing"  # one intent file per publish in progress (or killed)
+# A publish whose manifest has not landed this long after it started is dead: rolled back.
+STALE_PUBLISH_S = 3600.0
 
 
 class BundleError(RuntimeError):
@@ -102,7 +113,7 @@ PUBLICATION_KEYS = frozenset({"schema_version", "name", "version", "content_hash
 
 def content_digest(file_sha256: Mapping[str, str], meta: Mapping) -> str:
     """The content hash of a bundle: every file's path and sha256, and its metadata (embedder,
-    rules, sources, parameters, evaluation, models) as canonical JSON."""
+    rules, sources, parameters, evaluation, stability, models) as canonical JSON."""
     h = hashlib.sha256()
     for rel in sorted(file_sha256):
         h.update(f"{rel}\0{file_sha256[rel]}\n".encode())
@@ -122,6 +133,9 @@ class Published:
     version: str
     url: str
     created: bool  # False: identical content was already published as this version
+    latest: str | None = None  # what ``latest`` names after this call
+    # Versions this call made ``latest``, finishing publishes a killed run left half-done.
+    recovered: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------ locations
@@ -220,24 +234,118 @@ class BundleStore:
             raise BundleError(f"bundle {name}/{version}: manifest.json is not JSON: {exc}") from exc
         return data
 
+    # interrupted publishes -----------------------------------------------------------
+    def _pending_path(self, name: str, version: str) -> str:
+        return self.path(check_name(name), PENDING_DIR, f"{check_version(version)}.json")
+
+    def pending(self, name: str) -> list[str]:
+        """Versions whose publish recorded its intent and has not cleared it (running or killed)."""
+        out = []
+        for p in self._ls(self.path(check_name(name), PENDING_DIR)):
+            base = posixpath.basename(p)
+            if base.endswith(".json") and VERSION_RE.fullmatch(base[:-5]):
+                out.append(base[:-5])
+        return sorted(out)
+
+    def clear_pending(self, name: str, version: str | None = None) -> list[str]:
+        """Drop the intent of ``version`` (default: of every version whose manifest landed, i.e.
+        publishes that only have ``latest`` left to move). Returns the versions dropped."""
+        if version is None:
+            published = set(self.versions(name))
+            versions = [v for v in self.pending(name) if v in published]
+        else:
+            versions = [version]
+        for v in versions:
+            p = self._pending_path(name, v)
+            if self.fs.exists(p):
+                self.fs.rm(p)
+        return versions
+
+    def recover(self, name: str, *, stale_after: float = STALE_PUBLISH_S) -> list[dict]:
+        """Finish or roll back the publishes of ``name`` a killed run left half-done.
+
+        An intent whose manifest landed: ``latest`` moves to that version unless it already names
+        it or a newer one (then the intent is just dropped). An intent without a manifest is a
+        publish still writing, or one that died before its manifest: after ``stale_after``
+        seconds its folder and intent are removed. Returns ``{"version", "action"}`` per intent
+        handled, ``action`` one of ``latest moved``, ``already latest``, ``superseded``,
+        ``rolled back``.
+        """
+        done = []
+        published = set(self.versions(name))
+        for v in self.pending(name):
+            if v in published:
+                latest = self.ref(name)
+                if latest is None or latest < v:
+                    self.set_ref(name, "latest", v)
+                    action = "latest moved"
+                else:
+                    action = "already latest" if latest == v else "superseded"
+            elif _age_seconds(v) > stale_after:
+                folder = self.path(name, v)
+                if self.fs.exists(folder):
+                    self.fs.rm(folder, recursive=True)
+                action = "rolled back"
+            else:
+                continue
+            self.clear_pending(name, v)
+            done.append({"version": v, "action": action})
+        return done
+
+    def orphans(self, name: str) -> list[str]:
+        """Version folders without a manifest and without a publish intent: left by a killed
+        ``gc`` (it removes the manifest first) or a killed publisher of older code; invisible to
+        readers, removed by ``registry.gc``. (A live publish always has its intent, written
+        before its folder, and the intent is checked before the manifest.)"""
+        pending = set(self.pending(name))
+        out = []
+        for p in self._ls(self.path(check_name(name))):
+            v = posixpath.basename(p.rstrip("/"))
+            if (VERSION_RE.fullmatch(v) and v not in pending
+                    and not self.fs.exists(self._pending_path(name, v))
+                    and not self.fs.exists(f"{p}/{MANIFEST_FILE}")):
+                out.append(v)
+        return sorted(out)
+
     # publish ------------------------------------------------------------------------
     def publish(self, content: BundleContent, *, code_version: str) -> Published:
-        """Publish ``content`` as a new version (or return the version that already holds it)."""
+        """Publish ``content`` as a new version (or return the version that already holds it),
+        after finishing any publish a killed run left half-done (``recover``)."""
         name = content.name
         for rel in content.files:
             check_relpath(rel, f"bundle {name}")
+        recovered = tuple(r["version"] for r in self.recover(name) if r["action"] == "latest moved")
         digest = content.content_hash()
         for v in reversed(self.versions(name)):
             if self.manifest(name, v).get("content_hash") == digest:
                 if self.ref(name) is None:
                     self.set_ref(name, "latest", v)
-                return Published(name, v, self._url(name, v), created=False)
+                return Published(name, v, self._url(name, v), created=False,
+                                 latest=self.ref(name), recovered=recovered)
 
         now = dt.datetime.now(dt.UTC)
         version = f"{now:%Y%m%dT%H%M%S%fZ}-{digest[:12]}"
         folder = self.path(name, version)
         if self.fs.exists(f"{folder}/{MANIFEST_FILE}"):
             raise BundleError(f"bundle {name}: version {version} exists already")
+        intent = self._pending_path(name, version)
+        _atomic_put(self.fs, intent, json_bytes({"version": version, "content_hash": digest,
+                                                 "started": now.isoformat()}))
+        crash_point("bundle.intent")
+        try:
+            self._write_version(name, version, folder, content, digest, now, code_version)
+        except BaseException:
+            self.clear_pending(name, version)  # nothing visible was written; gc removes the files
+            raise
+        crash_point("bundle.manifest")
+        self.set_ref(name, "latest", version)
+        crash_point("bundle.ref")
+        self.clear_pending(name, version)
+        return Published(name, version, self._url(name, version), created=True, latest=version,
+                         recovered=recovered)
+
+    def _write_version(self, name, version, folder, content, digest, now, code_version) -> None:
+        """The data files, verified, then the manifest (exclusive): the version's commit."""
         files = {}
         for rel, data in sorted(content.files.items()):
             target = f"{folder}/{rel}"
@@ -248,6 +356,7 @@ class BundleStore:
             with self.fs.open(f"{folder}/{rel}", "rb") as f:
                 if sha256(f.read()) != entry["sha256"]:
                     raise BundleError(f"bundle {name}/{version}: {rel} did not verify after write")
+        crash_point("bundle.files")
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
@@ -265,11 +374,15 @@ class BundleStore:
             raise BundleError(
                 f"bundle {name}: another publisher wrote version {version} at the same time"
             ) from exc
-        self.set_ref(name, "latest", version)
-        return Published(name, version, self._url(name, version), created=True)
 
     def _url(self, name: str, version: str) -> str:
         return f"{self.url}/{BUNDLES_DIR}/{name}/{version}"
+
+
+def _age_seconds(version: str) -> float:
+    """Seconds since a version id's time (its publish started then)."""
+    started = dt.datetime.strptime(version.split("-", 1)[0], "%Y%m%dT%H%M%S%fZ")
+    return (dt.datetime.now(dt.UTC) - started.replace(tzinfo=dt.UTC)).total_seconds()
 
 
 # ------------------------------------------------------------------------------ loading

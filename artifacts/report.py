@@ -1,5 +1,8 @@
 """The evaluation report: tables as Parquet, a Markdown report, and a self-contained HTML report
-with plots (matplotlib, images embedded), written to any fsspec folder."""
+with plots (matplotlib, images embedded), written to any fsspec folder. With a stability summary
+(``transforms.stability_summary``, issue 15) also a "Stability" section: its tables, plots of
+the rank intervals per source group, τ per format variant and RStd per model, and
+``<out>/stability/<table>.parquet``."""
 
 from __future__ import annotations
 
@@ -25,16 +28,20 @@ from benchroute.transforms.paper import (
 
 TABLES = ("table1", "per_task", "predictor", "alpha", "table2")
 ROUTING_TABLES = ("points", "singles", "predictor_metrics", "summary")
+STABILITY_TABLES = ("rankings", "ranking_scopes", "variants", "variant_models", "rstd")
 TIES = "train_acc"  # the tie rule shown in the Markdown tables (both are in the Parquet files)
 
 
 def write_report(
     out_url: str, results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str],
     routing: Mapping[str, Mapping[str, RoutingResult]] | None = None,
+    stability=None,
 ) -> dict[str, str]:
     """Write ``<out>/<group>/<table>.parquet``, ``summary.json``, ``report.md``, ``report.html``;
     with ``routing`` (group → split → ``transforms.routing_eval.RoutingResult``) also
-    ``<out>/<group>/routing_<split>_<table>.parquet`` and the cost–quality section.
+    ``<out>/<group>/routing_<split>_<table>.parquet`` and the cost–quality section; with
+    ``stability`` (a ``StabilitySummary``) ``<out>/stability/<table>.parquet`` and the stability
+    section (its manifest summary in ``summary.json``).
 
     Returns the written paths by role.
     """
@@ -55,16 +62,24 @@ def write_report(
             for name in ROUTING_TABLES:
                 with fs.open(f"{root}/{group}/routing_{split}_{name}.parquet", "wb") as f:
                     getattr(res, name).write_parquet(f)
+    if stability is not None:
+        fs.makedirs(f"{root}/stability", exist_ok=True)
+        for name in STABILITY_TABLES:
+            with fs.open(f"{root}/stability/{name}.parquet", "wb") as f:
+                getattr(stability, name).write_parquet(f)
     summary = {
         "meta": dict(meta),
         "skipped": dict(skipped),
         "groups": {g: ev.summary for g, ev in results.items()},
         "routing": {g: {sp: r.summary.to_dicts() for sp, r in by.items()} for g, by in routing.items()},
     }
+    if stability is not None:
+        summary["stability"] = stability.manifest()
     fs.pipe_file(f"{root}/summary.json", _json(summary))
-    md = markdown_report(results, meta, skipped) + routing_markdown(routing)
+    md = markdown_report(results, meta, skipped) + routing_markdown(routing) + stability_markdown(stability)
     fs.pipe_file(f"{root}/report.md", md.encode())
-    fs.pipe_file(f"{root}/report.html", html_report(results, meta, skipped, md, routing).encode())
+    fs.pipe_file(f"{root}/report.html",
+                 html_report(results, meta, skipped, md, routing, stability).encode())
     written.update(
         {"summary": f"{root}/summary.json", "markdown": f"{root}/report.md", "html": f"{root}/report.html"}
     )
@@ -146,8 +161,31 @@ def _alpha_markdown(alpha: pl.DataFrame) -> str:
 
 
 def _chosen(ev: Evaluation) -> pl.DataFrame:
+    """The chosen model per method, and S3's ``flip_task`` beside it when measured."""
     t = ev.per_task.filter((pl.col("ties") == TIES) & (pl.col("method") != "Random"))
-    return t.pivot(on="method", index="dataset", values="model").sort("dataset")
+    wide = t.pivot(on="method", index="dataset", values="model").sort("dataset")
+    if "flip_task" in t.columns:
+        flips = t.filter(pl.col("method").is_in(["S3", "Oracle"])).pivot(
+            on="method", index="dataset", values="flip_task")
+        flips = flips.rename({c: f"{c} flip" for c in flips.columns if c != "dataset"})
+        wide = wide.join(flips, on="dataset", how="left")
+    return wide
+
+
+def stability_markdown(stability) -> str:
+    """The stability section (``StabilitySummary.markdown``), empty without a summary."""
+    if stability is None:
+        return ""
+    return "\n".join([
+        "", "# Stability", "",
+        "How far the rankings and choices above can be trusted (issue 15): bootstrap over inputs "
+        "(rank intervals, P(best), Kendall τ of the full-data ranking against the resamples), "
+        "format variants of the same items (other metrics, suites, perturbations, question "
+        "versions), selection bias over answer positions (RStd, with the RStd an unbiased model "
+        "would show from sampling alone). `flip` columns in the chosen-model tables: share of "
+        "resamples of the task's inputs on which the choice changes.", "",
+        stability.markdown(), "",
+    ])
 
 
 def _frame_markdown(df: pl.DataFrame) -> str:
@@ -204,9 +242,25 @@ def routing_markdown(routing: Mapping[str, Mapping[str, RoutingResult]]) -> str:
 def html_report(
     results: Mapping[str, Evaluation], meta: Mapping, skipped: Mapping[str, str], markdown: str,
     routing: Mapping[str, Mapping[str, RoutingResult]] | None = None,
+    stability=None,
 ) -> str:
     """Self-contained HTML: the Markdown tables as HTML plus the plots of each group."""
     body = [_markdown_to_html(markdown)]
+    if stability is not None:
+        body.append("<h2>Plots: stability</h2>")
+        for title, png in (
+            (f"Rank intervals per source group, best {PLOT_MODELS} models (bootstrap over "
+             "inputs; dot = full-data rank)",
+             _plot_rank_intervals(stability.rankings)),
+            ("Kendall τ of each format variant's ranking vs its reference (grey: mean τ of the "
+             "bootstrap resamples)", _plot_variant_tau(stability.variants)),
+            (f"RStd per model, largest {PLOT_MODELS} (selection bias over answer positions; × = "
+             "RStd of an unbiased model from sampling alone)", _plot_rstd(stability.rstd)),
+        ):
+            if png:
+                b64 = base64.b64encode(png).decode()
+                body.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'/>"
+                            f"<figcaption>{html.escape(title)}</figcaption></figure>")
     for group, by_split in (routing or {}).items():
         for split, res in by_split.items():
             png = _plot_cost_quality(res)
@@ -363,4 +417,88 @@ def _plot_cost_quality(res: RoutingResult) -> bytes | None:
     ax.set_xlabel("cost / cost of the best single model (log)")
     ax.set_ylabel("quality of the routed answers")
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+PLOT_MODELS = 20  # models per panel of the stability plots (the best ranked / the most biased)
+
+
+def _plot_rank_intervals(rankings: pl.DataFrame) -> bytes | None:
+    """One panel per source group: the rank interval of each of its best-ranked models."""
+    g = rankings.filter(pl.col("scope_kind") == "group") if rankings.height else rankings
+    if g.height == 0:
+        return None
+    g = g.sort("rank", "model").group_by("scope", maintain_order=True).head(PLOT_MODELS)
+    plt = _figure()
+    scopes = g["scope"].unique(maintain_order=True).to_list()
+    sizes = [g.filter(pl.col("scope") == sc).height for sc in scopes]
+    fig, axes = plt.subplots(len(scopes), 1, squeeze=False,
+                             figsize=(7, sum(0.16 * n + 0.8 for n in sizes)),
+                             gridspec_kw={"height_ratios": [n + 4 for n in sizes]})
+    for ax, sc in zip(axes[:, 0], scopes):
+        part = g.filter(pl.col("scope") == sc).sort("rank", "model")
+        y = list(range(part.height))
+        r, lo, hi = (part[c].to_numpy() for c in ("rank", "rank_lo", "rank_hi"))
+        err = [(r - lo).clip(min=0), (hi - r).clip(min=0)]  # the full-data rank can lie outside
+        ax.errorbar(r, y, xerr=err, fmt="o", ms=3, lw=1, capsize=2)
+        ax.set_yticks(y)
+        ax.set_yticklabels(part["model"].to_list(), fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(sc, fontsize=9)
+        ax.set_xlabel("rank (1 = best)", fontsize=8)
+    fig.subplots_adjust(hspace=0.5)
+    return _png(fig)
+
+
+def _plot_variant_tau(variants: pl.DataFrame, top: int = 25) -> bytes | None:
+    """τ per variant: the source-group comparisons, then the lowest-τ dataset ones."""
+    if variants.height == 0 or "tau" not in variants.columns:
+        return None
+    v = variants.filter(pl.col("tau").is_not_null() & pl.col("tau").is_not_nan())
+    v = pl.concat([v.filter(pl.col("scope_kind") == "group"),
+                   v.filter(pl.col("scope_kind") == "dataset").sort("tau").head(top)])
+    if v.height == 0:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 0.2 * v.height + 1))
+    labels = [f"{sc} · {var}"[:70] for sc, var in v.select("scope", "variant").iter_rows()]
+    y = list(range(v.height))
+    ax.barh(y, v["tau"].to_list(), height=0.6)
+    if "tau_bootstrap" in v.columns:
+        ax.scatter(v["tau_bootstrap"].to_list(), y, color="grey", marker="|", s=80, zorder=3)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlim(min(0.0, float(v["tau"].min())), 1.0)
+    ax.set_xlabel("Kendall τ-b (variant vs reference ranking)", fontsize=8)
+    return _png(fig)
+
+
+def _plot_rstd(rstd: pl.DataFrame) -> bytes | None:
+    """RStd per model with the sampling-noise level, one panel per source group, and per
+    dataset of a source without one."""
+    if rstd.height == 0:
+        return None
+    groups = rstd.filter(pl.col("scope_kind") == "group")["scope"].unique().to_list()
+    alone = pl.col("scope").str.split("/").list.first().is_in(groups).not_()  # no group panel
+    r = rstd.filter(((pl.col("scope_kind") == "group") | alone) & pl.col("rstd").is_not_nan())
+    if r.height == 0:
+        return None
+    plt = _figure()
+    scopes = r["scope"].unique(maintain_order=True).to_list()
+    sizes = [min(r.filter(pl.col("scope") == sc).height, PLOT_MODELS) for sc in scopes]
+    fig, axes = plt.subplots(len(scopes), 1, squeeze=False,
+                             figsize=(7, sum(0.16 * n + 0.8 for n in sizes)),
+                             gridspec_kw={"height_ratios": [n + 4 for n in sizes]})
+    for ax, sc in zip(axes[:, 0], scopes):
+        part = r.filter(pl.col("scope") == sc).sort("rstd", descending=True).head(PLOT_MODELS)
+        y = list(range(part.height))
+        ax.barh(y, part["rstd"].to_list(), height=0.6)
+        ax.scatter(part["rstd_noise"].to_list(), y, color="black", marker="x", s=12, zorder=3)
+        ax.set_yticks(y)
+        ax.set_yticklabels(part["model"].to_list(), fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(sc, fontsize=9)
+        ax.set_xlabel("RStd (std of per-position recall)", fontsize=8)
+    fig.subplots_adjust(hspace=0.5)
     return _png(fig)

@@ -165,12 +165,29 @@ def routing_curve(bench: BenchmarkArrays, cost: CostData, predictor: str, *, see
     return pts.select(list(CURVE_COLUMNS)).to_dicts(), summary
 
 
+# Bootstrap resamples of a bundle's stability summary (issue 15): computed with the evaluation,
+# on the bundle's own datasets and models.
+STABILITY_B = 200
+
+
+def bundle_stability(store: Store, labels: pl.DataFrame, B: int = STABILITY_B):
+    """``transforms.stability_summary`` of the bundle's datasets and models (its labels)."""
+    from benchroute.transforms.stability_summary import StoreView, stability_summary
+
+    view = StoreView(store, labels["dataset"].unique().to_list(), labels["model"].unique().to_list())
+    return stability_summary(view, B=B)
+
+
 def bundle_content(
     store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict, *,
     k: int = 10, weights: str = "uniform", index_dtype: str = "float16",
-    predictor: str = DEFAULT_PREDICTOR, log=None,
+    predictor: str = DEFAULT_PREDICTOR, stability_B: int = STABILITY_B, log=None,
 ) -> BundleContent:
-    """The bundle of the selected data with the given evaluation (see ``evaluation_entry``)."""
+    """The bundle of the selected data with the given evaluation (see ``evaluation_entry``).
+    With an evaluation and ``stability_B`` > 0 the manifest also holds ``stability`` (the
+    summary of ``bundle_stability``) and each model entry its ``rank``, ``rank_lo``,
+    ``rank_hi``, ``p_best``, ``rstd`` and ``stability_scope``; all are covered by the content
+    hash like every other manifest field."""
     store = Store(store_url)
     labels, memberships, models = select_frames(store, sel)
     if labels.height == 0:
@@ -192,18 +209,20 @@ def bundle_content(
     files = bundle_files(fit, cards, curve, index_dtype=index_dtype)
     files["routing/summary.json"] = json_bytes(finite(routing))
     info = pq_models(files["models.parquet"])
-    return BundleContent(
-        name,
-        files,
-        {
-            "embedder": bundle_embedder(store, embedder_id),
-            "binarization_rules": binarization_rules(store),
-            "sources": [{"key": k_, "fingerprint": v} for k_, v in sorted(store.units().items())],
-            "parameters": {**router_parameters(fit), "index_dtype": index_dtype},
-            "evaluation": finite(evaluation),
-            "models": finite(info),
-        },
-    )
+    meta = {
+        "embedder": bundle_embedder(store, embedder_id),
+        "binarization_rules": binarization_rules(store),
+        "sources": [{"key": k_, "fingerprint": v} for k_, v in sorted(store.units().items())],
+        "parameters": {**router_parameters(fit), "index_dtype": index_dtype},
+        "evaluation": finite(evaluation),
+    }
+    if evaluation and stability_B > 0:
+        stability = bundle_stability(store, labels, stability_B)
+        per_model = stability.model_fields()
+        info = [{**m, **per_model.get(m["model"], {})} for m in info]
+        meta["stability"] = finite(stability.manifest())
+    meta["models"] = finite(info)
+    return BundleContent(name, files, meta)
 
 
 def pq_models(data: bytes) -> list[dict]:
@@ -230,6 +249,9 @@ def publish_content(store_url: str, content: BundleContent, *, started: float | 
         "version": published.version,
         "url": published.url,
         "created": published.created,
+        "latest": published.latest,
+        # versions made latest here, finishing publishes a killed run left half-done
+        "recovered": list(published.recovered),
         "files": len(content.files),
         "bytes": sum(len(b) for b in content.files.values()),
         "models": len(content.meta["models"]),

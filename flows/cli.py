@@ -12,6 +12,8 @@ import polars as pl
 from benchroute.transforms.predictors import PREDICTORS
 
 PREDICTOR_NAMES = sorted(PREDICTORS)
+# the commands that run Prefect flows (and so may start a temporary Prefect server)
+PREFECT_COMMANDS = ("ingest", "embed", "evaluate", "publish", "refresh", "backfill", "deploy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", required=True)
     p.add_argument("--labels", action="store_true", help="also show label balance per model")
     p.add_argument("--quarantine", action="store_true", help="also show quarantine reasons")
+    p.add_argument("--stability", action="store_true",
+                   help="also show how stable the rankings are: bootstrap rank intervals, format "
+                        "variants, selection bias (RStd)")
+    p.add_argument("--B", type=int, default=200, help="bootstrap resamples for --stability (default 200)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     p = sub.add_parser("embed", help="embed every input that has no vector yet (Prefect flow)")
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routing-split", action="append", dest="routing_splits", default=None,
                    choices=["random", "lodo"], help="held-out inputs for the routing evaluation (default both)")
     p.add_argument("--no-routing", action="store_true", help="skip the cost-aware routing evaluation")
+    p.add_argument("--stability-B", type=int, default=None, dest="stability_B",
+                   help="bootstrap resamples of the report's stability section (default 200; 0 = none)")
 
     p = sub.add_parser("publish", help="fit the router and publish a bundle version (Prefect flow)")
     p.add_argument("--store", required=True)
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--name", default="default")
         if action == "show":
             q.add_argument("--version", default="latest")
+            q.add_argument("--stability", action="store_true",
+                           help="only the stability summary and the models' stability fields")
         if action == "pin":
             q.add_argument("version")
             q.add_argument("ref")
@@ -144,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PREFECT_COMMANDS:
+        from benchroute.flows.prefect_server import guard
+
+        guard()  # a kill -9 of this command stops its temporary Prefect server too
     if argv and argv[0] in ("refresh", "backfill", "deploy"):
         import importlib
 
@@ -193,7 +207,16 @@ def _publish(args) -> int:
         model_cards=args.model_cards,
         **({"predictor": args.predictor} if args.predictor else {}),
     )
-    state = "published" if r["created"] else "unchanged, latest stays"
+    for v in r.get("recovered", []):
+        print(f"finished an interrupted publish: latest moved to {r['name']} {v}")
+    if r["created"]:
+        state = "published"
+    elif r["version"] in r.get("recovered", []):
+        state = "unchanged since the interrupted publish, now latest"
+    elif r.get("latest") not in (None, r["version"]):
+        state = f"unchanged (latest stays at {r['latest']}); this content is"
+    else:
+        state = "unchanged, latest stays"
     print(f"{state}: {r['name']} {r['version']} ({r['files']} files, {r['bytes']:,} bytes)")
     print(f"bundle: {r['url']}")
     print(f'try:    {command_name()} route --bundle {args.store} --name {r["name"]} "your question"')
@@ -226,7 +249,15 @@ def _bundles(args) -> int:
         with pl.Config(tbl_rows=200, fmt_str_lengths=60, tbl_width_chars=200):
             print(pl.DataFrame(rows) if rows else f"no versions of {args.name!r}")
     elif args.action == "show":
-        print(json.dumps(registry.show(args.store, args.name, args.version), indent=1))
+        manifest = registry.show(args.store, args.name, args.version)
+        if args.stability:
+            fields = ("rank", "rank_lo", "rank_hi", "p_best", "stability_scope", "rstd", "rstd_scope")
+            manifest = {
+                "stability": manifest.get("stability"),
+                "models": [{"model": m["model"], **{k: m.get(k) for k in fields}}
+                           for m in manifest.get("models", [])],
+            }
+        print(json.dumps(manifest, indent=1))
     elif args.action == "pin":
         print(registry.pin(args.store, args.name, args.version, args.ref))
     elif args.action == "rollback":
@@ -314,6 +345,7 @@ def _evaluate(args) -> int:
         exclude_models=args.exclude_models,
         predictors=args.predictors,
         routing_splits=[] if args.no_routing else args.routing_splits,
+        **({"stability_B": args.stability_B} if args.stability_B is not None else {}),
     )
     for group, s in result["groups"].items():
         print(
@@ -352,8 +384,12 @@ def _ingest(args) -> int:
         f"store, {len(summary['units_failed'])} unreadable, {summary['labels']} labels, "
         f"{summary['seconds']} s"
     )
+    if summary.get("relabelled") and summary["units_skipped"] == summary["units_found"]:
+        print(f"  relabelled although no unit was new: {summary['relabelled']}")
     for key, why in summary["units_failed"].items():
         print(f"  unreadable: {key}: {why}", file=sys.stderr)
+    for path, why in summary.get("not_benchmark", {}).items():
+        print(f"  not a benchmark layout: {path}: {why}", file=sys.stderr)
     _inspect(argparse.Namespace(store=args.store, labels=False, quarantine=False, json=False))
     return 0
 
@@ -369,13 +405,23 @@ def _inspect(args) -> int:
         out["label_balance"] = summary.label_balance(tables["labels"])
     if args.quarantine:
         out["quarantine_reasons"] = summary.quarantine_reasons(tables["quarantine"])
+    stability = None
+    if getattr(args, "stability", False):
+        from benchroute.transforms.stability_summary import stability_summary
+
+        stability = stability_summary(store, B=args.B)
     if args.json:
-        print(json.dumps({k: v.to_dicts() for k, v in out.items()}, indent=1))
+        data = {k: v.to_dicts() for k, v in out.items()}
+        if stability is not None:
+            data["stability"] = stability.manifest()
+        print(json.dumps(data, indent=1))
         return 0
     with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200, fmt_str_lengths=80):
         print(f"store: {args.store}")
         for name, df in out.items():
             print(f"\n{name}:\n{df}")
+    if stability is not None:
+        print(f"\nstability (B = {args.B}):\n\n{stability.markdown()}")
     return 0
 
 

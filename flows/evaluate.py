@@ -25,6 +25,11 @@ from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
 from benchroute.transforms.routing_eval import NoHeldOutInputs, RoutingResult, evaluate_routing
+from benchroute.transforms.stability_summary import StoreView, stability_summary
+
+# Bootstrap resamples of the report's stability section (a few seconds on the shipped sample;
+# 1000 for tighter interval ends: ``benchmarks/stability.py``).
+STABILITY_B = 200
 
 
 class EvaluationError(RuntimeError):
@@ -67,9 +72,11 @@ def evaluate_groups(
     sources: list[str] | None = None,
     exclude_models: list[str] | None = None,
     loglik: pl.DataFrame | None = None,
+    stability_B: int = 0,
     log=None,
 ) -> tuple[dict[str, Evaluation], dict[str, str]]:
-    """Evaluate each source group; returns the evaluations and the reasons groups were skipped."""
+    """Evaluate each source group; returns the evaluations and the reasons groups were skipped.
+    ``stability_B`` > 0: each choice's ``flip_task`` from that many resamples (``evaluate_lodo``)."""
     groups = lodo_groups(labels, memberships, exclude_models=exclude_models or [])
     if sources:
         groups = [g for g in groups if g.name in sources]
@@ -84,7 +91,8 @@ def evaluate_groups(
         ll = None
         if loglik is not None:
             ll = loglik.filter(pl.col("dataset").is_in(g.datasets) & pl.col("model").is_in(g.models))
-        ev = evaluate_lodo(bench, config, loglik=ll if ll is not None and ll.height else None)
+        ev = evaluate_lodo(bench, config, loglik=ll if ll is not None and ll.height else None,
+                           stability_B=stability_B)
         if ev.table1.height == 0:
             skipped[g.name] = f"no held-out dataset has {config.min_inputs}+ inputs labelled for every model"
             continue
@@ -152,11 +160,14 @@ def evaluate_store(
     exclude_models: list[str] | None = None,
     predictors: list[str] | None = None,
     routing_splits: tuple[str, ...] = ("random", "lodo"),
+    stability_B: int = STABILITY_B,
     log=None,
 ) -> dict:
     """Evaluate every source group of the store and write the report to ``out``: the paper's
     task-level LODO, and cost-aware per-query routing of each predictor on ``routing_splits``
-    (default: the kNN and the default predictor)."""
+    (default: the kNN and the default predictor); ``stability_B`` > 0 adds the stability
+    section (``transforms.stability_summary`` with that many bootstrap resamples, and each
+    choice's flip rate)."""
     t0 = time.perf_counter()
     store = Store(store_url)
     embedder_id = pick_embedder(store, embedder)
@@ -167,7 +178,8 @@ def evaluate_store(
     loglik = loglik_frame(outcomes)
     results, skipped = evaluate_groups(
         store, embedder_id, labels, memberships, models, config,
-        sources=sources, exclude_models=exclude_models, loglik=loglik, log=log,
+        sources=sources, exclude_models=exclude_models, loglik=loglik, stability_B=stability_B,
+        log=log,
     )
     routing = routing_groups(
         store, embedder_id, labels, memberships, models, predictors or ["knn", DEFAULT_PREDICTOR],
@@ -184,7 +196,15 @@ def evaluate_store(
         "code_version": code_version(),
     }
     meta["predictors"] = ", ".join(dict.fromkeys(predictors or ["knn", DEFAULT_PREDICTOR]))
-    paths = write_report(out, results, meta, skipped, routing)
+    stability = None
+    if stability_B > 0:
+        datasets = (memberships.filter(pl.col("source").is_in(sources))["dataset"].unique().to_list()
+                    if sources else None)
+        kept = labels.filter(~pl.col("model").is_in(exclude_models or []))["model"].unique()
+        stability = stability_summary(StoreView(store, datasets, kept.to_list()), B=stability_B,
+                                      seed=config.seed)
+        meta["stability_B"] = stability_B
+    paths = write_report(out, results, meta, skipped, routing, stability)
     return {
         "out": out,
         "paths": paths,
@@ -197,10 +217,12 @@ def evaluate_store(
 
 @task(cache_policy=NO_CACHE, retries=1)
 def evaluate_task(store: str, out: str, embedder: str | None, config: EvalConfig, sources, exclude,
-                  predictors=None, routing_splits=("random", "lodo")) -> dict:
+                  predictors=None, routing_splits=("random", "lodo"),
+                  stability_B: int = STABILITY_B) -> dict:
     return evaluate_store(
         store, out, embedder=embedder, config=config, sources=sources, exclude_models=exclude,
-        predictors=predictors, routing_splits=tuple(routing_splits), log=get_run_logger(),
+        predictors=predictors, routing_splits=tuple(routing_splits), stability_B=stability_B,
+        log=get_run_logger(),
     )
 
 
@@ -216,11 +238,14 @@ def evaluate_flow(
     exclude_models: list[str] | None = None,
     predictors: list[str] | None = None,
     routing_splits: list[str] | None = None,
+    stability_B: int = STABILITY_B,
 ) -> dict:
-    """Run the evaluation and publish its Markdown report as a Prefect artifact."""
+    """Run the evaluation and publish its Markdown report as a Prefect artifact
+    (``stability_B`` = 0: no stability section)."""
     config = EvalConfig(k=k, weights=weights, seed=seed)
     splits = ("random", "lodo") if routing_splits is None else tuple(routing_splits)
-    result = evaluate_task(store, out, embedder, config, sources, exclude_models, predictors, splits)
+    result = evaluate_task(store, out, embedder, config, sources, exclude_models, predictors, splits,
+                           stability_B)
     fs, _ = url_to_fs(out)
     markdown = fs.cat_file(result["paths"]["markdown"]).decode("utf-8")
     create_markdown_artifact(markdown=markdown[:100_000], key="evaluation", description="LODO evaluation")

@@ -264,17 +264,20 @@ def _worker_slot() -> int:
 
 
 def cache_storage(store_url: str, cache: str | None = None):
-    """Where task results persist: a local folder as a ``Path``, else a saved
-    ``RemoteFileSystem`` block (Prefect needs remote result storage to be a saved block)."""
+    """Where task results persist: a saved file system block (Prefect needs a task's result
+    storage to be a saved block) for the local or remote folder. Either one seals what it writes
+    and reads back only sealed JSON records (``flows.cache_records``): a record someone else
+    wrote into the store is recomputed, never deserialized."""
+    from benchroute.flows.cache_records import SealedLocalFileSystem, SealedRemoteFileSystem
+
     url = (cache or f"{store_url.rstrip('/')}/{CACHE_DIR}").rstrip("/")
     fs, path = url_to_fs(url)
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocol or "local" in protocol:
         Path(path).mkdir(parents=True, exist_ok=True)
-        return Path(path)
-    from prefect.filesystems import RemoteFileSystem
-
-    block = RemoteFileSystem(basepath=url)
+        block = SealedLocalFileSystem(basepath=path)
+    else:
+        block = SealedRemoteFileSystem(basepath=url)
     block.save(f"benchroute-cache-{digest(url)[:16]}", overwrite=True)
     return block
 
@@ -464,7 +467,11 @@ def refit_step(
         log.warning("cached bundle %s/%s is gone (gc?); building it again", name, bundle["version"])
         state = publish.with_options(refresh_cache=True)(*args, return_state=True)
         bundle, cached = state.result(), False
-    published = bool(bundle["created"]) and not cached
+    # A publish a killed run left half-done (manifest, not latest) is finished by this one's.
+    recovered = [] if cached else list(bundle.get("recovered", []))
+    published = (bool(bundle["created"]) or bundle["version"] in recovered) and not cached
+    for v in recovered:
+        log.warning("finished an interrupted publish: latest moved to %s version %s", name, v)
     if published:
         log.info("published %s version %s (%d models, %s bytes) at %s", name, bundle["version"],
                  bundle["models"], f"{bundle['bytes']:,}", bundle["url"])
@@ -473,7 +480,7 @@ def refit_step(
                  bundle["version"])
     return {
         "published": published,
-        "bundle": {**bundle, "created": published},
+        "bundle": {**bundle, "created": published, "recovered": recovered},
         "evaluation": evaluation,
         "groups": status,
         "fit_cached": cached,

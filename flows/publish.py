@@ -106,7 +106,12 @@ def publish_flow(
             "predictor": predictor,
         },
     )
-    state = "published new version" if result["created"] else "unchanged: kept version"
+    if result["created"]:
+        state = "published new version"
+    elif result["version"] in result.get("recovered", []):
+        state = "finished an interrupted publish: latest moved to"
+    else:
+        state = "unchanged: kept version"
     create_markdown_artifact(
         key="bundle",
         markdown=(

@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from benchroute.artifacts.store import Store
-from benchroute.flows.ingest import cards_task, ingest_flow
+from benchroute.flows.ingest import cards_task, ingest_flow, stale_labels
 from benchroute.flows.pipeline import (
     Selection,
     cache_storage,
@@ -97,7 +97,12 @@ def refresh_flow(
     cards = find_cards([landing])
     cards_task(store, cards, model_cards, write=False)  # a bad card fails before any write
     ingest = None
-    if new:
+    # Stale labels with nothing new: a run killed between its ingest commit and its relabel (or
+    # other rules); the ingest flow then only relabels.
+    stale = None if new else stale_labels(Store(store), rules)
+    if new or stale:
+        if stale:
+            log.warning("labels are stale (%s): relabelling", stale)
         t = time.perf_counter()
         ingest = ingest_flow(sources=[landing], store=store, kinds=kinds, aliases=aliases,
                              rules=rules, progress=False, units=units, model_cards=model_cards)
@@ -169,8 +174,11 @@ def print_summary(s: dict, store: str) -> None:
     if b is None:
         print("no labels in the store yet: nothing to publish")
         return
-    print(("published new version " if s["published"] else "data unchanged; latest stays ")
-          + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")
+    if b["version"] in b.get("recovered", []):
+        state = "finished an interrupted publish: latest moved to "
+    else:
+        state = "published new version " if s["published"] else "data unchanged; latest stays "
+    print(state + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")
     print(f"bundle: {b['url']}")
     from benchroute.flows.cli import command_name
 

@@ -12,6 +12,29 @@ import polars as pl
 
 INPUT_ID_PATTERN = r"^[0-9a-f]{32}$"
 
+# Characters a dataset name may not hold: a backslash (a Windows path separator) and control
+# characters (line breaks, NUL, escape sequences...).
+_UNSAFE_NAME_CHARS = r"[\\\p{Cc}]"
+SAFE_NAME_RULE = (
+    "a dataset name is '/'-separated segments, none empty, '.' or '..' (no leading, trailing "
+    "or doubled '/'), with no backslash or control character"
+)
+
+
+def safe_name(name: pl.Expr) -> pl.Expr:
+    """True where ``name`` is a safe dataset name (``SAFE_NAME_RULE``).
+
+    Dataset names become parts of paths and keys downstream (bundles, reports, store
+    partitions), so ``helm/../../../outside`` or ``/etc`` is refused where every reader's output
+    enters the canonical tables (``validate``): such rows go to quarantine, naming the field
+    ``dataset``. They are refused rather than normalised: a rewritten name could silently merge
+    two datasets.
+    """
+    bad_segment = pl.element().is_in(["", ".", ".."])
+    return ~name.str.contains(_UNSAFE_NAME_CHARS) & ~name.str.split("/").list.eval(
+        bad_segment
+    ).list.any()
+
 
 class Inputs(dy.Schema):
     """One row per distinct input text; ``input_id`` is a hash of its normalised text."""
@@ -24,7 +47,7 @@ class Memberships(dy.Schema):
     """Which dataset (and source) an input belongs to; one text can sit in several datasets."""
 
     input_id = dy.String(primary_key=True, regex=INPUT_ID_PATTERN)
-    dataset = dy.String(primary_key=True, min_length=1)
+    dataset = dy.String(primary_key=True, min_length=1, check={"safe_name": safe_name})
     source = dy.String(primary_key=True, min_length=1)
     split = dy.String(nullable=True)
     source_instance_id = dy.String(nullable=True)
@@ -39,7 +62,7 @@ class Outcomes(dy.Schema):
     """
 
     input_id = dy.String(regex=INPUT_ID_PATTERN)
-    dataset = dy.String(min_length=1)
+    dataset = dy.String(min_length=1, check={"safe_name": safe_name})
     model = dy.String(min_length=1)
     metric = dy.String(min_length=1)
     value = dy.Float64()  # finite: NaN and inf are rejected
@@ -196,6 +219,10 @@ class SchemaError(ValueError):
     """A frame does not have the shape of its canonical table."""
 
 
+# Rules whose name alone does not say what is wrong: the quarantine reason adds this.
+_RULE_HELP = {"dataset|check__safe_name": SAFE_NAME_RULE}
+
+
 def _failures_to_quarantine(
     table: str, details: pl.DataFrame, *, source: str, file: str
 ) -> pl.DataFrame:
@@ -208,13 +235,16 @@ def _failures_to_quarantine(
     fields = failed.list.eval(pl.element().str.split("|").list.first()).list.unique(
         maintain_order=True
     )
+    explained = failed.list.eval(
+        pl.element().replace({rule: f"{rule} ({why})" for rule, why in _RULE_HELP.items()})
+    )
     out = details.select(
         pl.lit(source).alias("source"),
         pl.lit(file).alias("file"),
         pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in record_cols], separator="/")
         .alias("record"),
         fields.list.join(",").alias("field"),
-        (pl.lit(f"{table}: broke ") + failed.list.join(", ")).alias("reason"),
+        (pl.lit(f"{table}: broke ") + explained.list.join(", ")).alias("reason"),
         pl.struct(columns).struct.json_encode().alias("value"),
     )
     return Quarantine.validate(out, cast=True)

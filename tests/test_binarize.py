@@ -127,3 +127,46 @@ def test_user_rules_come_first(tmp_path):
     path.write_text(json.dumps({"rules": [{"metric": "x", "kind": "top_k"}]}))
     with pytest.raises(ValueError, match="needs 'k'"):
         bz.load_rules(str(path))
+
+
+def test_answer_positions_never_become_labels():
+    """gold/pred positions are no scores: never primary (even under a catch-all user rule),
+    never range-checked."""
+    o = _outcomes(
+        [
+            (0, "d", "m1", "gold_position", 3),
+            (0, "d", "m1", "pred_position", -1),
+            (0, "e", "m1", "gold_position", 2),
+            (0, "e", "m1", "exact_match", 1),
+        ]
+    )
+    catch_all = (bz.Rule("*", "threshold", t=0.5, lo=0, hi=1),)
+    for rules in (bz.DEFAULT_RULES, catch_all):
+        labels = bz.binarize(o, rules)
+        assert labels.select("dataset", "metric").rows() == [("e", "exact_match")]
+    kept, bad = bz.check_ranges(o, catch_all)
+    assert bad.height == 0 and kept.height == o.height
+
+
+def test_sample_labels_are_the_same_with_and_without_answer_positions():
+    """The readers' position outcomes change no label of the shipped sample (MMLU-Pro, HELM BBQ)."""
+    from pathlib import Path
+
+    from benchroute.transforms.ids import ModelNames
+    from benchroute.transforms.ingest import helm, mmlu_pro
+
+    sample = Path(__file__).resolve().parents[1] / "sample"
+    names = ModelNames()
+    runs = sorted((sample / "helm").glob("*/runs/*/bbq:*"))
+    outcomes = pl.concat(
+        [mmlu_pro.read(str(sample / "mmlu_pro"), names=names).outcomes]
+        + [helm.read(str(r), names=names).outcomes for r in runs]
+    )
+    positions = outcomes.filter(pl.col("metric").is_in(bz.POSITION_METRICS))
+    assert positions.height > 0
+    assert set(positions["dataset"].str.split("/").list.first()) == {"mmlu_pro", "helm"}
+    # outcomes carry the canonical model under the column "model" once stored; use source names
+    o = outcomes.with_columns(model=pl.col("source_model"))
+    with_pos = bz.binarize(o)
+    without = bz.binarize(o.filter(~pl.col("metric").is_in(bz.POSITION_METRICS)))
+    assert with_pos.height > 0 and with_pos.equals(without)

@@ -4,7 +4,6 @@ on real prompts (tests/fixtures/embed/prompts.csv, see SOURCE.md there)."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -407,9 +406,7 @@ def test_embed_store_then_noop_refresh(tmp_path, inputs, runner, reference):
     assert float(T.row_cosines(matrix, ref_matrix(reference, ids)).min()) > 0.9999
 
     commits = len(store.commits())
-    t0 = time.perf_counter()
     again = embed_store(store.url, progress=False)
-    assert time.perf_counter() - t0 < 5.0
     assert (
         again["new"] == 0
         and again["already_present"] == inputs.height

@@ -14,7 +14,8 @@ import ijson
 import polars as pl
 import pytest
 
-from benchroute.schemas import OUTCOME_KEY
+from benchroute.schemas import OUTCOME_KEY, validate
+from benchroute.transforms import binarize as bz
 from benchroute.transforms.ids import ModelNames, input_id
 from benchroute.transforms.ingest import discover, helm
 from benchroute.transforms.ingest.base import UnknownLayout, UnreadableSource
@@ -31,6 +32,7 @@ SST = V4 / "simple_safety_tests:model=openai_gpt-4o-2024-05-13"
 HARM_NO_STATE = V4 / "harm_bench:model=mistralai_mixtral-8x22b-instruct-v0.1"
 HARM_SIBLING = V4 / "harm_bench:model=google_gemini-1.5-pro-001"
 BBQ_RUNS = [BBQ_LLAMA_V4, BBQ_GPT4O_V4, BBQ_LLAMA_V1, BBQ_TURBO_V1]
+BBQ_DATASET = "helm/bbq/subject=all"  # scenario_spec.args = {"subject": "all"}
 BBQ_METRICS = {
     "exact_match",
     "exact_match@5",
@@ -42,6 +44,8 @@ BBQ_METRICS = {
     "quasi_prefix_exact_match@5",
     "logprob",
     *helm.USAGE,  # num_output_tokens, num_prompt_tokens: kept for costs, never labels
+    "gold_position",  # answer positions of the multiple-choice states (RStd), never labels
+    "pred_position",
 }
 RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw"
 NAMES = ModelNames()
@@ -81,6 +85,16 @@ def expected_values(run: Path) -> dict[tuple[str, str], float]:
                 *helm.USAGE,
             }:
                 out[(text[entry["instance_id"]], stat["name"]["name"])] = stat["mean"]
+    for s in states:  # answer positions: letters of output_mapping, in order
+        if s.get("output_mapping") and s.get("train_trial_index", 0) == 0:
+            letters = list(s["output_mapping"])
+            right = next(r["output"]["text"] for r in s["instance"]["references"]
+                         if "correct" in r["tags"])
+            gold = [k for k in letters if s["output_mapping"][k] == right][0]
+            said = s["result"]["completions"][0]["text"].strip()
+            t = s["instance"]["input"]["text"]
+            out[(t, "gold_position")] = letters.index(gold)
+            out[(t, "pred_position")] = letters.index(said) if said in letters else -1
     return out
 
 
@@ -128,7 +142,7 @@ def test_bbq_values_match_json_load(run: Path):
     spec = load(run / "run_spec.json")
     assert set(result.outcomes["source_model"]) == {spec["adapter_spec"]["model"]}
     assert set(result.outcomes["run_id"]) == {f"{run.parent.name}/{spec['name']}"}
-    assert set(result.outcomes["dataset"]) == {"helm/bbq"}
+    assert set(result.outcomes["dataset"]) == {BBQ_DATASET}
     assert result.outcomes["perturbation"].null_count() == result.outcomes.height
 
 
@@ -217,6 +231,20 @@ def test_missing_scenario_state_takes_texts_from_sibling_run():
         .iter_rows()
     }
     assert got == pytest.approx(expected)
+
+
+def test_answer_positions_only_from_the_runs_own_state(tmp_path):
+    """A sibling's scenario_state gives texts but holds another model's answers: no positions."""
+    own = copy_run(BBQ_LLAMA_V4, tmp_path)
+    copy_run(BBQ_GPT4O_V4, tmp_path)
+    (own / "scenario_state.json").unlink()
+    result = read(own)
+    assert result.outcomes.height > 0
+    assert not {"gold_position", "pred_position"} & set(result.outcomes["metric"])
+    # with its own state: one pair per instance, pred == gold exactly where exact_match is 1
+    wide = read(BBQ_LLAMA_V4).outcomes.pivot(on="metric", index="input_id", values="value")
+    assert wide["gold_position"].null_count() == 0
+    assert ((wide["gold_position"] == wide["pred_position"]) == (wide["exact_match"] == 1)).all()
 
 
 def test_missing_scenario_state_prefers_instances_json(tmp_path):
@@ -551,18 +579,6 @@ def test_utf16_file_is_unreadable(tmp_path):
         read(run)
 
 
-def test_non_utf8_bytes_mid_file_quarantine_from_that_record(tmp_path):
-    run = copy_run(BBQ_LLAMA_V4, tmp_path)
-    state = load(run / "scenario_state.json")
-    state["request_states"][12]["instance"]["input"]["text"] += " caf\u00e9"
-    text = json.dumps(state, indent=2, ensure_ascii=False)
-    (run / "scenario_state.json").write_bytes(text.encode("latin-1"))
-    result = read(run)
-    assert result.inputs.height == 12
-    broke = [r for r in quarantine_rows(result) if r["file"].endswith("scenario_state.json")]
-    assert [r["record"] for r in broke] == ["12"]
-
-
 def test_json_broken_before_first_record_is_unreadable(tmp_path):
     run = copy_run(BBQ_TURBO_V1, tmp_path)
     (run / "per_instance_stats.json").write_text('[{"instance_id": ')
@@ -611,6 +627,346 @@ def test_nan_tolerant_reader_across_chunk_boundaries():
         assert list(ijson.items(reader, "item", use_float=True)) == expected
 
 
+# --- text that is not UTF-8 (issue item 8) ---------------------------------------------------
+
+
+def _write_with_bytes(path: Path, obj, marker: str, raw: bytes) -> None:
+    """Write ``obj`` as HELM does, then put ``raw`` (not UTF-8) where ``marker`` was."""
+    path.write_bytes(json.dumps(obj, indent=2).encode().replace(marker.encode(), raw))
+
+
+@pytest.mark.parametrize("k", [0, 12])
+def test_non_utf8_byte_in_one_text_quarantines_that_instance_only(tmp_path, k):
+    run = copy_run(BBQ_LLAMA_V4, tmp_path)
+    state = load(run / "scenario_state.json")
+    inst = state["request_states"][k]["instance"]
+    inst["input"]["text"] += " @@BAD@@"
+    _write_with_bytes(run / "scenario_state.json", state, "@@BAD@@", b"caf\xe9")  # Latin-1 é
+    result = read(run)
+    [row] = quarantine_rows(result)  # its stats entry is not quarantined a second time
+    assert row["file"] == str(run / "scenario_state.json")
+    assert row["record"] == f"{k}/{inst['id']}"
+    assert row["field"] == "instance.input.text" and "UTF-8" in row["reason"]
+    assert result.inputs.height == 19
+    assert result.outcomes.height == 19 * len(BBQ_METRICS)
+    assert inst["id"] not in set(result.memberships["source_instance_id"])
+
+
+def test_lone_surrogate_escape_in_one_text_quarantines_that_instance_only(tmp_path):
+    run = copy_run(BBQ_LLAMA_V4, tmp_path)
+    state = load(run / "scenario_state.json")
+    inst = state["request_states"][3]["instance"]
+    inst["input"]["text"] += " \udc80"  # json.dumps writes the escape; yajl stops at it
+    dump(run / "scenario_state.json", state)
+    result = read(run)
+    [row] = quarantine_rows(result)
+    assert (row["record"], row["field"]) == (f"3/{inst['id']}", "instance.input.text")
+    assert result.inputs.height == 19
+
+
+def test_non_utf8_byte_in_per_instance_stats_costs_one_entry(tmp_path):
+    run = copy_run(BBQ_LLAMA_V4, tmp_path)
+    entries = load(run / "per_instance_stats.json")
+    iid = entries[0]["instance_id"]
+    entries[0]["instance_id"] = iid + "@@BAD@@"
+    j = next(j for j, s in enumerate(entries[5]["stats"]) if s["name"]["name"] == "exact_match")
+    entries[5]["stats"][j]["name"]["name"] += "@@BAD@@"
+    _write_with_bytes(run / "per_instance_stats.json", entries, "@@BAD@@", b"\xff")
+    result = read(run)
+    rows = quarantine_rows(result)
+    assert [(r["record"].split("/")[0], r["field"]) for r in rows] == [
+        ("0", "instance_id"),
+        ("5", f"stats[{j}].name.name"),
+    ]
+    assert all(r["file"] == str(run / "per_instance_stats.json") for r in rows)
+    assert all("UTF-8" in r["reason"] for r in rows)
+    assert result.inputs.height == 19  # entry 0 was instance 0's only entry
+    assert result.outcomes.height == 19 * len(BBQ_METRICS) - 1  # entry 5 lost one stat
+
+
+def test_tolerant_reader_marks_bad_text_across_chunk_boundaries():
+    doc = (
+        b'[{"a": NaN, "s": "x\xffy \\udc80 \\ud83d\\ude00 caf\xc3\xa9 \\\\ \\" "}, '
+        b'{"b": "ok"}]'
+    )
+    bad = helm.BAD_TEXT
+    expected = [{"a": "NaN", "s": f'x{bad}y {bad} \U0001f600 caf\u00e9 \\ " '}, {"b": "ok"}]
+    for chunk in (1, 2, 3, 5, 7, 13, 64):
+        reader = helm.TolerantReader(io.BytesIO(doc), chunk=chunk)
+        assert list(ijson.items(reader, "item", use_float=True)) == expected
+
+
+# --- dataset identity (issue item 9) -------------------------------------------------------------
+
+
+def make_run(
+    tmp_path: Path,
+    name: str,
+    args: dict | None,
+    *,
+    groups: list[str] | None = None,
+    model: str | None = None,
+    method: str | None = None,
+    suite: str = "v4",
+) -> Path:
+    """A copy of the llama BBQ run under another run name, scenario args (``None``: the run spec
+    has no ``scenario_spec``), groups, model or method."""
+    dst = tmp_path / suite / name
+    shutil.copytree(BBQ_LLAMA_V4, dst)
+    spec = load(dst / "run_spec.json")
+    spec["name"] = name
+    if args is None:
+        del spec["scenario_spec"]
+    else:
+        spec["scenario_spec"]["args"] = args
+    if groups is not None:
+        spec["groups"] = groups
+    if model:
+        spec["adapter_spec"]["model"] = model
+    if method:
+        spec["adapter_spec"]["method"] = method
+    dump(dst / "run_spec.json", spec)
+    return dst
+
+
+def datasets(*runs: Path) -> list[set[str]]:
+    return [set(read(r).outcomes["dataset"]) for r in runs]
+
+
+def test_different_dataset_args_are_different_datasets(tmp_path):
+    runs = [
+        make_run(
+            tmp_path,
+            f"commonsense:dataset={d},method=multiple_choice_separate_original,"
+            "model=meta_llama-3-8b",
+            {"dataset": d},
+            groups=[d],
+        )
+        for d in ("hellaswag", "openbookqa")
+    ]
+    assert datasets(*runs) == [
+        {"helm/commonsense/dataset=hellaswag"},
+        {"helm/commonsense/dataset=openbookqa"},
+    ]
+
+
+def test_model_and_method_args_do_not_split_a_dataset(tmp_path):
+    a = make_run(
+        tmp_path,
+        "mmlu:subject=anatomy,method=multiple_choice_joint,model=meta_llama-3-8b",
+        {"subject": "anatomy"},
+    )
+    b = make_run(
+        tmp_path,
+        "mmlu:subject=anatomy,method=multiple_choice_separate_original,max_train_instances=0,"
+        "model=openai_gpt-4o-2024-05-13",
+        {"subject": "anatomy", "model": "openai/gpt-4o-2024-05-13", "tokenizer": "x/y"},
+        model="openai/gpt-4o-2024-05-13",
+        method="multiple_choice_separate_original",
+    )
+    c = make_run(
+        tmp_path,
+        "mmlu:subject=college_physics,method=multiple_choice_joint,model=meta_llama-3-8b",
+        {"subject": "college_physics"},
+    )
+    assert datasets(a, b, c) == [
+        {"helm/mmlu/subject=anatomy"},
+        {"helm/mmlu/subject=anatomy"},
+        {"helm/mmlu/subject=college_physics"},
+    ]
+    assert {m for r in (a, b) for m in read(r).outcomes["source_model"]} == {
+        "meta/llama-3-8b",
+        "openai/gpt-4o-2024-05-13",
+    }
+
+
+def test_dataset_from_the_run_name_when_the_run_spec_has_no_scenario_args(tmp_path):
+    run = make_run(
+        tmp_path,
+        "mmlu:subject=anatomy,method=multiple_choice_joint,max_train_instances=5,num_outputs=1,"
+        "stop=hash,data_augmentation=canonical,model=meta_llama-3-8b,model_deployment=together_x",
+        None,
+    )
+    assert datasets(run) == [{"helm/mmlu/subject=anatomy"}]
+
+
+def test_dataset_id_is_canonical_escaped_and_a_valid_name():
+    def args(a: dict) -> tuple:
+        return helm.dataset_args({"name": "s:x=1", "scenario_spec": {"args": a}})
+
+    assert args({"b": "2", "a": True, "c": None, "model": "m"}) == (("a", "True"), ("b", "2"))
+    assert args({"b": "2", "a": True}) == args({"a": True, "b": "2"})
+    tricky = helm.dataset_id("wmt_14", args({"language_pair": "de-en", "data_path": "/d/../x,y=z"}))
+    assert tricky == "helm/wmt_14/data_path=%2Fd%2F%2E%2E%2Fx%2Cy%3Dz,language_pair=de-en"
+    names = [tricky, helm.dataset_id(".."), helm.dataset_id("a/b", (("k", ".."),))]
+    assert all(".." not in n and n.count("/") <= 2 for n in names)
+    rows = pl.DataFrame(
+        {
+            "input_id": [input_id("x")] * len(names),
+            "dataset": names,
+            "source": ["helm"] * len(names),
+            "split": [None] * len(names),
+            "source_instance_id": [None] * len(names),
+        }
+    )
+    valid, bad = validate("memberships", rows, source="helm")
+    assert bad.height == 0 and valid.height == len(names)
+
+
+# --- main metrics and labels (issue item 9) ------------------------------------------------------
+
+
+def narrative_qa_run(tmp_path: Path, schema_main: str | None = None) -> Path:
+    """The llama BBQ run as a narrative_qa run: each instance also gets ``f1_score`` (1 where
+    exact_match is 1, else 0.6), so labels on F1 (t = 0.5) are all 1 and on exact match not."""
+    run = make_run(tmp_path, "narrative_qa:model=meta_llama-3-8b", {}, groups=["narrative_qa"])
+    entries = load(run / "per_instance_stats.json")
+    for entry in entries:
+        em = next(s["mean"] for s in entry["stats"] if s["name"]["name"] == "exact_match")
+        f1 = 1.0 if em else 0.6
+        entry["stats"].append(
+            {
+                "name": {"name": "f1_score", "split": "test"},
+                "count": 1, "sum": f1, "sum_squared": f1 * f1, "min": f1, "max": f1, "mean": f1,
+            }
+        )  # fmt: skip
+    dump(run / "per_instance_stats.json", entries)
+    if schema_main:
+        write_schema(run.parent, {"narrative_qa": schema_main})
+    return run
+
+
+def write_schema(suite: Path, mains: dict[str, str]) -> None:
+    """A suite ``schema.json`` as HELM's summarizer writes it (the parts that matter here)."""
+    groups = [
+        {"name": g, "metric_groups": ["accuracy"], "environment": {"main_name": m, "main_split": "test"}}
+        for g, m in mains.items()
+    ]
+    dump(suite / "schema.json", {"metric_groups": [], "run_groups": groups})
+
+
+def labels_of(result, rules=bz.DEFAULT_RULES) -> pl.DataFrame:
+    return bz.binarize(result.outcomes, rules, result.main_metrics)
+
+
+def test_narrative_qa_is_labelled_on_its_main_metric_f1(tmp_path):
+    result = read(narrative_qa_run(tmp_path))
+    assert result.main_metrics == (("helm/narrative_qa", "f1_score", "table"),)
+    # Before: the earliest default rule that matches wins, exact_match.
+    assert bz.primary_metrics(result.outcomes, bz.DEFAULT_RULES)["metric"].to_list() == [
+        "exact_match"
+    ]
+    labels = labels_of(result)
+    assert set(labels["metric"]) == {"f1_score"}
+    assert set(labels["rule"]) == {"threshold(f1_score >= 0.5)"}
+    assert labels["y"].sum() == labels.height == 20
+    # Without the reader's hints the shipped table still applies, by scenario name.
+    assert bz.binarize(result.outcomes)["metric"].unique().to_list() == ["f1_score"]
+    # A user's '*' rule for the main metric tunes it without choosing it.
+    tuned = labels_of(result, (bz.Rule("f1_score", "threshold", t=0.7),) + bz.DEFAULT_RULES)
+    em = result.outcomes.filter(metric="exact_match").select("input_id", em="value")
+    assert tuned.join(em, on="input_id").select((pl.col("y") == pl.col("em")).all()).item()
+
+
+def test_schema_main_metric_overrides_the_table_and_a_user_rule_overrides_both(tmp_path):
+    result = read(narrative_qa_run(tmp_path, schema_main="exact_match"))
+    assert result.main_metrics == (
+        ("helm/narrative_qa", "exact_match", "schema"),
+        ("helm/narrative_qa", "f1_score", "table"),
+    )
+    labels = labels_of(result)
+    assert set(labels["metric"]) == {"exact_match"} and labels["y"].sum() < labels.height
+    user = (bz.Rule("quasi_exact_match", "threshold", t=0.5, dataset="helm/narrative_qa"),)
+    assert set(labels_of(result, user + bz.DEFAULT_RULES)["metric"]) == {"quasi_exact_match"}
+    effective = bz.effective_rules(result.outcomes, bz.DEFAULT_RULES, result.main_metrics)
+    assert effective[0] == bz.Rule(
+        "exact_match", "threshold", t=0.5, lo=0, hi=1, dataset="helm/narrative_qa"
+    )
+    assert bz.effective_rules(result.outcomes, effective, result.main_metrics) == effective
+
+
+def test_a_schema_main_metric_without_per_instance_values_falls_through(tmp_path):
+    """HELM Safety's schema names ``bbq_accuracy``, a whole-run statistic: the table's
+    ``quasi_exact_match`` (HELM classic's schema) is used instead."""
+    run = copy_run(BBQ_LLAMA_V4, tmp_path)
+    write_schema(run.parent, {"bbq": "bbq_accuracy"})
+    result = read(run)
+    assert result.main_metrics[0] == (BBQ_DATASET, "bbq_accuracy", "schema")
+    assert set(labels_of(result)["metric"]) == {"quasi_exact_match"}
+
+
+def test_broken_schema_is_reported_and_the_table_used(tmp_path):
+    run = narrative_qa_run(tmp_path)
+    (run.parent / "schema.json").write_text("{not json")
+    result = read(run)
+    [row] = quarantine_rows(result)
+    assert row["file"] == str(run.parent / "schema.json") and "schema not readable" in row["reason"]
+    assert set(labels_of(result)["metric"]) == {"f1_score"}
+
+
+def test_ingest_flow_keeps_the_hints_and_relabels_with_them(tmp_path):
+    """The hints travel in the ingest commit; the labels commit records the rule they made."""
+    from benchroute.artifacts.store import Store
+    from benchroute.flows.ingest import ingest_flow
+
+    run = narrative_qa_run(tmp_path / "src", schema_main="exact_match")
+    url = str(tmp_path / "store")
+    summary = ingest_flow(sources=[str(run.parent)], store=url, kinds=["helm"], progress=False)
+    assert summary["units_failed"] == {}
+    store = Store(url)
+    assert bz.main_metric_hints(store.commits()) == [
+        ("helm/narrative_qa", "exact_match", "schema"),
+        ("helm/narrative_qa", "f1_score", "table"),
+    ]
+    assert set(store.read("labels")["metric"]) == {"exact_match"}
+    labels_commit = next(c for c in reversed(store.commits()) if "labels" in c.replace)
+    assert labels_commit.info["rules"][0] == {
+        "metric": "exact_match", "kind": "threshold", "t": 0.5, "op": ">=",
+        "dataset": "helm/narrative_qa", "lo": 0, "hi": 1,
+    }  # fmt: skip
+
+
+def test_lodo_holds_out_every_mmlu_subject_together():
+    """Subjects split MMLU into datasets; leave-one-dataset-out still holds MMLU out whole."""
+    import numpy as np
+
+    from benchroute.transforms.evaluate import BenchmarkArrays, EvalConfig, evaluate_lodo
+    from benchroute.transforms.lodo_groups import dataset_family
+    from benchroute.transforms.routing_eval import folds
+
+    anatomy, physics = "helm/mmlu/subject=anatomy", "helm/mmlu/subject=college_physics"
+    hella, obqa = "helm/commonsense/dataset=hellaswag", "helm/commonsense/dataset=openbookqa"
+    assert dataset_family(anatomy) == dataset_family(physics) == "helm/mmlu"
+    assert dataset_family(hella) != dataset_family(obqa)
+    assert dataset_family("mmlu_pro/law") == "mmlu_pro/law"
+
+    names = [anatomy, physics, "helm/xstest", hella]
+    rng = np.random.default_rng(0)
+    rows = [
+        (input_id(f"{d} question {i}"), d, m, int(rng.integers(0, 2)))
+        for d in names
+        for i in range(12)
+        for m in ("a", "b", "c")
+    ]
+    labels = pl.DataFrame(rows, schema=["input_id", "dataset", "model", "y"], orient="row")
+    labels = labels.with_columns(value=pl.col("y").cast(pl.Float64))
+    ids = sorted(set(labels["input_id"]))
+    bench = BenchmarkArrays.from_frames(
+        rng.normal(size=(len(ids), 8)), ids, labels, labels.select("input_id", "dataset")
+    )
+    d = {name: bench.datasets.index(name) for name in names}
+    rows_of = {name: set(bench.dataset_rows[d[name]]) for name in names}
+    by_name = {f.name: f for f in folds(bench, "lodo", min_inputs=5)}
+    train = set(by_name[anatomy].train)
+    assert not train & (rows_of[anatomy] | rows_of[physics])
+    assert rows_of["helm/xstest"] | rows_of[hella] <= train
+    assert rows_of[anatomy] <= set(by_name["helm/xstest"].train)
+    families = bench.families()
+    assert families[d[anatomy]].tolist() == [n in (anatomy, physics) for n in bench.datasets]
+    ev = evaluate_lodo(bench, EvalConfig(k=3, min_inputs=5, alphas=(0.0,)))
+    assert set(ev.per_task["dataset"]) == set(names)
+
+
 # --- other filesystems ---------------------------------------------------------------------------
 
 
@@ -647,7 +1003,14 @@ def test_every_real_helm_run():
     results = {suite: [helm.read(u, names=NAMES) for u in us] for suite, us in units.items()}
     v4 = pl.concat([r.outcomes for r in results["helm_safety_v4"]])
     assert v4["source_model"].n_unique() == 12
-    assert v4.filter(dataset="helm/bbq", metric="exact_match").height == 1200
+    assert v4.filter(dataset=BBQ_DATASET, metric="exact_match").height == 1200
+    assert set(v4["dataset"]) == {
+        BBQ_DATASET,
+        "helm/anthropic_red_team",
+        "helm/harm_bench",
+        "helm/simple_safety_tests",
+        "helm/xstest",
+    }
     for suite, rs in results.items():
         for r in rs:
             assert r.quarantine.height == 0, r.unit

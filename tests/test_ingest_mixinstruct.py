@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -202,12 +201,19 @@ def test_truncated_array_keeps_records_before_the_break(tmp_path):
     assert q["record"].to_list() == ["record 7"]
 
 
-def test_invalid_utf8_inside_the_array(tmp_path):
+def test_invalid_utf8_inside_the_array_quarantines_that_record_only(tmp_path):
     text = json.dumps(records(), indent=1, ensure_ascii=False).encode()
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    good = read(write(tmp_path / "good", None, raw=text))
     at = text.index(b"Who wrote")
-    res = read(write(tmp_path, None, raw=text[:at] + b"\xc3\x28" + text[at:]))
-    assert res.inputs.height == 6
-    assert res.quarantine["reason"].str.contains("invalid JSON").sum() == 1
+    res = read(write(tmp_path / "bad", None, raw=text[:at] + b"\xc3\x28" + text[at:]))
+    assert res.inputs.height == good.inputs.height - 1  # every record after it is still read
+    bad = res.quarantine.filter(pl.col("reason").str.contains("not valid UTF-8"))
+    assert bad.height == 1 and bad["field"][0] == "instruction"
+    assert bad["record"][0].startswith("record 7 (id ")
+    assert "\ufffd(Who wrote" in bad["value"][0]
+    assert not res.quarantine["reason"].str.contains("invalid JSON").any()
 
 
 @pytest.mark.parametrize(
@@ -263,10 +269,9 @@ def test_whole_real_source(raw_data):
         pytest.skip("no real MixInstruct copy is available offline (see ../shared/data/README.md)")
     fs, root = url_to_fs(str(src))
     for unit in mixinstruct.find_units(fs, root):
-        t0 = time.perf_counter()
         res = mixinstruct.read(unit, names=ModelNames.default())
         assert res.models.height == 11, unit
-        assert res.outcomes.height > 0 and time.perf_counter() - t0 < 600
+        assert res.outcomes.height > 0
 
 
 def test_reads_from_s3(s3_server, tmp_path):

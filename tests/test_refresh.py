@@ -69,7 +69,6 @@ def test_second_refresh_with_nothing_new_publishes_nothing_from_cache(lifecycle)
     assert s["evaluation"] == {"ran": [], "cached": ["mmlu_pro", "routellm"], "skipped": []}
     assert s["fit_cached"] is True
     assert not s["published"] and s["bundle"]["version"] == first["bundle"]["version"]
-    assert s["seconds"] < 20  # reads fingerprints and the commit log; every step is cached
 
 
 def test_new_models_results_land_and_publish_version_2_without_embedding(lifecycle):

@@ -9,16 +9,42 @@ applies to (a glob), its kind and parameters, and the metric's valid range:
 
 For each dataset the *primary* metric is the one matched by the earliest rule in the list; that
 metric alone makes the dataset's labels. Usage measures (``USAGE_METRICS``: output length and
-token counts) are never primary and never range-checked, whatever the rules say. Several runs of one model on one input (two suites of
+token counts) and answer positions (``POSITION_METRICS``) are never primary and never
+range-checked, whatever the rules say. Several runs of one model on one input (two suites of
 the same benchmark) are averaged first; perturbed outcomes never make labels. The rule's text is
 stored with every label.
+
+**Main metrics** (``effective_rules``, applied by ``binarize``). A benchmark can say which of its
+metrics is the one it is judged on: HELM's schema names a *main metric* per run group
+(``run_groups[].environment.main_name``; narrative_qa's is ``f1_score`` although its instances
+also carry ``exact_match``). The primary metric of a dataset is chosen, first match wins:
+
+1. an explicit user rule: a rule whose ``dataset`` glob is not ``*`` and that matches one of the
+   dataset's metrics;
+2. the data's own schema: ``main_metrics`` hints with origin ``schema`` (the HELM reader reads
+   the suite's ``schema.json``/``schema*.yaml`` and the run's groups);
+3. the shipped table: hints with origin ``table`` (the reader looks the run's groups up in
+   ``helm_main_metrics.csv``), then, for a ``helm/<scenario>[/...]`` dataset without hints, the
+   table row of ``<scenario>``;
+4. the default: the earliest rule that matches one of the dataset's metrics.
+
+A main metric counts only if the dataset has it per input and some rule matches it (that rule,
+the first in the list that matches, gives kind, threshold and range: a user's ``*`` rule for the
+metric tunes it); otherwise the next candidate is tried. Steps 2-3 are written out as a
+dataset-specific copy of that rule, placed after the explicit user rules and before all ``*``
+rules, so the list of rules stored with the labels says exactly what was done.
 """
 
 from __future__ import annotations
 
+import csv
 import fnmatch
+import functools
 import json
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import fsspec
@@ -29,6 +55,10 @@ from benchroute.schemas import empty, validate
 RuleKind = Literal["threshold", "relative_to_best", "top_k"]
 # What a request used, not how good the answer was (the readers' ``output_chars``, HELM's counts).
 USAGE_METRICS = ("output_chars", "num_output_tokens", "num_prompt_tokens")
+# Answer positions of multiple-choice items (which option was right, which one the model picked;
+# the selection-bias measure of ``transforms.stability``): never scores, like the usage measures.
+POSITION_METRICS = ("gold_position", "pred_position")
+NOT_LABEL_METRICS = (*USAGE_METRICS, *POSITION_METRICS)
 
 
 @dataclass(frozen=True)
@@ -93,7 +123,33 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     # Other HELM scores.
     Rule("f1_score", "threshold", t=0.5, lo=0, hi=1),
     Rule("rouge_l", "top_k", k=3, lo=0, hi=1),
+    # HELM main metrics (helm_main_metrics.csv) that are 0/1 per instance; last, so they only
+    # decide where a schema or the table names them, or where nothing above matches.
+    Rule("quasi_prefix_exact_match", "threshold", t=0.5, lo=0, hi=1),
+    Rule("exact_match_indicator", "threshold", t=0.5, lo=0, hi=1),
+    Rule("final_number_exact_match", "threshold", t=0.5, lo=0, hi=1),
+    Rule("math_equiv", "threshold", t=0.5, lo=0, hi=1),
+    Rule("math_equiv_chain_of_thought", "threshold", t=0.5, lo=0, hi=1),
+    Rule("chain_of_thought_correctness", "threshold", t=0.5, lo=0, hi=1),
+    # HELM safety's later judge score, same scale as the scenario-specific ones above.
+    Rule("safety_score", "threshold", t=0.75, lo=0, hi=1),
 )
+
+# Each HELM run group's main metric(s), from HELM's schema files (stanford-crfm/helm
+# src/helm/benchmark/static/schema_*.yaml at 63754d05d) and the schema.json of the HELM suites
+# in our data; a group with several (schemas disagree) lists them most-agreed first.
+HELM_MAIN_METRICS_CSV = Path(__file__).with_name("helm_main_metrics.csv")
+HELM_PREFIX = "helm/"
+
+
+@functools.cache
+def helm_main_metrics() -> dict[str, tuple[str, ...]]:
+    """Run group -> its main metric candidates, from ``helm_main_metrics.csv``."""
+    table: dict[str, list[str]] = {}
+    with HELM_MAIN_METRICS_CSV.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            table.setdefault(row["run_group"], []).append(row["metric"])
+    return {g: tuple(ms) for g, ms in table.items()}
 
 
 def load_rules(url: str | None = None) -> tuple[Rule, ...]:
@@ -124,7 +180,7 @@ def primary_metrics(outcomes: pl.DataFrame, rules: tuple[Rule, ...]) -> pl.DataF
     pairs = (
         outcomes.select("dataset", "metric")
         .unique()
-        .filter(~pl.col("metric").is_in(USAGE_METRICS))
+        .filter(~pl.col("metric").is_in(NOT_LABEL_METRICS))
         .sort("dataset", "metric")
     )
     chosen: dict[str, tuple[str, int]] = {}
@@ -144,8 +200,94 @@ def primary_metrics(outcomes: pl.DataFrame, rules: tuple[Rule, ...]) -> pl.DataF
     )
 
 
-def binarize(outcomes: pl.DataFrame, rules: tuple[Rule, ...] = DEFAULT_RULES) -> pl.DataFrame:
-    """The labels table: one row per (input, dataset, model) of every dataset with a rule."""
+MainMetricHint = tuple[str, str, str]  # (dataset, metric, origin: "schema" | "table")
+
+
+def effective_rules(
+    outcomes: pl.DataFrame,
+    rules: tuple[Rule, ...] = DEFAULT_RULES,
+    main_metrics: Iterable[MainMetricHint] | None = None,
+) -> tuple[Rule, ...]:
+    """``rules`` with each dataset's main metric written in as a rule (module docstring).
+
+    Returns: the explicit user rules (``dataset`` not ``*``), one rule per dataset whose primary
+    metric comes from a main metric (a copy of the first rule matching that metric, restricted
+    to the dataset), then the remaining rules in their order. Applying it twice changes nothing.
+    """
+    explicit = [r for r in rules if r.dataset != "*"]
+    general = [r for r in rules if r.dataset == "*"]
+    hinted = _hint_candidates(main_metrics or ())
+    pairs = (
+        outcomes.select("dataset", "metric")
+        .unique()
+        .filter(~pl.col("metric").is_in(NOT_LABEL_METRICS))
+        .group_by("dataset")
+        .agg(pl.col("metric"))
+        .sort("dataset")
+    )
+    derived = []
+    for dataset, metrics in pairs.iter_rows():
+        present = set(metrics)
+        if any(r.matches(dataset, m) for r in explicit for m in present):
+            continue
+        for metric in hinted.get(dataset, ()) + _table_candidates(dataset):
+            if metric not in present:
+                continue
+            template = next((r for r in rules if r.matches(dataset, metric)), None)
+            if template is not None:
+                derived.append(
+                    replace(template, metric=_glob_escape(metric), dataset=_glob_escape(dataset))
+                )
+                break
+    return tuple(explicit + derived + general)
+
+
+def _hint_candidates(hints: Iterable[MainMetricHint]) -> dict[str, tuple[str, ...]]:
+    """Dataset -> hinted main metrics: every ``schema`` one (in the given order), then ``table``."""
+    by_origin: dict[str, dict[str, list[str]]] = {"schema": {}, "table": {}}
+    for dataset, metric, origin in hints:
+        by_origin.get(origin, by_origin["table"]).setdefault(dataset, []).append(metric)
+    out: dict[str, tuple[str, ...]] = {}
+    for origin in ("schema", "table"):
+        for dataset, metrics in by_origin[origin].items():
+            out[dataset] = tuple(dict.fromkeys(out.get(dataset, ()) + tuple(metrics)))
+    return out
+
+
+def _table_candidates(dataset: str) -> tuple[str, ...]:
+    """The shipped table's main metrics for ``helm/<scenario>[/...]`` (by the scenario name)."""
+    if not dataset.startswith(HELM_PREFIX):
+        return ()
+    scenario = dataset[len(HELM_PREFIX) :].split("/", 1)[0]
+    return helm_main_metrics().get(scenario, ())
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as an fnmatch pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def main_metric_hints(commits: Iterable) -> list[MainMetricHint]:
+    """The main-metric hints recorded by ingest commits (``info["main_metrics"]``), in order."""
+    hints: list[MainMetricHint] = []
+    for commit in commits:
+        for row in (getattr(commit, "info", None) or {}).get("main_metrics", ()):
+            if isinstance(row, (list, tuple)) and len(row) == 3:
+                if all(isinstance(x, str) for x in row):
+                    hints.append((row[0], row[1], row[2]))
+    return hints
+
+
+def binarize(
+    outcomes: pl.DataFrame,
+    rules: tuple[Rule, ...] = DEFAULT_RULES,
+    main_metrics: Iterable[MainMetricHint] | None = None,
+) -> pl.DataFrame:
+    """The labels table: one row per (input, dataset, model) of every dataset with a rule.
+
+    The rules are first completed with the datasets' main metrics (``effective_rules``).
+    """
+    rules = effective_rules(outcomes, rules, main_metrics)
     primary = primary_metrics(outcomes, rules)
     if primary.height == 0:
         return empty("labels")
@@ -190,7 +332,7 @@ def check_ranges(
     """
     if outcomes.height == 0:
         return outcomes, empty("quarantine")
-    pairs = outcomes.select("dataset", "metric").unique().filter(~pl.col("metric").is_in(USAGE_METRICS))
+    pairs = outcomes.select("dataset", "metric").unique().filter(~pl.col("metric").is_in(NOT_LABEL_METRICS))
     bounds = []
     for dataset, metric in pairs.iter_rows():
         rule = next((r for r in rules if r.matches(dataset, metric)), None)

@@ -9,7 +9,9 @@ Protocol, for every dataset d' with at least ``min_inputs`` *complete* inputs (i
 every model has a label in d' — models are only compared on data where they all have labels):
 
 1. The index is every other labelled input: an input that belongs to d' (by input id, per the
-   memberships) is never a neighbour, even if it also sits in a training dataset. A training
+   memberships) is never a neighbour, even if it also sits in a training dataset. d' is held out
+   with its family (``lodo_groups.dataset_family``: all HELM MMLU subjects together), and the
+   nested estimates below hold each training dataset's family out the same way. A training
    input's label for a model is the mean of its y over its datasets.
 2. g_m on d''s complete inputs from the shared k neighbours; the true accuracy A(d', m) is the
    mean of y on them.
@@ -30,12 +32,19 @@ every model has a label in d' — models are only compared on data where they al
    (max over models); quality is the label's ``value`` (the metric, e.g. 0/1 correctness).
    Model calls per input: 1 for a single model, random or the router (the kNN lookup calls no
    model), M for the oracle (it needs every model's output).
+7. Stability of each choice (``stability_B`` > 0; issue 15): ``flip_task`` in ``per_task``, the
+   probability that the model chosen on B bootstrap resamples of d''s complete inputs differs
+   from the full-data choice (the resampled task scores; p̂ re-read at the resampled u(d'); the
+   oracle on the resampled accuracies; BMA does not depend on d''s inputs). The training-index
+   resample and the format variants are in ``stability_router``, which shares this module's
+   per-task setup (``held_out_tasks``).
 
 Everything is deterministic given ``EvalConfig.seed``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -56,6 +65,7 @@ from benchroute.transforms.knn import (
     grouped_topk,
     normalize_rows,
 )
+from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.scores import binarized_accuracy, s3, score_task, task_scores
 from benchroute.transforms.selection import TIE_RULES, choice_metrics, choose, choose_rows
 
@@ -165,6 +175,10 @@ class BenchmarkArrays:
             signatures.astype(bool), d_rows, d_y, d_v, params,
         )
 
+    def families(self) -> np.ndarray:
+        """(D × D bool): datasets held out together (``lodo_groups.dataset_family``)."""
+        return same_family(self.datasets)
+
     def complete_rows(self, d: int) -> np.ndarray:
         """Positions (within ``dataset_rows[d]``) of d's inputs labelled for every model."""
         return np.flatnonzero(~np.isnan(self.dataset_y[d]).any(axis=1))
@@ -183,12 +197,77 @@ class BenchmarkArrays:
 
 
 @dataclass(frozen=True)
+class HeldOutTask:
+    """Steps 1-3 of the protocol for one held-out dataset d' (module docstring): ``local`` (its
+    complete inputs, positions within ``dataset_rows[d]``), ``rows`` (their index rows), ``Yt``
+    and ``Vt`` (their labels and values in d'), ``held`` (D bool: d''s family), ``train_rows``
+    (n bool: the rows that may be neighbours), ``fb`` (the fallback), ``neigh`` (each input's
+    nearest allowed rows, as many as the search asked for), ``kernel`` / ``P`` / ``u`` /
+    ``fit_on`` (the nested estimates and the smoother fitted on them), ``train_acc`` (M,: mean
+    per-dataset accuracy over the training datasets, the BMA scores and the tie-break)."""
+
+    d: int
+    name: str
+    local: np.ndarray
+    rows: np.ndarray
+    Yt: np.ndarray
+    Vt: np.ndarray
+    held: np.ndarray
+    train_rows: np.ndarray
+    fb: np.ndarray | None
+    neigh: Neighbors
+    kernel: NadarayaWatson
+    P: np.ndarray
+    u: np.ndarray
+    fit_on: np.ndarray
+    train_acc: np.ndarray
+
+
+def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator[HeldOutTask]:
+    """The held-out tasks of ``bench`` in dataset order (datasets with ``cfg.min_inputs``
+    complete inputs), with neighbours from ``grouped`` (``knn.grouped_topk`` of the index)."""
+    M = len(bench.models)
+    families = bench.families()
+    for d in range(len(bench.datasets)):
+        local = bench.complete_rows(d)
+        if local.size < cfg.min_inputs or M < 2:
+            continue
+        rows = bench.dataset_rows[d][local]
+        held = families[d]  # d and the other parts of its benchmark (lodo_groups)
+        allowed = ~bench.group_members[:, held].any(axis=1)
+        train_rows = allowed[bench.row_groups]
+        fb = _column_means(bench.Y[train_rows]) if cfg.fallback == "train_mean" else None
+        kernel, P, u, fit_on = task_kernel(bench, cfg, grouped, held, bench.Y, bench.dataset_y)
+        d_acc = bench.dataset_accuracy(exclude_rows=~train_rows)  # no input of d' counts
+        yield HeldOutTask(
+            d, bench.datasets[d], local, rows, bench.dataset_y[d][local],
+            bench.dataset_value[d][local], held, train_rows, fb, grouped.merge(allowed, rows=rows),
+            kernel, P, u, fit_on, np.nanmean(np.where(held[:, None], np.nan, d_acc), axis=0),
+        )
+
+
+def task_kernel(bench: BenchmarkArrays, cfg: EvalConfig, grouped, held: np.ndarray,
+                Y: np.ndarray, dataset_y: list[np.ndarray]):
+    """(kernel, P, u, fit_on): nested LODO p(d, m), u(d) on the training datasets (``held``
+    left out, each training dataset with its family) from the labels ``Y`` / ``dataset_y``, and
+    the Gaussian smoother fitted on the datasets with a descriptor and some p."""
+    P, u = lodo_accuracies(
+        grouped, bench.group_members, bench.row_groups, Y, bench.dataset_rows, dataset_y,
+        k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
+        k_descriptor=cfg.k_descriptor or cfg.k, held_out=held, families=bench.families(),
+    )
+    fit_on = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
+    return NadarayaWatson().fit(u[fit_on], P[fit_on]), P, u, fit_on
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """The evaluation's tables (see module docstring).
 
     ``table1``: method, ties, acc, ratio_to_best, pearson, spearman, pct_bma, params_b, rank,
     n_tasks (means over held-out tasks; pearson/spearman over tasks where defined).
-    ``per_task``: the same per task, with the most likely chosen ``model``.
+    ``per_task``: the same per task, with the most likely chosen ``model`` (and ``flip_task``,
+    its instability under resampling of the task's inputs, when asked for).
     ``predictor``: per task and model, the true accuracy ``acc``, ``p_true``, the kernel's
     ``p_hat``, the constant ``p_const`` (mean over training datasets), ``p_share``, ``u``.
     ``alpha``: alpha, method, ties, acc, predictor_accuracy, p_mae.
@@ -210,8 +289,10 @@ def evaluate_lodo(
     config: EvalConfig = EvalConfig(),
     *,
     loglik: pl.DataFrame | None = None,
+    stability_B: int = 0,
 ) -> Evaluation:
-    """Run the LODO protocol over every eligible dataset of ``bench``."""
+    """Run the LODO protocol over every eligible dataset of ``bench``; ``stability_B`` > 0 adds
+    each choice's ``flip_task`` (step 7) from that many resamples."""
     cfg = config
     k_desc = cfg.k_descriptor or cfg.k
     k_search = max(cfg.k, k_desc)
@@ -219,41 +300,26 @@ def evaluate_lodo(
     grouped = grouped_topk(bench.X, bench.X, bench.row_groups, k_search,
                            self_rows=np.arange(len(bench.input_ids)))
     ll = _loglik_matrix(loglik, bench) if loglik is not None else None
-    tasks = [d for d in range(len(bench.datasets))
-             if bench.complete_rows(d).size >= cfg.min_inputs and M >= 2]
+    tasks = []
     per_task, pred_rows, alpha_rows, route = [], [], [], _RouteTotals(M)
-    for d in tasks:
-        name = bench.datasets[d]
-        local = bench.complete_rows(d)
-        rows = bench.dataset_rows[d][local]
-        Yt, Vt = bench.dataset_y[d][local], bench.dataset_value[d][local]
+    for t in held_out_tasks(bench, cfg, grouped):
+        d, name, local, rows, Yt, Vt = t.d, t.name, t.local, t.rows, t.Yt, t.Vt
+        tasks.append(d)
         A = Yt.mean(axis=0)
-        allowed = ~bench.group_members[:, d]
-        train_rows = allowed[bench.row_groups]
-        fb = _column_means(bench.Y[train_rows]) if cfg.fallback == "train_mean" else None
-        neigh = grouped.merge(allowed, rows=rows)
-        G = aggregate_labels(_first(neigh, cfg.k), bench.Y, weights=cfg.weights, fallback=fb)
+        neigh, P, kern, fit_on, train_acc = t.neigh, t.P, t.kernel, t.fit_on, t.train_acc
+        G = aggregate_labels(_first(neigh, cfg.k), bench.Y, weights=cfg.weights, fallback=t.fb)
         p_true = binarized_accuracy(G, Yt)
-        held = np.zeros(len(bench.datasets), bool)
-        held[d] = True
-        P, u = lodo_accuracies(
-            grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
-            bench.dataset_y, k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
-            k_descriptor=k_desc, held_out=held,
-        )
-        fit_on = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
         u_new = mean_knn_distance(neigh, k_desc)
-        kern = NadarayaWatson().fit(u[fit_on], P[fit_on])
         p_hat = kern.predict(u_new)[0]
         p_const = np.nanmean(P[fit_on], axis=0)
         p_share = neighbor_share_estimate(_first(neigh, cfg.k), bench.member, P)
-        d_acc = bench.dataset_accuracy(exclude_rows=~train_rows)  # no input of d' counts
-        train_acc = np.nanmean(np.where(held[:, None], np.nan, d_acc), axis=0)
         ts = task_scores(G, p_hat)
         scores = {"S1": ts.s1, "S2": ts.s2, "S3": ts.s3, "S3_true_p": s3(ts.s2, p_true)}
         if ll is not None:
             scores["LL"] = np.nanmean(ll[d][local], axis=0)
         scores["S3_nbr_p"] = s3(ts.s2, p_share)
+        resampled = (_task_resamples(G, Yt, neigh, k_desc, kern, stability_B, [cfg.seed, d])
+                     if stability_B > 0 else {})
         for ties in TIE_RULES:
             w_bma = choose(train_acc, ties)
             choices = {m: (choose(s, ties, train_acc), s) for m, s in scores.items()}
@@ -262,14 +328,17 @@ def evaluate_lodo(
             choices["Random"] = (np.full(M, 1.0 / M), None)
             for method, (w, s) in choices.items():
                 met = choice_metrics(w, A, w_bma=w_bma, params_b=bench.params_b, scores=s)
-                per_task.append({"dataset": name, "method": method, "ties": ties, **met,
-                                 "model": bench.models[int(np.argmax(w))]})
+                row = {"dataset": name, "method": method, "ties": ties, **met,
+                       "model": bench.models[int(np.argmax(w))]}
+                if stability_B > 0:
+                    row["flip_task"] = _flip(w, resampled.get(method), ties, train_acc, method)
+                per_task.append(row)
         for m in range(M):
             pred_rows.append({"dataset": name, "model": bench.models[m], "acc": A[m],
                               "p_true": p_true[m], "p_hat": p_hat[m], "p_const": p_const[m],
                               "p_share": p_share[m],
                               "u": u_new, "bandwidth": kern.bandwidth_})
-        alpha_rows += _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc,
+        alpha_rows += _alpha_curve(bench, cfg, d, rows, Yt, A, t.train_rows, p_hat, train_acc,
                                    G, p_true, name)
         route.add(G, Vt, train_acc, choose(train_acc, "expectation"))
     per_task_df = pl.DataFrame(per_task) if per_task else pl.DataFrame()
@@ -282,6 +351,34 @@ def evaluate_lodo(
         table2=route.table(bench.models),
         summary=_summary(bench, cfg, tasks, predictor),
     )
+
+
+def _task_resamples(G, Yt, neigh: Neighbors, k_desc: int, kern, B: int, seed) -> dict:
+    """Per method, its (B × M) scores on B bootstrap resamples of the task's inputs (step 7)."""
+    from benchroute.transforms.stability import bootstrap_counts, weighted_means
+
+    Wt = bootstrap_counts(Yt.shape[0], B, np.random.default_rng(seed)).astype(np.float64)
+    dd = neigh.distances[:, :k_desc]
+    ok = ~np.isnan(dd)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = np.where(ok, dd, 0.0).sum(axis=1) / ok.sum(axis=1)  # per input; NaN = none
+    have = ~np.isnan(dist)
+    u_b = (Wt[:, have] @ dist[have]) / np.maximum(Wt[:, have].sum(axis=1), 1e-12)
+    hits = np.where(np.isnan(G), np.nan, (G > 0.5).astype(np.float64))
+    s2 = weighted_means(hits, Wt)
+    return {"S1": weighted_means(G, Wt), "S2": s2, "S3": s3(s2, kern.predict(u_b)),
+            "Oracle": weighted_means(Yt, Wt)}
+
+
+def _flip(w: np.ndarray, S_b: np.ndarray | None, ties: str, train_acc: np.ndarray,
+          method: str) -> float:
+    """P(the choice on a resample differs from ``w``, the full-data choice): 1 − mean_b w·w_b
+    (the flip rate for a deterministic choice). BMA: 0 (no input of the task counts); methods
+    not resampled: NaN."""
+    if S_b is None:
+        return 0.0 if method == "BMA" else float("nan")
+    W = choose_rows(S_b, ties, train_acc)
+    return float(1.0 - (W @ w).mean())
 
 
 def _first(neigh: Neighbors, k: int) -> Neighbors:

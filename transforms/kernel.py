@@ -76,6 +76,7 @@ def lodo_accuracies(
     fallback: Literal["train_mean", "nan"] = "train_mean",
     k_descriptor: int | None = None,
     held_out: np.ndarray | None = None,
+    families: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """p(d, m) (D × M) and u(d) (D,) by leave-one-dataset-out.
 
@@ -85,6 +86,8 @@ def lodo_accuracies(
     ``dataset_rows[d]``: the index rows of d's inputs and ``dataset_labels[d]`` their labels in d.
     ``held_out`` (D bool): datasets that are never neighbours (and get NaN rows in the output);
     an input of d that also belongs to a held-out dataset is left out of d's p and u too.
+    ``families`` (D × D bool, ``lodo_groups.same_family``): d's p and u are measured with the
+    whole of d's family left out of the neighbours (None: d alone).
     """
     D = group_members.shape[1]
     M = Y.shape[1]
@@ -96,7 +99,9 @@ def lodo_accuracies(
         keep = ~banned[row_groups[dataset_rows[d]]]  # d's inputs that are not held out
         if held[d] or not keep.any():
             continue
-        allowed = ~(banned | group_members[:, d])
+        own = group_members[:, families[d] if families is not None else d]
+        own = own.any(axis=1) if own.ndim == 2 else own
+        allowed = ~(banned | own)
         neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
         fb = _train_mean(Y, allowed[row_groups]) if fallback == "train_mean" else None
         G = aggregate_labels(

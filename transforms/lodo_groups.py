@@ -4,13 +4,43 @@ Models are only compared on data where they all have labels, and sources differ 
 sets (MMLU-Pro 28 models, HELM Safety 12, RouteLLM 2, AlpacaEval 58…), so each source is its
 own benchmark: its datasets, restricted to the models labelled on every one of them. A source
 with too few datasets or models is skipped, with the reason.
+
+Within a group each dataset is held out in turn, together with its *family* (``dataset_family``):
+the parts of one benchmark that a source splits into several datasets. HELM's MMLU is one
+dataset per subject (``helm/mmlu/subject=anatomy``...): holding out one subject while the other
+56 stay in the index would test a task the router has mostly seen, so every ``helm/mmlu/...``
+dataset is held out with it. A HELM ``dataset=`` argument names a benchmark of its own
+(``helm/commonsense/dataset=hellaswag`` and ``.../dataset=openbookqa`` are two families).
+Datasets of other sources are their own family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
+
+
+HELM_PREFIX = "helm/"
+# A HELM argument that names a benchmark of its own, not a part of one (commonsense:dataset=).
+HELM_BENCHMARK_ARGS = ("dataset",)
+
+
+def dataset_family(dataset: str) -> str:
+    """The datasets held out together with ``dataset`` share this name (module docstring):
+    ``helm/<scenario>`` plus any ``HELM_BENCHMARK_ARGS`` of a HELM dataset, else the name."""
+    if not dataset.startswith(HELM_PREFIX):
+        return dataset
+    scenario, _, args = dataset[len(HELM_PREFIX) :].partition("/")
+    keep = [a for a in args.split(",") if a.partition("=")[0] in HELM_BENCHMARK_ARGS] if args else []
+    return f"{HELM_PREFIX}{scenario}" + (f"/{','.join(keep)}" if keep else "")
+
+
+def same_family(datasets: list[str]) -> np.ndarray:
+    """(D × D bool): whether datasets i and j are of one family (the diagonal is true)."""
+    fam = np.array([dataset_family(d) for d in datasets], dtype=object)
+    return fam[:, None] == fam[None, :] if len(datasets) else np.zeros((0, 0), bool)
 
 
 @dataclass(frozen=True)

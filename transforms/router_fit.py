@@ -70,6 +70,7 @@ def fit_router(
     P, u = lodo_accuracies(
         grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
         bench.dataset_y, k=k, weights=weights, fallback=fallback, k_descriptor=k_desc,
+        families=bench.families(),
     )
     ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
     if ok.sum() >= 2:

@@ -89,11 +89,12 @@ def folds(bench: BenchmarkArrays, split: str, *, seed: int = 0, test_fraction: f
     else:
         groups = [[d] for d in eligible]
     out = []
+    families = bench.families()
     for ds in groups:
         held = np.zeros(n, bool)
         test_parts, y_parts = [], []
         for d in ds:
-            held |= bench.member[:, d]
+            held |= bench.member[:, families[d]].any(axis=1)  # d's whole family (lodo_groups)
             local = bench.complete_rows(d)
             test_parts.append(bench.dataset_rows[d][local])
             y_parts.append(bench.dataset_y[d][local])

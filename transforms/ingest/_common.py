@@ -6,7 +6,13 @@
 - vectorised quarantine: ``apply_checks`` splits off rows that break a rule, ``drop_duplicates``
   keeps the first of several rows with one key;
 - JSON records streamed one at a time from a JSON array (ijson) or JSON Lines, with parse errors
-  reported as ``ParseFailure`` items so the caller can quarantine them and keep what came before.
+  reported as ``ParseFailure`` items so the caller can quarantine them and keep what came before;
+- text that is not valid UTF-8: in a JSON array, each invalid byte (and each lone surrogate escape
+  such as ``\\udcff``) is replaced by ``BAD_TEXT`` (U+FDD0, a Unicode noncharacter) before parsing,
+  so the array parses on and ``text_problem`` finds the record that held it (readers quarantine
+  that record, not the rest of the file); a JSON Lines line with invalid bytes is quarantined;
+- column types checked before use (``require_types``): a wrong type makes the unit unreadable,
+  with the file, the column, its type and the type expected.
 
 Records are numbered from 1 in quarantine rows: ``row 1`` is the first data row of a table
 (after a CSV header), ``record 1`` the first item of a JSON array, ``line 1`` the first line of a
@@ -15,6 +21,7 @@ JSON Lines file.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -33,7 +40,7 @@ from fsspec.core import url_to_fs
 from benchroute.schemas import empty
 from benchroute.transforms.ids import input_ids
 
-from .base import UnreadableSource
+from .base import BAD_TEXT, UnreadableSource, printable, text_problem  # noqa: F401
 
 ROW = "__row"  # the 1-based record number column added to every table read
 
@@ -103,6 +110,20 @@ def parquet_columns(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
+def not_parquet_reason(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Why ``path`` has no readable Parquet footer, in words (for ``UnreadableSource``)."""
+    try:
+        if fs.isdir(path):
+            return "is a folder, not a file"
+        if not fs.exists(path):
+            return "file not found (a missing file or a dangling link)"
+        if fs.size(path) == 0:
+            return "file is empty (0 bytes)"
+    except OSError as exc:
+        return f"cannot read file: {exc}"
+    return "not a readable Parquet file"
+
+
 def read_parquet(
     fs: fsspec.AbstractFileSystem, path: str, label: str, columns: list[str] | None = None
 ) -> pl.DataFrame:
@@ -120,6 +141,69 @@ def read_parquet(
     df = pl.from_arrow(table)
     assert isinstance(df, pl.DataFrame)
     return df.with_row_index(ROW, offset=1)
+
+
+# Column kinds ``require_types`` accepts, each with the polars types that qualify.
+def _is_text(dtype: pl.DataType) -> bool:
+    return dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
+
+
+def _is_int(dtype: pl.DataType) -> bool:
+    return dtype.is_integer() or dtype == pl.Null
+
+
+def _is_number(dtype: pl.DataType) -> bool:
+    return dtype.is_numeric() or dtype in (pl.Boolean, pl.Null)
+
+
+def _is_flag(dtype: pl.DataType) -> bool:
+    """A correctness flag: bool, or a number (0/1)."""
+    return _is_number(dtype)
+
+
+def _is_number_or_text(dtype: pl.DataType) -> bool:
+    return _is_number(dtype) or _is_text(dtype)
+
+
+def _is_text_list(dtype: pl.DataType) -> bool:
+    return isinstance(dtype, (pl.List, pl.Array)) and _is_text(dtype.inner)
+
+
+COLUMN_KINDS = {
+    "text": (_is_text, "text (string)"),
+    "int": (_is_int, "an integer"),
+    "number": (_is_number, "a number"),
+    "flag": (_is_flag, "a bool or 0/1 number"),
+    "number_or_text": (_is_number_or_text, "a number or text"),
+    "text_list": (_is_text_list, "a list of strings"),
+    "scalar_text": (_is_number_or_text, "text (or a number, read as text)"),
+}
+# What each kind's columns are cast to once checked (kinds not listed are left as they are).
+_CAST_TO = {"text": pl.String, "scalar_text": pl.String, "flag": pl.Float64, "number": pl.Float64}
+
+
+def require_types(df: pl.DataFrame, kinds: dict[str, str], label: str) -> pl.DataFrame:
+    """``df`` with its columns cast to their kind's type (text as ``String``, numbers and flags
+    as ``Float64``); a column of another type than its kind (see ``COLUMN_KINDS``) makes the
+    unit unreadable, naming the file, the column and both types.
+
+    Columns absent from ``df`` are not checked (callers check required columns first).
+    """
+    wrong = []
+    for column, kind in kinds.items():
+        if column not in df.columns:
+            continue
+        ok, expected = COLUMN_KINDS[kind]
+        if not ok(df.schema[column]):
+            wrong.append(f"column {column!r} is {df.schema[column]}, expected {expected}")
+    if wrong:
+        raise UnreadableSource(f"{label}: wrong column type: {'; '.join(wrong)}")
+    casts = [
+        pl.col(c).cast(_CAST_TO[kind])
+        for c, kind in kinds.items()
+        if c in df.columns and kind in _CAST_TO and df.schema[c] != _CAST_TO[kind]
+    ]
+    return df.with_columns(casts) if casts else df
 
 
 def read_csv_strings(
@@ -317,6 +401,14 @@ def json_kind(head: bytes) -> str | None:
     return None
 
 
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\xfe\xff", "UTF-16"),
+    (b"\xff\xfe", "UTF-16"),
+)
+
+
 def iter_json_records(
     fs: fsspec.AbstractFileSystem, path: str, label: str
 ) -> Iterator[tuple[str, Any]]:
@@ -324,12 +416,20 @@ def iter_json_records(
 
     A record that cannot be parsed comes as a ``ParseFailure`` value. In a JSON array a parse
     error ends the stream (nothing after it can be found); in JSON Lines only that line is lost.
-    A file that is empty, not JSON, or whose very first record fails raises ``UnreadableSource``.
+    Bytes that are not valid UTF-8 do not end a JSON array: they are read as ``BAD_TEXT`` and the
+    reader quarantines the record holding them (``text_problem``). A file that is empty, not
+    JSON, UTF-16/32 encoded, or whose very first record fails raises ``UnreadableSource``.
     """
-    kind = json_kind(read_head(fs, path, 4096))
+    head = read_head(fs, path, 4096)
+    kind = json_kind(head)
     if kind is None:
-        if not read_head(fs, path, 4096).strip():
+        if not head.strip():
             raise UnreadableSource(f"{label}: file is empty")
+        for bom, encoding in _BOMS:
+            if head.startswith(bom):
+                raise UnreadableSource(
+                    f"{label}: encoded as {encoding} (byte-order mark), not UTF-8"
+                )
         raise UnreadableSource(f"{label}: not JSON (expected a JSON array or JSON Lines)")
     records = _iter_array(fs, path) if kind == "array" else _iter_lines(fs, path)
     n_good = 0
@@ -357,34 +457,41 @@ def _iter_lines(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str,
                     f"line {n}",
                     ParseFailure("line is not valid UTF-8", str(exc), rest_lost=False),
                 )
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:
                 yield f"line {n}", ParseFailure("invalid JSON line", str(exc), rest_lost=False)
 
 
+# Errors of ijson's parser (yajl2_c raises UnicodeDecodeError, a ValueError, on some strings).
+_PARSE_ERRORS = (ijson.JSONError, ValueError)
+
+
 def _iter_array(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, Any]]:
-    """Items of a JSON array, streamed; NaN/Infinity literals (Python's json) are read as null."""
+    """Items of a JSON array, streamed through ``_Sanitized``; NaN/Infinity literals (Python's
+    json) are read as null, numbers beyond yajl's range (integers of 19 digits or more,
+    exponents of three digits) as text (``to_float`` reads them, ``1e999`` as infinite)."""
     n = 0
     try:
         with fs.open(path, "rb") as f:
-            for item in ijson.items(f, "item", use_float=True):
+            for item in ijson.items(_Sanitized(f), "item", use_float=True):
                 n += 1
                 yield f"record {n}", item
         return
-    except ijson.JSONError as exc:
-        if not _non_finite_literal(str(exc)):
+    except _PARSE_ERRORS as exc:
+        if not _lenient_helps(str(exc)):
             yield f"record {n + 1}", _broken_array(exc)
             return
-    # The file uses NaN/Infinity (not JSON, but Python's json writes them): read it again
-    # through a filter that turns them into null, skipping the records already given.
+    # The file uses NaN/Infinity (not JSON, but Python's json writes them) or numbers yajl
+    # cannot hold: read it again through a filter that rewrites them, skipping the records
+    # already given.
     seen = n
     n = 0
     try:
         with fs.open(path, "rb") as f:
-            for item in ijson.items(_NonFiniteAsNull(f), "item", use_float=True):
+            for item in ijson.items(_Sanitized(f, lenient=True), "item", use_float=True):
                 n += 1
                 if n > seen:
                     yield f"record {n}", item
-    except ijson.JSONError as exc:
+    except _PARSE_ERRORS as exc:
         yield f"record {n + 1}", _broken_array(exc)
 
 
@@ -397,35 +504,70 @@ def _broken_array(exc: Exception) -> ParseFailure:
     )
 
 
-def _non_finite_literal(message: str) -> bool:
-    """Whether a yajl error points at a bare NaN / Infinity token."""
+def _lenient_helps(message: str) -> bool:
+    """Whether a yajl error points at a bare NaN / Infinity token or a number out of range."""
+    if "overflow" in message:  # "integer overflow", "numeric (floating point) overflow"
+        return True
     return "lexical error" in message and bool(re.search(r"\b(NaN|-?Infinity)\b", message))
 
 
 _NON_FINITE = re.compile(rb"([:\[,]\s*)(?:NaN|-?Infinity)(?=\s*[,\]}])")
+_HUGE_NUMBER = re.compile(
+    rb"([:\[,]\s*)(-?(?:\d{19,}(?:\.\d+)?(?:[eE][+-]?\d+)?|\d+(?:\.\d+)?[eE][+-]?\d{3,}))"
+    rb"(?=\s*[,\]}])"
+)
+# A \uXXXX escape of a surrogate: a high one must be followed by a low one (a pair is one
+# character); a lone one is not Unicode text. An even run of backslashes before it is text.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(
+    rb"(?<!\\)((?:\\\\)*)(?:(\\u[dD][89abAB][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?"
+    rb"|(\\u[dD][c-fC-F][0-9a-fA-F]{2}))"
+)
+_BAD_TEXT_ESCAPE = b"\\ufdd0"  # BAD_TEXT as a JSON escape
+_BAD_BYTES_HANDLER = "benchroute-bad-text"
+codecs.register_error(_BAD_BYTES_HANDLER, lambda exc: (BAD_TEXT, exc.end))
 
 
-class _NonFiniteAsNull:
-    """A byte stream that rewrites bare ``NaN``/``Infinity`` JSON values to ``null``.
+def _surrogate_escape(m: re.Match) -> bytes:
+    if m[2] and m[3]:
+        return m[0]  # a surrogate pair: one character
+    return m[1] + _BAD_TEXT_ESCAPE
 
-    Text is cut at the last comma of each chunk so that no token straddles two chunks. (The
-    pattern could also match inside a string value; this reader is used only for files that
-    already failed because they hold such literals.)
+
+def decode_lossy(data: bytes) -> str:
+    """UTF-8 text with each invalid byte sequence replaced by ``BAD_TEXT``."""
+    return data.decode("utf-8", _BAD_BYTES_HANDLER)
+
+
+class _Sanitized:
+    """A byte stream of JSON that ijson can parse to the end, whatever a string holds.
+
+    Bytes that are not valid UTF-8 and lone surrogate escapes (``"\\udcff"``: yajl stops at
+    both, losing every later record) become ``BAD_TEXT``, so only the record holding them is
+    quarantined. With ``lenient``, bare ``NaN``/``Infinity`` values become ``null`` and numbers
+    yajl cannot hold become strings (``"1e999"``); these patterns could also match inside a
+    string value, so they are used only for files that already failed on such a token.
+
+    Text is cut at the last comma of each chunk so that no UTF-8 sequence, escape or token
+    straddles two chunks.
     """
 
-    def __init__(self, raw, chunk: int = 1 << 20):
+    def __init__(self, raw, *, lenient: bool = False, chunk: int = 1 << 16):
         self._raw = raw
         self._chunk = chunk
+        self._lenient = lenient
         self._carry = b""
         self._out = b""
+        self._pos = 0
         self._eof = False
 
     def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._out) < size):
+        while not self._eof and (size < 0 or len(self._out) - self._pos < size):
             self._fill()
         if size < 0:
-            size = len(self._out)
-        data, self._out = self._out[:size], self._out[size:]
+            size = len(self._out) - self._pos
+        data = self._out[self._pos : self._pos + size]
+        self._pos += len(data)
         return data
 
     def _fill(self) -> None:
@@ -433,29 +575,49 @@ class _NonFiniteAsNull:
         buf = self._carry + data
         if not data:
             self._eof = True
-            self._out += _NON_FINITE.sub(rb"\1null", buf)
             self._carry = b""
+            self._emit(self._clean(buf))
             return
         cut = buf.rfind(b",")
         if cut < 0:
             self._carry = buf
             return
-        self._out += _NON_FINITE.sub(rb"\1null", buf[: cut + 1])[:-1]
+        # The comma stays at both ends: the patterns look at what is around a token.
+        self._emit(self._clean(buf[: cut + 1])[:-1])
         self._carry = buf[cut:]
+
+    def _emit(self, data: bytes) -> None:
+        self._out = self._out[self._pos :] + data
+        self._pos = 0
+
+    def _clean(self, buf: bytes) -> bytes:
+        try:
+            buf.decode("utf-8")
+        except UnicodeDecodeError:
+            buf = decode_lossy(buf).encode("utf-8")
+        if _SURROGATE_HINT.search(buf):
+            buf = _SURROGATE_ESCAPE.sub(_surrogate_escape, buf)
+        if self._lenient:
+            buf = _NON_FINITE.sub(rb"\1null", buf)
+            buf = _HUGE_NUMBER.sub(rb'\1"\2"', buf)
+        return buf
 
 
 def first_json_record(fs: fsspec.AbstractFileSystem, path: str, limit: int = 4 << 20) -> Any:
     """The first record of a JSON array or JSON Lines file, reading at most ``limit`` bytes.
 
-    Returns None when the file is not JSON or the first record is larger than ``limit``.
+    Text that is not valid UTF-8 is read as ``BAD_TEXT``, NaN as null, huge numbers as text (the
+    record's shape decides the format; the reader quarantines what is bad). Returns None when
+    the file is not JSON or the first record is larger than ``limit``.
     """
     kind = json_kind(read_head(fs, path, 4096))
     try:
         with fs.open(path, "rb") as f:
             if kind == "array":
-                return next(ijson.items(_Limited(f, limit), "item", use_float=True), None)
+                stream = _Sanitized(_Limited(f, limit), lenient=True)  # only its shape matters
+                return next(ijson.items(stream, "item", use_float=True), None)
             if kind == "lines":
-                return json.loads(_first_line(f, limit).decode("utf-8"))
+                return json.loads(decode_lossy(_first_line(f, limit)))
     except Exception:  # noqa: BLE001 - any parse failure means "not this format"
         return None
     return None

@@ -44,15 +44,17 @@ from ._common import (
     empty_text,
     first_json_record,
     iter_json_records,
+    not_parquet_reason,
     list_files,
     open_url,
     parent_name,
     parquet_columns,
     read_parquet,
+    require_types,
     row_label,
     with_input_ids,
 )
-from .base import Collector, IngestResult, UnreadableSource, from_frames, to_float
+from .base import Collector, IngestResult, UnreadableSource, from_frames, text_problem, to_float
 
 KIND = "alpaca_eval"
 
@@ -69,15 +71,26 @@ NOT_A_MODEL_REASON = "not a model's judged output (AlpacaEval placeholder, or th
 
 
 def find_units(fs, root: str) -> list[str]:
-    """``annotations_long.parquet`` tables and native ``annotations.json`` files."""
-    return [p for p in list_files(fs, root) if _is_unit(fs, p)]
+    """``annotations_long.parquet`` tables and native ``annotations.json`` files.
+
+    A folder named ``annotations_long.parquet`` is a unit too: reading it says it is a folder
+    (a partitioned dataset, a copy gone wrong) instead of its files being passed over.
+    """
+    if fs.isdir(root):
+        folders = [
+            p for p in fs.find(root, withdirs=True) if base_name(p) == LONG_TABLE and fs.isdir(p)
+        ]
+    else:
+        folders = []
+    return sorted(folders + [p for p in list_files(fs, root) if _is_unit(fs, p)])
 
 
 def _is_unit(fs, path: str) -> bool:
-    """A long table with the required columns, or a native file that looks like AlpacaEval's."""
+    """A long table (by its name: one that cannot be read is reported, not skipped), or a native
+    file that looks like AlpacaEval's."""
     name = base_name(path)
     if name == LONG_TABLE:
-        return set(REQUIRED) <= set(parquet_columns(fs, path))
+        return True
     return name == NATIVE and _looks_native(fs, path)
 
 
@@ -110,11 +123,11 @@ def _read_long(url: str, names: ModelNames) -> IngestResult:
     fs, path = open_url(url)
     columns = parquet_columns(fs, path)
     if not columns:
-        raise UnreadableSource(f"{url}: not a readable Parquet file")
+        raise UnreadableSource(f"{url}: {not_parquet_reason(fs, path)}")
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise UnreadableSource(f"{url}: missing column(s) {', '.join(missing)}")
-    df = read_parquet(fs, path, url, REQUIRED + OPTIONAL)
+    df = require_types(read_parquet(fs, path, url, REQUIRED + OPTIONAL), _LONG_TYPES, url)
     for col in OPTIONAL:
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, pl.String).alias(col))
@@ -166,6 +179,15 @@ def _read_long(url: str, names: ModelNames) -> IngestResult:
         ]),
         quarantine=pl.concat([bad, dup], how="vertical_relaxed"),
     )
+
+
+_LONG_TYPES = {
+    **{c: "text" for c in ("instruction", "dataset", "annotator", "results_dir", "model")},
+    **{c: "text" for c in ("annotator_dir", "reference_model")},
+    "preference": "number_or_text",
+    "instruction_id": "number_or_text",
+    "output_chars": "number_or_text",
+}
 
 
 def _output_lengths(df: pl.DataFrame) -> pl.DataFrame:
@@ -288,6 +310,16 @@ def _native_record(item, col: Collector, url: str, record: str, annotator_dir: s
         col.quarantine(url, record, "generator_2", NOT_A_MODEL_REASON, model)
         return None
     annotator = item.get("annotator") or annotator_dir
+    subset = item.get("dataset")
+    for name, value in (
+        ("instruction", text), ("generator_2", model), ("annotator", annotator), ("dataset", subset)
+    ):
+        if problem := text_problem(value):
+            col.quarantine(url, record, name, problem, value)
+            return None
+    if not isinstance(annotator, str):
+        col.quarantine(url, record, "annotator", "annotator is not text", annotator)
+        return None
     raw = item.get("preference")
     preference = to_float(raw)
     lo, hi = PREFERENCE_RANGE
@@ -308,7 +340,6 @@ def _native_record(item, col: Collector, url: str, record: str, annotator_dir: s
             item.get("preference"),
         )
         return None
-    subset = item.get("dataset")
     return (
         text,
         dataset_name(subset if isinstance(subset, str) else None),

@@ -18,6 +18,35 @@ from benchroute.transforms.ids import ModelNames, input_id, normalize_text
 
 TABLE_NAMES = ("inputs", "memberships", "outcomes", "models", "quarantine")
 
+# Stands for bytes that were not valid UTF-8 (or a lone surrogate escape) in a JSON array. A
+# noncharacter: never meant for interchange, so it does not occur in benchmark texts.
+BAD_TEXT = "\ufdd0"
+
+
+def text_problem(value: object) -> str | None:
+    """Why a string cannot be stored as text (None when it can, or when it is not a string).
+
+    Polars and the input-id hash need valid Unicode: a lone surrogate (``"\\udcff"`` in JSON,
+    or bytes decoded with ``surrogateescape``) cannot be encoded, and ``BAD_TEXT`` marks bytes
+    that were not UTF-8 in the file.
+    """
+    if not isinstance(value, str):
+        return None
+    if BAD_TEXT in value:
+        return "not valid UTF-8 (undecodable bytes or a lone surrogate escape in this text)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid Unicode text (holds a lone surrogate)"
+    return None
+
+
+def printable(value: object, limit: int = 200) -> str:
+    """A value as text that can always be stored (quarantine ``value``/``record`` columns)."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace(BAD_TEXT, "\ufffd").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "…"
+
 
 class UnreadableSource(Exception):
     """A whole file or folder could not be parsed (message names it)."""
@@ -79,12 +108,23 @@ def from_frames(
     outcomes, dups = _split_repeats(outcomes, file=file, source=source)
     q_parts.append(dups)
     valid: dict[str, pl.DataFrame] = {}
+    refused_members = 0
     for name, df in (("inputs", inputs), ("memberships", memberships), ("outcomes", outcomes)):
         valid[name], bad = validate(name, df, source=source, file=file)
         q_parts.append(bad)
+        if name == "memberships":
+            refused_members = bad.height
     known = valid["inputs"].select("input_id")
     valid["memberships"] = valid["memberships"].join(known, on="input_id", how="semi")
     valid["outcomes"] = valid["outcomes"].join(known, on="input_id", how="semi")
+    if refused_members:
+        # An input whose membership was quarantined (e.g. a refused dataset name) is not kept
+        # in that dataset: its outcomes there go too, and the input if it is in no dataset left.
+        members = valid["memberships"].select("input_id", "dataset")
+        valid["inputs"] = valid["inputs"].join(members, on="input_id", how="semi")
+        valid["outcomes"] = valid["outcomes"].join(
+            members, on=["input_id", "dataset"], how="semi"
+        )
     models = _models_frame(valid["outcomes"], names, source)
     return IngestResult(
         source=source,
@@ -146,7 +186,9 @@ class Collector:
 
     ``add_input`` returns the input id (or ``None`` after quarantining a bad text);
     ``add_outcome`` takes a raw model name and any value, and quarantines non-numeric, NaN or
-    infinite values with the field that held them.
+    infinite values with the field that held them. A text or name that is not valid Unicode
+    (bytes that were not UTF-8, a lone surrogate: ``_common.text_problem``) is quarantined with
+    its field instead of failing the unit; quarantine rows show such values escaped.
     """
 
     source: str
@@ -163,11 +205,11 @@ class Collector:
         self._quarantine.append(
             (
                 self.source,
-                str(file),
-                None if record is None else str(record),
-                field_,
+                printable(file, 10_000),
+                None if record is None else printable(record, 10_000),
+                None if field_ is None else printable(field_, 10_000),
                 reason,
-                None if value is None else _short(value),
+                None if value is None else printable(value),
             )
         )
 
@@ -185,9 +227,18 @@ class Collector:
         if not isinstance(text, str):
             self.quarantine(file, record, field_, f"input text is {type(text).__name__}, not str", text)
             return None
+        if problem := text_problem(text):
+            self.quarantine(file, record, field_, problem, text)
+            return None
         if not normalize_text(text):
             self.quarantine(file, record, field_, "input text is empty", text)
             return None
+        for name, value in (
+            ("dataset", dataset), ("split", split), ("source_instance_id", source_instance_id)
+        ):
+            if problem := text_problem(value):
+                self.quarantine(file, record, name, problem, value)
+                return None
         iid = input_id(text)
         self._inputs.setdefault(iid, text)
         self._members.append((iid, dataset, self.source, split, source_instance_id))
@@ -206,6 +257,13 @@ class Collector:
         record: object,
         perturbation: str | None = None,
     ) -> bool:
+        for name, text in (
+            ("model", model), ("metric", metric), ("dataset", dataset), ("run_id", run_id),
+            ("perturbation", perturbation),
+        ):
+            if problem := text_problem(text):
+                self.quarantine(file, record, name, problem, text)
+                return False
         number = to_float(value)
         if number is None or not math.isfinite(number):
             self.quarantine(
@@ -263,22 +321,26 @@ def to_float(value: object) -> float | None:
     """A metric value as float: numbers, bools and numeric strings (HELM judges write "1.0")."""
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range: not a finite number
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         text = value.strip()
         if text.lower() in ("true", "false"):
             return 1.0 if text.lower() == "true" else 0.0
         try:
             return float(text)
-        except ValueError:
+        except (ValueError, UnicodeError):
             return None
     try:  # decimal.Decimal from ijson
         return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
 def _short(value: object, limit: int = 200) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+    return printable(value, limit)

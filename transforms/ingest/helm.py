@@ -5,7 +5,7 @@ A *unit* is one HELM run: a folder holding ``run_spec.json`` (HELM writes
 
 - ``run_spec.json`` (small, ``json.load``): run name, ``adapter_spec.model`` (else the run name's
   ``model=`` argument with its first ``_`` made ``/``), ``adapter_spec.model_deployment`` when
-  present. The scenario is the run name before ``:``; the dataset is ``helm/<scenario>``.
+  present, ``scenario_spec.args``, ``groups``. The scenario is the run name before ``:``.
 - ``scenario_state.json`` (streamed, ``request_states[]``): ``instance.input.text``,
   ``instance.id``, ``instance.split``, ``instance.perturbation``, ``train_trial_index``. Without
   it the texts come from ``instances.json`` in the run folder, else from a sibling run of the same
@@ -24,6 +24,26 @@ as non-finite values and quarantined.
 
 Decisions:
 
+- **Dataset**: a HELM run name is ``<scenario>:<arg>=<value>,...`` and mixes three kinds of
+  argument: the model (``model``, ``model_deployment``), the adapter (``method``,
+  ``max_train_instances``, ``num_outputs``, ``stop``... : HELM's run expanders) and the data
+  (``dataset``, ``subject``, ``subset``, ``task``, ``language``...). Only the data arguments
+  make the dataset: ``helm/<scenario>/<arg>=<value>,...``, sorted by name
+  (``helm/commonsense/dataset=hellaswag``, ``helm/mmlu/subject=abstract_algebra``), or
+  ``helm/<scenario>`` without any (``helm/xstest``). They are read from
+  ``scenario_spec.args`` (the arguments HELM built the scenario with), minus ``MODEL_ARGS``;
+  a run spec without that object falls back on the run name minus ``MODEL_ARGS`` and
+  ``ADAPTER_ARGS``. Names and values are percent-escaped (``dataset_id``): no ``/``, ``,``,
+  ``=`` or ``..`` inside a part. Runs of two models, or two methods, on one scenario setup are
+  one dataset; two subjects are two.
+- **Main metric** (``HelmResult.main_metrics``, used by ``binarize.effective_rules``): the
+  suite's schema (``schema.json`` in the suite folder, as HELM's summarizer writes it, else
+  ``schema*.yaml``) names each run group's main metric (``run_groups[].environment.main_name``);
+  the run's groups are ``run_spec.groups``. Those come first (origin ``schema``), then the shipped
+  table ``transforms/helm_main_metrics.csv`` (HELM's own schema files) for the groups and the
+  scenario name (origin ``table``). The ingest flow stores them with its commit; the labels stage
+  uses the first one the dataset has per instance (narrative_qa: ``f1_score``, not
+  ``exact_match``).
 - **Metrics kept**: every per-instance stat except bookkeeping, i.e. names matching
   ``BOOKKEEPING`` (``num_*``, ``finish_reason_*``, ``inference_*``, ``training_*``, ``batch_*``,
   ``prompt_truncated``, ``max_prob``, ``predicted_index``). ``logprob`` is kept: it is the
@@ -45,15 +65,24 @@ Decisions:
 - **run_id**: ``<suite>/<run name>``, the suite being the run folder's parent folder (HELM's
   ``runs/<suite>/``). One run name can sit in several suites (``bbq:...,model=anthropic_claude-
   3-opus-20240229`` is in both ``v1`` and ``v4``) and the outcome key must keep both.
+- **Answer positions** (issue 15, for the selection-bias measure RStd; never labels): for a
+  request state with an ``output_mapping`` (HELM's ``multiple_choice_joint``: letter -> option
+  text) in the run's own ``scenario_state.json`` (a sibling run's holds another model's
+  answers), train trial 0: ``gold_position``, the index among the mapping's letters of the first
+  reference tagged ``correct``, and ``pred_position``, the index of the completion's text
+  (stripped) among them, -1 when it is no letter. No correct reference in the mapping: neither.
 - **Inputs**: the instances that at least one per-instance entry refers to. Two instances of
   one run with the same normalised text are one input: the first one's outcomes are kept, the
   later instance is quarantined.
 
 Bad input never fails the whole read. A bad record becomes a quarantine row naming the file, the
-record (``<index>/<instance id>``) and the field. JSON that breaks mid-file keeps what was parsed
-and adds a row naming the record where it broke. A file of which nothing can be parsed (empty,
-not UTF-8, broken before its first record) raises ``UnreadableSource``; so does an unparseable
-``run_spec.json``. A layout this reader does not know (no ``adapter_spec``, stats not a list...)
+record (``<index>/<instance id>``) and the field. Bytes that are not UTF-8 (or a lone surrogate
+escape) inside a string cost only the record whose used field holds them (instance id, input
+text, split, perturbation, stat name): ``TolerantReader`` marks them, the record is quarantined
+with that field, and the records before and after it are read. JSON that breaks mid-file keeps
+what was parsed and adds a row naming the record where it broke. A file of which nothing can be
+parsed (empty, UTF-16/32, broken before its first record) raises ``UnreadableSource``; so does an
+unparseable ``run_spec.json``. A layout this reader does not know (no ``adapter_spec``, stats not a list...)
 raises ``UnknownLayout``.
 """
 
@@ -63,13 +92,23 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import fsspec
 import ijson
 from fsspec.core import url_to_fs
 
-from .base import Collector, IngestResult, UnknownLayout, UnreadableSource, to_float
+from benchroute.transforms.binarize import helm_main_metrics
+
+from .base import (
+    BAD_TEXT,
+    Collector,
+    IngestResult,
+    UnknownLayout,
+    UnreadableSource,
+    text_problem,
+    to_float,
+)
 
 KIND = "helm"
 
@@ -84,10 +123,25 @@ BOOKKEEPING = re.compile(
 )
 # Per-instance stats kept although they match BOOKKEEPING: the tokens the request used.
 USAGE = ("num_output_tokens", "num_prompt_tokens")
+GOLD_POSITION, PRED_POSITION = "gold_position", "pred_position"  # answer positions (never labels)
 # Fields of a PerturbationDescription that do not tell two perturbations apart.
 _PERTURBATION_META = ("name", "robustness", "fairness", "computed_on")
 _DERIVED_COMPUTED_ON = ("worst", "original")
 _MODEL_ARGS = ("model", "model_deployment")
+# Arguments that pick the model, never part of a dataset's identity (``tokenizer`` is a
+# scenario argument of HELM's synthetic efficiency scenario, set per model).
+MODEL_ARGS = ("model", "model_deployment", "tokenizer")
+# Run-name arguments that set the adapter (HELM's run expanders, src/helm/benchmark/
+# run_expander.py, and the run spec functions' ``method``): dropped from the dataset identity
+# when it has to come from the run name.
+ADAPTER_ARGS = (
+    "method", "groups", "instructions", "prompt", "newline", "stop", "add_to_stop",
+    "global_prefix", "anthropic", "claude_3", "amazon-nova", "follow_format_instructions",
+    "idefics_instruct", "llava", "open_flamingo", "format_prompt", "num_train_trials",
+    "max_train_instances", "max_eval_instances", "num_outputs", "num_trials", "eval_split",
+    "data_augmentation", "num_output_tokens", "increase_max_tokens", "temperature",
+    "increase_temperature", "chatml", "output_format_instructions", "process_output",
+)  # fmt: skip
 NO_TEXT_SOURCE = "no instance text: scenario_state.json missing"
 
 Key = tuple  # (HELM instance id, perturbation label or None)
@@ -111,21 +165,27 @@ def find_units(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What ``run_spec.json`` says about a run, plus the suite folder it sits in."""
+    """What ``run_spec.json`` says about a run, plus the suite folder it sits in.
+
+    ``scenario_args``: the data-defining arguments, canonical (sorted, values as text; see
+    ``dataset_args``); ``groups``: the run groups HELM files the run under (``run_spec.groups``).
+    """
 
     name: str
     model: str
     deployment: str | None
     method: str | None
     suite: str
+    scenario_args: tuple[tuple[str, str], ...] = ()
+    groups: tuple[str, ...] = ()
 
     @property
     def scenario(self) -> str:
-        return self.name.split(":", 1)[0]
+        return self.name.split(":", 1)[0].strip()
 
     @property
     def dataset(self) -> str:
-        return f"helm/{self.scenario}"
+        return dataset_id(self.scenario, self.scenario_args)
 
     @property
     def run_id(self) -> str:
@@ -150,6 +210,11 @@ class InstanceIndex:
 
     source: str
     by_key: dict[Key, InstanceText] = field(default_factory=dict)
+    # Instances quarantined for text that is not valid UTF-8/Unicode: their stats are dropped
+    # without a second quarantine row (the instance's row says why).
+    rejected: set[Key] = field(default_factory=set)
+    # (gold, predicted) answer position of multiple-choice instances, train trial 0 (``answer_positions``)
+    positions: dict[Key, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,7 +229,19 @@ class _Values:
 # The run
 
 
-def read(url: str, *, names) -> IngestResult:
+@dataclass(frozen=True)
+class HelmResult(IngestResult):
+    """An ``IngestResult`` plus the run's main-metric hints for the labels stage.
+
+    ``main_metrics``: ``(dataset, metric, origin)`` rows, most trusted first: the suite schema's
+    main metric of each of the run's groups (origin ``schema``), then the shipped table's
+    (``binarize.helm_main_metrics``, by group, then by scenario name; origin ``table``).
+    """
+
+    main_metrics: tuple[tuple[str, str, str], ...] = ()
+
+
+def read(url: str, *, names) -> HelmResult:
     """Read one HELM run folder into canonical frames (see the module docstring)."""
     fs, path = url_to_fs(url)
     path = path.rstrip("/")
@@ -177,7 +254,94 @@ def read(url: str, *, names) -> IngestResult:
     index = instance_index(fs, path, run, collector)
     values = read_per_instance_stats(fs, stats_path, index, collector)
     _emit(values, index, run, stats_label, collector)
-    return collector.result(stats_label)
+    schema = suite_main_metrics(fs, _parent(path), collector)
+    result = collector.result(stats_label)
+    return HelmResult(
+        **{f.name: getattr(result, f.name) for f in fields(result)},
+        main_metrics=main_metric_hints(run, schema),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Main metrics
+
+
+SCHEMA_JSON = "schema.json"
+_SCHEMA_YAML = re.compile(r"schema.*\.ya?ml")
+
+
+def suite_main_metrics(
+    fs: fsspec.AbstractFileSystem, suite_path: str, collector: Collector | None = None
+) -> dict[str, str]:
+    """Run group -> main metric, from the suite folder's schema (``schema.json``, which HELM's
+    summarizer writes there, else ``schema*.yaml``): ``run_groups[].environment.main_name``.
+
+    ``{}`` when there is no schema; a schema that cannot be read adds a quarantine row (the
+    run is still read; its main metrics then come from the shipped table).
+    """
+    try:
+        names = [_basename(p) for p in fs.ls(suite_path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    found = [n for n in names if n == SCHEMA_JSON] + sorted(
+        n for n in names if _SCHEMA_YAML.fullmatch(n)
+    )
+    if not found:
+        return {}
+    path = f"{suite_path}/{found[0]}"
+    key = (_label(fs, path), str(fs.info(path).get("size")), str(fs.info(path).get("mtime")))
+    if key not in _SCHEMA_CACHE:
+        _SCHEMA_CACHE.clear() if len(_SCHEMA_CACHE) > 64 else None
+        _SCHEMA_CACHE[key] = _parse_schema(fs, path)
+    mains, problem = _SCHEMA_CACHE[key]
+    if problem and collector is not None:
+        collector.quarantine(key[0], None, "run_groups", f"{problem}; main metrics from the table")
+    return mains
+
+
+_SCHEMA_CACHE: dict[tuple[str, str, str], tuple[dict[str, str], str | None]] = {}
+
+
+def _parse_schema(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict[str, str], str | None]:
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read().decode("utf-8")
+        if path.endswith(".json"):
+            doc = json.loads(raw)
+        else:
+            import yaml  # only for the rare suite that keeps a YAML schema
+
+            doc = yaml.safe_load(raw)
+    except ImportError:
+        return {}, "schema is YAML and PyYAML is not installed"
+    except Exception as exc:  # noqa: BLE001 - any parse error: the schema is just not used
+        return {}, f"schema not readable: {type(exc).__name__}: {str(exc)[:120]}"
+    groups = doc.get("run_groups") if isinstance(doc, dict) else None
+    if not isinstance(groups, list):
+        return {}, "schema has no 'run_groups' list"
+    mains = {}
+    for group in groups:
+        env = group.get("environment") if isinstance(group, dict) else None
+        main = env.get("main_name") if isinstance(env, dict) else None
+        name = group.get("name") if isinstance(group, dict) else None
+        if isinstance(name, str) and isinstance(main, str) and main and main != "none":
+            if "${" not in main:
+                mains[name] = main
+    return mains, None
+
+
+def main_metric_hints(run: RunInfo, schema: dict[str, str]) -> tuple[tuple[str, str, str], ...]:
+    """``(dataset, metric, origin)`` rows for the labels stage (``binarize.effective_rules``):
+    the schema's main metric of each of the run's groups, then the shipped table's."""
+    rows: dict[tuple[str, str], str] = {}
+    for group in run.groups:
+        if group in schema:
+            rows.setdefault((run.dataset, schema[group]), "schema")
+    table = helm_main_metrics()
+    for group in (*run.groups, run.scenario):
+        for metric in table.get(group, ()):
+            rows.setdefault((run.dataset, metric), "table")
+    return tuple((d, m, origin) for (d, m), origin in rows.items())
 
 
 def read_run_spec(fs: fsspec.AbstractFileSystem, path: str, *, suite: str = "") -> RunInfo:
@@ -206,7 +370,71 @@ def run_info(spec: object, label: str, *, suite: str = "") -> RunInfo:
     model = _str_or_none(adapter.get("model")) or model_from_run_name(name) or deployment
     if not model:
         raise UnknownLayout(f"{label}: no model (adapter_spec.model, run name model=, deployment)")
-    return RunInfo(name, model, deployment, _str_or_none(adapter.get("method")), suite)
+    groups = spec.get("groups")
+    return RunInfo(
+        name,
+        model,
+        deployment,
+        _str_or_none(adapter.get("method")),
+        suite,
+        dataset_args(spec),
+        tuple(g for g in groups if isinstance(g, str) and g) if isinstance(groups, list) else (),
+    )
+
+
+def dataset_args(spec: dict) -> tuple[tuple[str, str], ...]:
+    """The run's data-defining arguments, sorted by name, values as text.
+
+    From ``scenario_spec.args`` (the arguments HELM built the scenario with: what defines its
+    data) when the run spec has that object, else from the run name. Model arguments
+    (``MODEL_ARGS``) are never part of it; from the run name, the adapter and run-expander
+    arguments (``ADAPTER_ARGS``) are dropped too. ``null`` arguments count as absent (HELM omits
+    them when it writes without nones).
+    """
+    scenario = spec.get("scenario_spec")
+    args = scenario.get("args") if isinstance(scenario, dict) else None
+    if isinstance(args, dict):
+        pairs = [(str(k), _arg_text(v)) for k, v in args.items() if v is not None]
+        drop = MODEL_ARGS
+    else:
+        pairs = [(k, v or "") for k, v in _run_args(str(spec.get("name", ""))) if k]
+        drop = MODEL_ARGS + ADAPTER_ARGS
+    return tuple(sorted((k, v) for k, v in pairs if k not in drop))
+
+
+def dataset_id(scenario: str, args: tuple[tuple[str, str], ...] = ()) -> str:
+    """``helm/<scenario>`` or ``helm/<scenario>/<name>=<value>,...`` (args in the given order).
+
+    Names and values are escaped (``_escape``) so the id is one path segment per part: no ``/``,
+    ``,``, ``=`` or ``..`` inside them, only ``[A-Za-z0-9_.+-]`` and ``%XX``.
+    """
+    head = f"helm/{_escape(scenario, segment=True)}"
+    if not args:
+        return head
+    return f"{head}/" + ",".join(f"{_escape(k)}={_escape(v)}" for k, v in args)
+
+
+_SAFE = re.compile(r"[A-Za-z0-9_.+-]")
+
+
+def _escape(text: str, *, segment: bool = False) -> str:
+    """Percent-encode (UTF-8) every character outside ``[A-Za-z0-9_.+-]``, and dots that form
+    ``..`` (or, for a whole path segment, a segment of dots or nothing)."""
+    out = "".join(
+        c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
+        for c in text
+    )
+    out = re.sub(r"\.{2,}", lambda m: "%2E" * len(m.group()), out)
+    if segment and out in ("", "."):
+        out = "%2E" if out else "%00"
+    return out
+
+
+def _arg_text(value: object) -> str:
+    """An argument value as the run name would show it (``True``, ``3``, ``de-en``)."""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
 
 
 def model_from_run_name(run_name: str) -> str | None:
@@ -245,7 +473,7 @@ def instance_index(
     """The run's instance texts from its own file or a fallback; ``None`` when there is none."""
     own = f"{path}/{SCENARIO_STATE}"
     if fs.exists(own):
-        return read_scenario_state(fs, own, run, collector)
+        return read_scenario_state(fs, own, run, collector, positions=True)
     local = f"{path}/{INSTANCES}"
     if fs.exists(local):
         return read_instances_json(fs, local, collector)
@@ -269,9 +497,11 @@ def find_sibling_state(fs: fsspec.AbstractFileSystem, run_path: str, run_name: s
 
 
 def read_scenario_state(
-    fs: fsspec.AbstractFileSystem, path: str, run: RunInfo, collector: Collector
+    fs: fsspec.AbstractFileSystem, path: str, run: RunInfo, collector: Collector,
+    *, positions: bool = False,
 ) -> InstanceIndex:
-    """Stream ``request_states[]``; quarantine records without id/text and repeated requests."""
+    """Stream ``request_states[]``; quarantine records without id/text and repeated requests.
+    ``positions``: also keep the answer positions (only for the run's own states)."""
     label = _label(fs, path)
     index = InstanceIndex(label)
     seen: set[tuple] = set()
@@ -283,7 +513,9 @@ def read_scenario_state(
                 label, i, "instance", "request state has no instance object", state
             )
             continue
-        parsed = parse_instance(state["instance"], label, i, "instance.", collector)
+        parsed = parse_instance(
+            state["instance"], label, i, "instance.", collector, index.rejected
+        )
         if parsed is None:
             continue
         key, inst = parsed
@@ -300,9 +532,37 @@ def read_scenario_state(
             continue
         seen.add(request)
         _keep_first(index, key, inst, collector)
+        if positions and trial == 0 and key not in index.positions:
+            found = answer_positions(state)
+            if found is not None:
+                index.positions[key] = found
     if records.count == 0 and not records.has_top_key("request_states"):
         raise UnknownLayout(f"{label}: no 'request_states' list")
     return index
+
+
+def answer_positions(state: dict) -> tuple[int, int] | None:
+    """(gold, predicted) 0-based answer position of a multiple-choice request state (module
+    docstring), or None without an ``output_mapping`` or a correct reference in it."""
+    mapping = state.get("output_mapping")
+    if not isinstance(mapping, dict) or not mapping:
+        return None
+    letters = list(mapping)
+    refs = state["instance"].get("references") or []
+    correct = [  # a reference's output: {"text": ...}, or the text itself (2022 dumps)
+        out.get("text") if isinstance(out := r.get("output"), dict) else out
+        for r in refs
+        if isinstance(r, dict) and isinstance(r.get("tags"), list) and "correct" in r["tags"]
+    ]
+    if not correct or correct[0] not in mapping.values():
+        return None
+    gold = list(mapping.values()).index(correct[0])
+    result = state.get("result")
+    completions = result.get("completions") if isinstance(result, dict) else None
+    first = completions[0] if isinstance(completions, list) and completions else None
+    text = first.get("text") if isinstance(first, dict) else None
+    text = text.strip() if isinstance(text, str) else None
+    return gold, letters.index(text) if text in mapping else -1
 
 
 def read_instances_json(
@@ -315,7 +575,7 @@ def read_instances_json(
         if not isinstance(raw, dict):
             collector.quarantine(label, i, None, "instance is not an object", raw)
             continue
-        parsed = parse_instance(raw, label, i, "", collector)
+        parsed = parse_instance(raw, label, i, "", collector, index.rejected)
         if parsed is None:
             continue
         key, inst = parsed
@@ -332,9 +592,15 @@ def read_instances_json(
 
 
 def parse_instance(
-    raw: dict, label: str, i: int, prefix: str, collector: Collector
+    raw: dict,
+    label: str,
+    i: int,
+    prefix: str,
+    collector: Collector,
+    rejected: set[Key] | None = None,
 ) -> tuple[Key, InstanceText] | None:
-    """Key and text of one serialised Instance, or ``None`` after quarantining it."""
+    """Key and text of one serialised Instance, or ``None`` after quarantining it (an instance
+    whose text or split is not valid text is also added to ``rejected``)."""
     iid = raw.get("id")
     if not isinstance(iid, str) or not iid:
         collector.quarantine(label, i, f"{prefix}id", "instance id missing", iid)
@@ -347,10 +613,19 @@ def parse_instance(
             label, record, f"{prefix}perturbation", str(exc), raw.get("perturbation")
         )
         return None
+    if problem := text_problem(iid):
+        collector.quarantine(label, record, f"{prefix}id", problem, iid)
+        return None
     text, where, problem = input_text(raw.get("input"))
     if problem:
         collector.quarantine(label, record, f"{prefix}{where}", problem, raw.get("input"))
         return None
+    for name, value in ((where, text), ("split", raw.get("split"))):
+        if problem := text_problem(value):
+            collector.quarantine(label, record, f"{prefix}{name}", problem, value)
+            if rejected is not None:
+                rejected.add((iid, perturbation))
+            return None
     inst = InstanceText(
         text, _str_or_none(raw.get("split")), iid, label, record, f"{prefix}{where}"
     )
@@ -460,6 +735,9 @@ def _add_entry(
         collector.quarantine(label, i, "instance_id", "instance_id missing", iid)
         return
     record = f"{i}/{iid}"
+    if problem := text_problem(iid):
+        collector.quarantine(label, record, "instance_id", problem, iid)
+        return
     stats = entry.get("stats")
     if not isinstance(stats, list):
         collector.quarantine(label, record, "stats", "stats missing or not a list", stats)
@@ -515,6 +793,9 @@ def _add_stat(
     if not isinstance(metric, str) or not metric:
         collector.quarantine(label, record, f"{where}.name", "stat has no name", stat)
         return None
+    if problem := text_problem(metric):
+        collector.quarantine(label, record, f"{where}.name.name", problem, metric)
+        return None
     if not is_score(metric) or _is_derived(name) or to_float(stat.get("count")) == 0:
         return None
     try:
@@ -524,7 +805,7 @@ def _add_stat(
         return None
     inst = index.by_key.get(key)
     if inst is None:
-        return key
+        return None if key in index.rejected else key
     split = _str_or_none(name.get("split"))
     if split is not None and inst.split is not None and split != inst.split:
         collector.quarantine(
@@ -632,6 +913,18 @@ def _emit(
                 record=slot.first_record,
                 perturbation=key[1],
             )
+        for metric, value in zip((GOLD_POSITION, PRED_POSITION), index.positions.get(key, ())):
+            collector.add_outcome(
+                iid,
+                dataset=run.dataset,
+                model=run.model,
+                metric=metric,
+                value=float(value),
+                run_id=run.run_id,
+                file=inst.file,
+                record=inst.record,
+                perturbation=key[1],
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,11 +935,13 @@ class JsonRecords:
     """The records at ``prefix`` of a JSON file, streamed with ijson (memory flat in file size).
 
     Iterating yields ``(index, record)``. JSON that breaks after some records ends the iteration
-    with a quarantine row naming the record where it broke. A file that is empty, not UTF-8 or
+    with a quarantine row naming the record where it broke. A file that is empty, UTF-16/32 or
     broken before its first record raises ``UnreadableSource``; one whose top level is not
-    ``top`` (``"["`` or ``"{"``) raises ``UnknownLayout``. Bare ``NaN``/``Infinity`` tokens are
-    handled by re-reading the file through ``NanTolerantReader`` (about 4x slower) when the fast
-    parser trips on an invalid character; records already yielded are not yielded again.
+    ``top`` (``"["`` or ``"{"``) raises ``UnknownLayout``. When the fast parser trips on a bare
+    ``NaN``/``Infinity`` token, on bytes that are not UTF-8 or on a lone surrogate escape, the
+    file is re-read through ``TolerantReader`` (about 4x slower), which turns the token into a
+    string and the bad text into ``BAD_TEXT``; records already yielded are not yielded again. A
+    string holding ``BAD_TEXT`` reaches the record's checks, which quarantine that record alone.
     """
 
     def __init__(
@@ -666,13 +961,13 @@ class JsonRecords:
     def __iter__(self) -> Iterator[tuple[int, object]]:
         try:
             yield from self._records(tolerant=False)
-        except ijson.JSONError as fast_error:
-            if not _maybe_bare_nan(fast_error):
+        except _PARSE_ERRORS as fast_error:
+            if not _tolerant_may_help(fast_error):
                 self._broken(fast_error)
                 return
             try:
                 yield from self._records(tolerant=True)
-            except ijson.JSONError as exc:
+            except _PARSE_ERRORS as exc:
                 self._broken(exc)
 
     def _records(self, *, tolerant: bool) -> Iterator[tuple[int, object]]:
@@ -680,7 +975,7 @@ class JsonRecords:
         skip = self.count
         with self.fs.open(self.path, "rb") as raw:
             _check_start(raw, self.label, self.top)
-            source = NanTolerantReader(raw) if tolerant else raw
+            source = TolerantReader(raw) if tolerant else raw
             for i, record in enumerate(ijson.items(source, self.prefix, use_float=True)):
                 if i >= skip:
                     self.count = i + 1
@@ -703,56 +998,80 @@ class JsonRecords:
         with self.fs.open(self.path, "rb") as raw:
             _check_start(raw, self.label, self.top)
             try:
-                for prefix, event, value in ijson.parse(NanTolerantReader(raw)):
+                for prefix, event, value in ijson.parse(TolerantReader(raw)):
                     if prefix == "" and event == "map_key" and value == key:
                         return True
-            except ijson.JSONError:
+            except _PARSE_ERRORS:
                 return False
         return False
 
 
-def _maybe_bare_nan(exc: Exception) -> bool:
-    """Whether a parse error may come from a bare NaN/Infinity token (yajl: "invalid char")."""
+# ijson's errors; yajl2_c raises UnicodeDecodeError (a ValueError) on a lone low surrogate escape.
+_PARSE_ERRORS = (ijson.JSONError, ValueError)
+
+
+def _tolerant_may_help(exc: Exception) -> bool:
+    """Whether a parse error may come from what ``TolerantReader`` repairs: a bare NaN/Infinity
+    token (yajl: "invalid char"), bytes that are not UTF-8, or a lone surrogate escape."""
+    if isinstance(exc, UnicodeDecodeError):
+        return True
     message = str(exc)
-    return "invalid char" in message or "NaN" in message or "Infinity" in message
+    return any(hint in message for hint in ("invalid char", "NaN", "Infinity", "UTF8", "utf-8"))
+
+
+_BOMS = (b"\x00\x00\xfe\xff", b"\xff\xfe", b"\xfe\xff")  # UTF-32 BE, UTF-16/32 LE, UTF-16 BE
 
 
 def _check_start(f, label: str, top: str) -> None:
-    """Position ``f`` after any UTF-8 BOM; raise if the file is empty, not UTF-8 or not ``top``."""
+    """Position ``f`` after any UTF-8 BOM; raise if the file is empty, not UTF-8 or not ``top``.
+
+    "Not UTF-8" means a UTF-16/32 byte-order mark or NUL bytes (UTF-16/32 without a mark). Other
+    invalid bytes are not the file's problem but the record's: ``TolerantReader`` marks them and
+    the record holding them is quarantined, so one bad byte never costs the whole file.
+    """
     head = f.read(4096)
     if not head.strip():
         raise UnreadableSource(f"{label}: empty file")
     bom = 3 if head.startswith(b"\xef\xbb\xbf") else 0
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or not _utf8_prefix(head[bom:]):
+    if head.startswith(_BOMS) or b"\x00" in head:
         raise UnreadableSource(f"{label}: not a UTF-8 file")
-    first = head[bom:].lstrip()[:1].decode()
+    first = head[bom:].lstrip()[:1].decode("latin-1")
     if first != top:
         kind = {"[": "a list", "{": "an object"}[top]
         raise UnknownLayout(f"{label}: top level is not {kind} (starts with {first!r})")
     f.seek(bom)
 
 
-def _utf8_prefix(data: bytes) -> bool:
-    """Whether ``data`` is UTF-8, allowing one character cut off at its end."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(data) - 3 and exc.reason == "unexpected end of data"
-    return True
+class TolerantReader:
+    """A binary file wrapper that lets ijson parse on past non-JSON tokens and bad text.
 
+    - Outside strings, bare ``NaN``, ``Infinity`` and ``-Infinity`` (Python's ``json.dumps``,
+      which HELM uses, writes non-finite floats so) become ``"NaN"``..., so the value reaches
+      ``to_float`` and is quarantined as non-finite instead of breaking the parse.
+    - Inside strings, each byte sequence that is not UTF-8 and each lone surrogate escape
+      (``\\udc80``: not Unicode text) becomes the escape of ``BAD_TEXT``; the checks on the
+      record's fields (``text_problem``) then quarantine that record, naming the field.
+      Surrogate pairs, other escapes and valid UTF-8 pass through unchanged.
 
-class NanTolerantReader:
-    """A binary file wrapper that quotes bare ``NaN``, ``Infinity`` and ``-Infinity`` tokens.
-
-    Python's ``json.dumps`` (which HELM uses) writes non-finite floats as these tokens, which are
-    not JSON. Outside strings they become ``"NaN"``..., so the value reaches ``to_float`` and is
-    quarantined as non-finite instead of breaking the parse. Slower than the raw file: used only
-    after the fast parser failed.
+    Slower than the raw file: used only after the fast parser failed.
     """
 
     _OUTSIDE = re.compile(rb'"|-?Infinity|NaN')
-    _STRING_BODY = re.compile(rb'(?:[^"\\]|\\.)*', re.S)
-    _HOLD = 9  # the longest token: a token cut by a chunk boundary waits for the next chunk
+    _IN_STRING = re.compile(
+        rb"(?P<plain>[^\"\\\x80-\xff]+)"
+        rb"|(?P<pair>\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+        rb"|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+        rb"|(?P<escape>\\u[0-9a-fA-F]{4}|\\[^u])"
+        rb"|(?P<utf8>[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]"
+        rb"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+        rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})"
+        rb"|(?P<quote>\")"
+        rb"|(?P<bad>[\x80-\xff]+)"
+        rb"|(?P<other>\\)",
+        re.S,
+    )
+    _BAD = ("\\u%04x" % ord(BAD_TEXT)).encode()
+    _HOLD = 12  # the longest token (a surrogate pair escape) cut by a chunk boundary waits
 
     def __init__(self, raw, chunk: int = 1 << 16) -> None:
         self._raw, self._chunk = raw, chunk
@@ -773,21 +1092,25 @@ class NanTolerantReader:
     def _convert(self, buf: bytes) -> bytes:
         """Convert what can be converted; keep an unfinished tail in ``self._buf``."""
         out = bytearray()
-        pos = 0
-        while pos < len(buf):
+        pos, size = 0, len(buf)
+        while pos < size:
             if self._in_string:
-                end = self._STRING_BODY.match(buf, pos).end()
-                if buf[end : end + 1] == b'"':
-                    out += buf[pos : end + 1]
-                    pos, self._in_string = end + 1, False
-                    continue
-                end = len(buf) if self._eof else end  # else: a lone backslash waits
-                out += buf[pos:end]
-                pos = end
-                break
+                m = self._IN_STRING.match(buf, pos)
+                kind = m.lastgroup
+                if kind != "plain" and not self._eof and m.start() > size - self._HOLD:
+                    break  # the token may continue in the next chunk
+                if kind == "quote":
+                    self._in_string = False
+                    out += b'"'
+                elif kind in ("lone", "bad"):
+                    out += self._BAD
+                else:
+                    out += m.group()
+                pos = m.end()
+                continue
             m = self._OUTSIDE.search(buf, pos)
             if m is None:
-                end = len(buf) if self._eof else max(pos, len(buf) - self._HOLD)
+                end = size if self._eof else max(pos, size - self._HOLD)
                 out += buf[pos:end]
                 pos = end
                 break
@@ -798,6 +1121,9 @@ class NanTolerantReader:
             pos = m.end()
         self._buf = buf[pos:]
         return bytes(out)
+
+
+NanTolerantReader = TolerantReader  # its earlier name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,10 @@ empty, not a number, NaN or infinite, sends the row to quarantine (file, ``row N
 run_id, perturbation) is quarantined as a duplicate (the first is kept). Everything else is read.
 
 ``find_units`` picks ``*.csv`` and ``*.parquet`` files whose header (CSV: the first line; Parquet:
-the schema in the footer) names the five required columns; nothing else of the file is read.
+the schema in the footer) names ``input`` and at least two more of the required columns; nothing
+else of the file is read. One that lacks some is reported unreadable, naming the missing
+columns (a table meant as a long table is not skipped in silence). A Parquet column of a type
+that is not text or a number (a list, a struct) makes the file unreadable, naming the column.
 Compressed CSVs are not recognised.
 """
 
@@ -49,6 +52,7 @@ import polars as pl
 from benchroute.transforms.ids import ModelNames
 
 from ._common import (
+    require_types,
     Check,
     apply_checks,
     base_name,
@@ -70,11 +74,27 @@ KIND = "long_table"
 REQUIRED = ("input", "dataset", "model", "metric", "value")
 OPTIONAL = ("split", "source_instance_id", "run_id", "perturbation")
 _TEXT_COLUMNS = ("input", "dataset", "model", "metric")
+_PARQUET_TYPES = {
+    **{c: "scalar_text" for c in (*_TEXT_COLUMNS, *OPTIONAL)},
+    "value": "number_or_text",
+}
+
+
+# A header naming ``input`` and at least this many of the required columns in all is a long
+# table with a column missing: it is a unit, so that reading it reports the missing column.
+# (Without ``input`` it is some other table, e.g. a canonical outcomes table: not a unit, and
+# discovery reports it as not a benchmark layout.)
+NEAR_MISS = 3
 
 
 def find_units(fs, root: str) -> list[str]:
-    """CSV and Parquet files whose header names every required column."""
-    return [p for p in list_files(fs, root) if set(REQUIRED) <= set(_columns(fs, p))]
+    """CSV and Parquet files whose header names the required columns (``input`` and
+    ``NEAR_MISS`` of them in all, at least: reading one that lacks some reports which)."""
+    return [p for p in list_files(fs, root) if _near(set(_columns(fs, p)))]
+
+
+def _near(columns: set[str]) -> bool:
+    return "input" in columns and len(set(REQUIRED) & columns) >= NEAR_MISS
 
 
 def _columns(fs, path: str) -> list[str]:
@@ -92,7 +112,7 @@ def read(url: str, *, names: ModelNames) -> IngestResult:
     fs, path = open_url(url)
     if base_name(path).lower().endswith(".parquet"):
         df, bad_rows = read_parquet(fs, path, url), None
-        df = df.with_columns(pl.col(c).cast(pl.String) for c in df.columns if c in _TEXT_COLUMNS)
+        df = require_types(df, _PARQUET_TYPES, url)
     else:
         df, bad_rows = read_csv_strings(fs, path, url, source=KIND)
         df = df.rename({c: c.strip() for c in df.columns})

@@ -22,8 +22,10 @@ comparisons of the test split) are not read.
 Quarantined, with the record number and id: a record that is not an object, lacks an id,
 instruction or candidate list, repeats an earlier id, or repeats an earlier record's text in the
 same dataset (the first is kept); a candidate without a model or scores, or repeating a model
-and decoding method; a score that is missing, non-numeric, NaN or infinite. A JSON array that
-breaks off (truncated, invalid bytes) keeps every record before the break.
+and decoding method; a score that is missing, non-numeric, NaN or infinite. Bytes that are not
+valid UTF-8 (or a lone surrogate escape) in the id, instruction or input quarantine that record,
+in a model or metric name that candidate or score; every other record is read. A JSON array
+that breaks off (truncated, invalid JSON) keeps every record before the break.
 
 ``find_units`` picks ``*.json``/``*.jsonl`` files whose first record has a ``candidates`` list,
 reading only that first record.
@@ -47,7 +49,7 @@ from ._common import (
     list_files,
     open_url,
 )
-from .base import IngestResult, from_frames, to_float
+from .base import IngestResult, from_frames, printable, text_problem, to_float
 
 KIND = "mixinstruct"
 
@@ -133,8 +135,17 @@ class _Accumulator:
 
     def quarantine(self, record: str, field_: str | None, reason: str, value=None) -> None:
         """Record one quarantine row for this file."""
-        shown = None if value is None else (value if isinstance(value, str) else repr(value))[:200]
-        self._quarantine.append((KIND, self.file, record, field_, reason, shown))
+        shown = None if value is None else printable(value)
+        self._quarantine.append(
+            (
+                KIND,
+                printable(self.file, 10_000),
+                printable(record, 10_000),
+                None if field_ is None else printable(field_, 10_000),
+                reason,
+                shown,
+            )
+        )
 
     def add_record(self, record: str, item) -> None:
         """Validate one record and add its input, membership and candidate scores."""
@@ -146,6 +157,9 @@ class _Accumulator:
             self.quarantine(record, "id", "missing id")
             return
         rid = str(rid)
+        if problem := text_problem(rid):
+            self.quarantine(record, "id", problem, rid)
+            return
         where = f"{record} (id {rid})"
         if rid in self._ids:
             self.quarantine(
@@ -189,6 +203,10 @@ class _Accumulator:
         if not isinstance(extra, str):
             self.quarantine(where, "input", f"input is {type(extra).__name__}, not text", extra)
             return None
+        for name, value in (("instruction", instruction), ("input", extra)):
+            if problem := text_problem(value):
+                self.quarantine(where, name, problem, value)
+                return None
         text = input_text(instruction, extra)
         if not normalize_text(text):
             self.quarantine(where, "instruction", "input text is empty")
@@ -217,6 +235,10 @@ class _Accumulator:
             )
             return
         at = f"{record} (id {rid}, model {model})"
+        for name, value in (("model", model), ("decoding_method", decoding)):
+            if problem := text_problem(value):
+                self.quarantine(at, f"{prefix}.{name}", problem, value)
+                return
         run_id = (
             f"{self.run_prefix}:{decoding}"
             if isinstance(decoding, str) and decoding
@@ -232,6 +254,9 @@ class _Accumulator:
             return
         seen.add((model, run_id))
         for metric, raw in scores.items():
+            if problem := text_problem(metric):
+                self.quarantine(at, f"{prefix}.scores.{metric}", f"metric name is {problem}", raw)
+                continue
             value = to_float(raw)
             if value is None or not math.isfinite(value):
                 self.quarantine(

@@ -14,6 +14,11 @@ A unit is a folder holding ``questions.parquet`` and ``results.parquet`` (and op
   ``correct`` (the repo's stored prediction), each 1.0/0.0; a null is quarantined. Plus
   ``output_chars``, the length of the model's output (``out_chars``, when the column is there):
   a usage measure, never a label; a missing, non-finite or negative length is not emitted.
+- Answer positions (issue 15, for the selection-bias measure RStd; never labels), when the
+  columns are there: ``gold_position``, the 0-based index in A-J of ``graded_answer`` (the
+  correct letter of the version the model saw), and ``pred_position``, the index of ``pred_rx``
+  (the letter behind ``correct_rx``), -1 when no letter was extracted. A row without a valid
+  ``graded_answer`` gets neither.
 - MMLU-Pro holds questions with the same text under two ids (159 pairs). They are one input;
   for each model the result of the lowest question id is kept and the other is quarantined
   (one row per dropped question: record ``question_id=894 (same text as question_id=893)``,
@@ -38,11 +43,12 @@ from ._common import (
     base_name,
     drop_duplicates,
     empty_text,
-    list_files,
+    not_parquet_reason,
     open_url,
     parquet_columns,
     quarantine_rows,
     read_parquet,
+    require_types,
 )
 from .base import IngestResult, UnreadableSource, from_frames
 
@@ -54,17 +60,25 @@ VARIANTS = "question_variants.parquet"
 LETTERS = "ABCDEFGHIJ"
 METRICS = ("correct_rx", "correct")
 OUTPUT_CHARS = "output_chars"  # metric name of ``out_chars``, the output's length in characters
+GOLD_POSITION, PRED_POSITION = "gold_position", "pred_position"  # answer positions (never labels)
+_OPTIONAL_COLS = ("out_chars", "graded_answer", "pred_rx")
 _QUESTION_COLS = ["question_id", "category", "question", "options"]
 _RESULT_COLS = ["question_id", "model", "qvar", *METRICS]
 
 
 def find_units(fs, root: str) -> list[str]:
-    """Folders that hold both ``questions.parquet`` and ``results.parquet``."""
-    files = set(list_files(fs, root))
+    """Folders that hold both ``questions.parquet`` and ``results.parquet``.
+
+    Either may be anything by that name (a folder, a dangling link): the folder is still a unit,
+    and reading it reports what is wrong, instead of the folder being passed over in silence.
+    """
+    if fs.isfile(root):
+        return []
+    entries = set(fs.find(root, withdirs=True))
     return sorted(
         posixpath.dirname(p)
-        for p in files
-        if base_name(p) == QUESTIONS and posixpath.join(posixpath.dirname(p), RESULTS) in files
+        for p in entries
+        if base_name(p) == QUESTIONS and posixpath.join(posixpath.dirname(p), RESULTS) in entries
     )
 
 
@@ -77,7 +91,7 @@ def read(url: str, *, names: ModelNames) -> IngestResult:
     versions, bad = _all_versions(fs, root, label)
     quarantine = [bad]
 
-    optional = [c for c in ("out_chars",) if c in parquet_columns(fs, f"{root}/{RESULTS}")]
+    optional = [c for c in _OPTIONAL_COLS if c in parquet_columns(fs, f"{root}/{RESULTS}")]
     results = _load(fs, f"{root}/{RESULTS}", r_file, _RESULT_COLS + optional)
     results, bad = _results(results, versions, r_file)
     quarantine.append(bad)
@@ -111,7 +125,7 @@ def _all_versions(fs, root: str, label: str) -> tuple[pl.DataFrame, pl.DataFrame
     q_file, v_file = f"{label}/{QUESTIONS}", f"{label}/{VARIANTS}"
     questions = _load(fs, f"{root}/{QUESTIONS}", q_file, _QUESTION_COLS)
     versions, bad = _versions(questions.with_columns(qvar=pl.lit(0, pl.Int8)), q_file)
-    if not fs.exists(f"{root}/{VARIANTS}"):
+    if not _entry_exists(fs, f"{root}/{VARIANTS}"):
         return versions, bad
     variants = _load(fs, f"{root}/{VARIANTS}", v_file, [*_QUESTION_COLS, "qvar"])
     more, more_bad = _versions(variants, v_file)
@@ -119,17 +133,41 @@ def _all_versions(fs, root: str, label: str) -> tuple[pl.DataFrame, pl.DataFrame
     return versions, pl.concat([bad, more_bad], how="vertical_relaxed")
 
 
+def _entry_exists(fs, path: str) -> bool:
+    """Whether anything is at ``path``: a file, a folder, or a link whose target is missing."""
+    if fs.exists(path):
+        return True
+    try:
+        return path in fs.find(posixpath.dirname(path), maxdepth=1, withdirs=True)
+    except OSError:
+        return False
+
+
+_TYPES = {
+    "question_id": "int",
+    "qvar": "int",
+    "category": "text",
+    "question": "text",
+    "options": "text_list",
+    "model": "text",
+    "correct_rx": "flag",
+    "correct": "flag",
+    "out_chars": "number",
+    "graded_answer": "text",
+    "pred_rx": "text",
+}
+
+
 def _load(fs, path: str, label: str, columns: list[str]) -> pl.DataFrame:
-    """The needed columns of one Parquet table; a missing column makes the unit unreadable."""
-    if not fs.exists(path):
-        raise UnreadableSource(f"{label}: file not found")
+    """The needed columns of one Parquet table; a missing column or one of the wrong type makes
+    the unit unreadable (naming the file and the column)."""
     present = parquet_columns(fs, path)
     if not present:
-        raise UnreadableSource(f"{label}: not a readable Parquet file")
+        raise UnreadableSource(f"{label}: {not_parquet_reason(fs, path)}")
     missing = [c for c in columns if c not in present]
     if missing:
         raise UnreadableSource(f"{label}: missing column(s) {', '.join(missing)}")
-    return read_parquet(fs, path, label, columns)
+    return require_types(read_parquet(fs, path, label, columns), _TYPES, label)
 
 
 def _versions(df: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -300,7 +338,31 @@ def _outcomes(results: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFr
             pl.col("model").alias("source_model"),
         )
         outcomes = pl.concat([outcomes, lengths])
+    if {"graded_answer", "pred_rx"} <= set(results.columns):
+        outcomes = pl.concat([outcomes, _positions(results)])
     return outcomes, bad
+
+
+def _positions(results: pl.DataFrame) -> pl.DataFrame:
+    """``gold_position`` and ``pred_position`` outcomes of the rows with a valid gold letter."""
+    def index(column: str) -> pl.Expr:  # 0-based index in A-J of a one-letter value, else null
+        letter = pl.col(column).str.strip_chars()
+        return pl.when(letter.str.len_chars() == 1).then(
+            pl.lit(LETTERS).str.find(letter, literal=True))
+
+    rows = results.with_columns(__gold=index("graded_answer"), __pred=index("pred_rx").fill_null(-1))
+    rows = rows.filter(pl.col("__gold").is_not_null())
+    return pl.concat(
+        rows.select(
+            "input_id",
+            "dataset",
+            pl.lit(metric).alias("metric"),
+            pl.col(column).cast(pl.Float64).alias("value"),
+            pl.format(f"{KIND}:{{}}", "model").alias("run_id"),
+            pl.col("model").alias("source_model"),
+        )
+        for metric, column in ((GOLD_POSITION, "__gold"), (PRED_POSITION, "__pred"))
+    )
 
 
 def _qrecord() -> pl.Expr:

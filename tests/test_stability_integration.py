@@ -1,0 +1,162 @@
+"""Issue 15 wired in: answer positions through ingest and the store, question versions as a
+format variant, the stability section of the report, the bundle manifest and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from benchroute.artifacts.store import Store
+from benchroute.flows.cli import main as cli
+from benchroute.transforms.binarize import POSITION_METRICS
+from benchroute.transforms.stability_summary import (
+    StoreView,
+    format_tables,
+    positions_from_outcomes,
+    variant_sets,
+)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample"
+LETTERS = "ABCDEFGHIJ"
+
+
+# ----------------------------------------------------------------------- question versions
+def test_question_versions_compare_same_text_questions_with_all():
+    """Models that saw another version of some questions (``<id>#v1`` memberships): the ranking
+    on every question as seen vs on the questions all models saw in one text."""
+    rng = np.random.default_rng(0)
+    labels, members = [], []
+    for q in range(40):
+        text_v1 = q < 10  # questions 0-9: model "late" saw another text
+        for m, p in (("strong", 0.8), ("mid", 0.5), ("late", 0.3)):
+            iid = f"{q:030x}v1" if text_v1 and m == "late" else f"{q:032x}"
+            y = 1 if (text_v1 and m == "late") else int(rng.random() < p)
+            labels.append({"input_id": iid, "dataset": "src/d", "model": m, "y": y})
+        members.append({"input_id": f"{q:032x}", "dataset": "src/d", "source": "src",
+                        "source_instance_id": str(q)})
+        if text_v1:
+            members.append({"input_id": f"{q:030x}v1", "dataset": "src/d", "source": "src",
+                            "source_instance_id": f"{q}#v1"})
+    labels = pl.DataFrame(labels).with_columns(metric=pl.lit("correct_rx"),
+                                               rule=pl.lit("threshold(correct_rx >= 0.5)"))
+    memberships = pl.DataFrame(members)
+    outcomes = pl.DataFrame(schema={"input_id": pl.String, "dataset": pl.String, "model": pl.String,
+                                    "metric": pl.String, "value": pl.Float64, "run_id": pl.String,
+                                    "perturbation": pl.String})
+    (vs,) = variant_sets(outcomes, labels, memberships)
+    assert (vs.family, vs.reference) == ("version", "version:as_seen")
+    assert vs.frames["version:as_seen"].height == 120 and vs.frames["version:same_text"].height == 90
+    per_variant, per_model = format_tables([vs], memberships)
+    row = per_variant.row(0, named=True)
+    assert row["n_items"] == 30 and row["n_models"] == 3
+    late = per_model.filter(pl.col("model") == "late").row(0, named=True)
+    y = labels.filter(pl.col("model") == "late").sort("input_id")
+    same = y.filter(~pl.col("input_id").str.ends_with("v1"))["y"].mean()
+    assert late["acc_reference"] == pytest.approx(y["y"].mean())  # 10 free points on v1
+    assert late["acc_variant"] == pytest.approx(same) and late["delta"] < 0
+
+
+# ------------------------------------------------------------------------------ the sample
+def test_ingest_round_trip_keeps_answer_positions(embedded_sample_store):
+    """The stored MMLU-Pro positions are the raw letters (graded_answer, pred_rx) of every kept
+    result row; HELM BBQ's agree with exact_match; positions never become labels."""
+    store = Store(embedded_sample_store)
+    outcomes = store.read("outcomes")
+    mmlu = outcomes.filter(pl.col("source") == "mmlu_pro")
+    counts = dict(mmlu.group_by("metric").len().iter_rows())
+    assert set(counts) == {"correct_rx", "correct", "output_chars", *POSITION_METRICS}
+    assert len(set(counts.values())) == 1  # one of each per kept result row
+    twins = store.read("quarantine").filter(pl.col("reason").str.starts_with("same text as"))
+    dropped = [int(r.split("=")[1].split(" ")[0]) for r in twins["record"]]
+    raw = pl.read_parquet(SAMPLE / "mmlu_pro" / "results.parquet")
+    q = pl.concat([
+        pl.read_parquet(SAMPLE / "mmlu_pro" / "questions.parquet", columns=["question_id", "category"]),
+        pl.read_parquet(SAMPLE / "mmlu_pro" / "question_variants.parquet",
+                        columns=["question_id", "category"]),
+    ]).unique("question_id")
+    names = dict(mmlu.select("source_model", "model").unique().iter_rows())
+    want = (
+        raw.filter(~pl.col("question_id").is_in(dropped)).join(q, on="question_id")
+        .select(pl.format("mmlu_pro/{}", "category").alias("dataset"),
+                pl.col("model").replace_strict(names).alias("model"),
+                pl.col("graded_answer").map_elements(LETTERS.index, return_dtype=pl.Int64).alias("gold"),
+                pl.col("pred_rx").map_elements(LETTERS.index, return_dtype=pl.Int64).fill_null(-1).alias("pred"))
+    )
+    assert counts["gold_position"] == want.height
+    got = positions_from_outcomes(mmlu).with_columns(pl.col("gold", "pred").cast(pl.Int64))
+    key = ["dataset", "model", "gold", "pred"]
+    assert got.group_by(key).len().sort(key).equals(want.group_by(key).len().sort(key))
+    bbq = outcomes.filter(pl.col("dataset").str.starts_with("helm/bbq"))
+    wide = bbq.filter(pl.col("metric").is_in(["exact_match", *POSITION_METRICS])).pivot(
+        on="metric", index=["input_id", "run_id"], values="value")
+    assert wide.height > 0 and wide["gold_position"].null_count() == 0
+    assert ((wide["gold_position"] == wide["pred_position"]) == (wide["exact_match"] == 1)).all()
+    assert not set(store.read("labels")["metric"]) & set(POSITION_METRICS)
+
+
+def test_cli_inspect_stability(embedded_sample_store, capsys):
+    assert cli(["inspect", "--store", embedded_sample_store, "--stability", "--B", "30", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    st = data["stability"]
+    assert {"mmlu_pro", "alpaca_eval"} <= set(st["groups"])
+    assert st["most_biased"] and all(r["rstd"] is None or r["rstd"] >= 0 for r in st["most_biased"])
+    assert cli(["inspect", "--store", embedded_sample_store, "--stability", "--B", "30"]) == 0
+    text = capsys.readouterr().out
+    assert "stability (B = 30)" in text and "Rank intervals per source group" in text
+    assert "version:same_text" in text and "Selection bias (RStd" in text
+
+
+def test_report_has_the_stability_section(embedded_sample_store, tmp_path):
+    from benchroute.flows.evaluate import evaluate_store
+
+    out = tmp_path / "report"
+    evaluate_store(embedded_sample_store, str(out), sources=["mmlu_pro"], routing_splits=(),
+                   stability_B=50)
+    md = (out / "report.md").read_text()
+    assert "# Stability" in md and "## Rank intervals per source group" in md
+    assert "version:same_text" in md and "S3 flip" in md
+    html = (out / "report.html").read_text()
+    assert "Plots: stability" in html and html.count("data:image/png;base64,") >= 6
+    per_task = pl.read_parquet(out / "mmlu_pro" / "per_task.parquet")
+    assert per_task["flip_task"].drop_nans().is_between(0, 1).all()
+    ranks = pl.read_parquet(out / "stability" / "rankings.parquet")
+    assert set(ranks["scope"].str.split("/").list.first()) == {"mmlu_pro"}  # only the sources asked
+    assert json.loads((out / "summary.json").read_text())["stability"]["groups"]["mmlu_pro"]
+
+
+def test_bundle_manifest_holds_the_stability_summary(embedded_sample_store, tmp_path, capsys):
+    from benchroute.artifacts.bundle import BundleError, BundleStore, open_bundle
+    from benchroute.flows.publish import build_content
+
+    content = build_content(embedded_sample_store, "stab", sources=["mmlu_pro"])
+    st = content.meta["stability"]
+    assert set(st["groups"]) == {"mmlu_pro"} and st["most_biased"]
+    models = {m["model"]: m for m in content.meta["models"]}
+    assert set(st["models"]) == set(models)  # trimmed to the bundle's models
+    assert all(1 <= m["rank_lo"] <= m["rank"] <= m["rank_hi"] and m["rstd"] is not None
+               and m["stability_scope"] == m["rstd_scope"] == "mmlu_pro" for m in models.values())
+    assert sum(m["p_best"] for m in models.values()) == pytest.approx(1.0)
+    target = str(tmp_path / "bundles")
+    bs = BundleStore(target)
+    v = bs.publish(content, code_version="t").version
+    assert open_bundle(target, "stab").manifest["stability"] == st
+    assert cli(["bundles", "show", "--store", target, "--name", "stab", "--stability"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["stability"] == st and {m["model"] for m in shown["models"]} == set(models)
+    path = bs.path("stab", v, "manifest.json")
+    m = json.loads(bs.fs.cat_file(path))
+    m["stability"]["groups"]["mmlu_pro"]["best"] = "someone/else"
+    bs.fs.pipe_file(path, json.dumps(m).encode())
+    with pytest.raises(BundleError, match="does not match its content hash"):
+        open_bundle(target, "stab")
+
+
+def test_store_view_restricts_datasets_and_models(embedded_sample_store):
+    view = StoreView(Store(embedded_sample_store), ["mmlu_pro/business"], ["openai/gpt-4o-2024-05-13"])
+    assert set(view.read("labels")["dataset"]) == {"mmlu_pro/business"}
+    assert set(view.read("outcomes")["model"]) == {"openai/gpt-4o-2024-05-13"}
+    assert set(view.read("memberships")["dataset"]) == {"mmlu_pro/business"}
