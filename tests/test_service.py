@@ -1,11 +1,15 @@
-"""The HTTP service: endpoints, 4xx errors, and swapping bundles under load without drops."""
+"""The HTTP service: endpoints, 4xx errors, swapping bundles under load without drops, and the
+embedder's lanes (route texts never queued behind a big score-task; 503 instead of unbounded
+waits)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -13,7 +17,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from benchroute.artifacts.bundle import BundleStore
-from benchroute.artifacts.service import MAX_BODY_BYTES, MAX_TASK_CHARS, MAX_TEXT_CHARS, create_app
+from benchroute.artifacts.service import (
+    MAX_BODY_BYTES,
+    MAX_TASK_CHARS,
+    MAX_TEXT_CHARS,
+    ServiceLimits,
+    create_app,
+)
 from benchroute.flows.publish import publish_store
 
 
@@ -258,3 +268,142 @@ def test_failed_swap_reports_degraded_until_a_good_one(embedded_sample_store):
         bs.fs.pipe_file(path, good)
         health = _wait_for(client, lambda h: h["version"] == second)
         assert health == {**health, "status": "ok", "version": second, "last_error": None}
+
+
+# ------------------------------------------------------------------ the embedder's lanes
+def test_text_answers_match_the_router(served):
+    """Texts embedded by the service's lanes (batched, chunked, sorted by length) score as the
+    router scores them itself."""
+    _, app, client = served
+    router = app.state.holder.router
+    texts = ["What is the capital of France?", "Integrate x squared from 0 to 1.",
+             "Write a short poem about the sea, in the style of a sailor's song. " * 4]
+    r = client.post("/v1/score-task", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    got = {m["model"]: m for m in r.json()["models"]}
+    want = {m["model"]: m for m in router.score_task(texts)}
+    assert got.keys() == want.keys()
+    for model, row in want.items():
+        for key in ("S1", "S2", "S3", "p_hat", "coverage", "expected_cost_usd"):
+            if row[key] is None:
+                assert got[model][key] is None, (model, key)
+            else:
+                assert got[model][key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), (model, key)
+    r = client.post("/v1/route", json={"text": texts[0], "top": 5})
+    assert r.status_code == 200
+    assert r.json()["model"] == router.route(texts[0])["model"]
+
+
+def _health(url: str) -> dict:
+    return httpx.get(f"{url}/healthz", timeout=30).json()
+
+
+def _until(url: str, pred, seconds: float = 120) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        health = _health(url)
+        if pred(health) or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+def test_route_text_is_answered_while_a_big_score_task_embeds(live):
+    """A score-task of 400k characters is embedded chunk by chunk; route texts go between chunks,
+    so they are answered while the task is still in flight (not after it), and the task is
+    dropped once its client hangs up."""
+    url, x = live
+    assert _until(url, lambda h: h["embedding"]["embedder"] == "ready")["embedding"]["embedder"] == "ready"
+    texts = [f"Question {i}: " + "explain the history of the river and its cities " * 20 for i in range(400)]
+    texts = [t[:MAX_TASK_CHARS // 400] for t in texts]
+    body = json.dumps({"texts": texts}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as task:
+        task.sendall(b"POST /v1/score-task HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        health = _until(url, lambda h: h["embedding"]["running"] == "task")
+        assert health["embedding"]["tasks"] == 1, health
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for i in range(3):
+                r = client.post("/v1/route", json={"text": f"What is {i} plus {i}?"})
+                assert r.status_code == 200 and r.json()["model"]
+            assert client.post("/v1/route", json={"embedding": x}).status_code == 200
+        # Ordering evidence: every route answer came while the task was still being embedded.
+        assert _health(url)["embedding"]["tasks"] == 1
+        task.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            task.recv(1)  # no answer to the task yet
+    # The client hung up: the service stops at the next chunk instead of embedding the rest.
+    health = _until(url, lambda h: not h["embedding"]["busy"], seconds=60)
+    assert health["embedding"]["tasks"] == 0 and not health["embedding"]["busy"]
+    assert health["status"] == "ok" and health["embedding"]["refused"] == 0
+
+
+class _Gated:
+    """A router stand-in whose embedder blocks until ``gate`` opens (a slow, busy embedder)."""
+
+    def __init__(self, router):
+        self.version, self.dim = router.version, router.knn.n_features_in_
+        self.gate = threading.Event()
+        self.embedded: list[str] = []
+
+    def embed(self, texts):
+        import numpy as np
+
+        assert self.gate.wait(60)
+        self.embedded += texts
+        return np.ones((len(texts), self.dim), np.float32)
+
+    def route(self, query, **options):
+        return {"model": "m", "bundle_version": self.version}
+
+    def score_task(self, inputs, **options):
+        return [{"model": "m", "rows": len(inputs)}]
+
+
+def test_a_busy_embedder_answers_503_with_retry_after_not_a_long_wait(served):
+    store, _, _ = served
+    limits = ServiceLimits(route_queue=2, route_wait_s=1.0, task_queue=1, task_wait_s=1.0,
+                           task_deadline_s=1.0, degraded_s=3.0)
+    app = create_app(store, "svc", poll_seconds=0.2, limits=limits, warm=False)
+    x = app.state.holder.router.knn.X_[0].tolist()
+    gated = _Gated(app.state.holder.router)
+    app.state.holder.router = gated  # the same version: the poller keeps it
+    post = lambda c, path, body: c.post(path, json=body)  # noqa: E731
+    with _uvicorn(app) as url, httpx.Client(base_url=url, timeout=60) as client, \
+            ThreadPoolExecutor(8) as pool:
+        first = pool.submit(post, client, "/v1/route", {"text": "first"})
+        _until(url, lambda h: h["embedding"]["running"] == "route", 10)
+        queued = [pool.submit(post, client, "/v1/route", {"text": f"queued {i}"}) for i in range(2)]
+        _until(url, lambda h: h["embedding"]["route_queue"] == 2, 10)
+        full = client.post("/v1/route", json={"text": "one too many"})
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert "waiting for the embedder" in full.json()["detail"]
+        # An embedding never waits on the embedder, however busy.
+        assert client.post("/v1/route", json={"embedding": x}).status_code == 200
+        assert client.post("/v1/score-task", json={"embeddings": [x, x]}).status_code == 200
+        health = _health(url)
+        assert health["status"] == "degraded" and health["embedding"]["overloaded"]
+        # Queued past route_wait_s: refused (503), not left waiting.
+        for f in queued:
+            r = f.result(timeout=30)
+            assert r.status_code == 503 and "waited 1 s" in r.json()["detail"] and r.headers["retry-after"]
+        # Tasks: one embedding (stuck behind the gate), one waiting for its turn, more refused.
+        task = pool.submit(post, client, "/v1/score-task", {"texts": ["a task"] * 3})
+        _until(url, lambda h: h["embedding"]["tasks"] == 1, 10)
+        second = pool.submit(post, client, "/v1/score-task", {"texts": ["another"]})
+        _until(url, lambda h: h["embedding"]["tasks"] == 2, 10)
+        third = client.post("/v1/score-task", json={"texts": ["and another"]})
+        assert third.status_code == 503 and "queued already" in third.json()["detail"]
+        assert int(third.headers["retry-after"]) >= 1
+        r = second.result(timeout=30)
+        assert r.status_code == 503 and "waited 1 s" in r.json()["detail"]
+        r = task.result(timeout=30)
+        assert r.status_code == 503 and "not embedded within 1 s" in r.json()["detail"]
+        gated.gate.set()
+        assert first.result(timeout=30).status_code == 200
+        assert gated.embedded == ["first"]  # nothing refused was embedded afterwards
+        # Idle again: healthy once degraded_s has passed without a refusal.
+        health = _until(url, lambda h: h["status"] == "ok", 30)
+        assert health["status"] == "ok" and health["embedding"]["refused"] == 6
+        ok = client.post("/v1/score-task", json={"texts": ["fine now", "and this"]})
+        assert ok.status_code == 200 and ok.json()["models"] == [{"model": "m", "rows": 2}]
