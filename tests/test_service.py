@@ -52,6 +52,7 @@ def test_endpoints(served):
     assert r.status_code == 200 and r.json()["operating_point"] == {"rule": "utility", "value": 0.05}
     assert client.post("/v1/route", json={"embedding": x, "lambda": 0.1, "delta": 0.1}).status_code == 400
     assert client.post("/v1/route", json={"embedding": x, "lambda": -1}).status_code == 422
+    assert client.post("/v1/route", json={"embedding": x, "lambda": 1e300}).status_code == 422
     assert client.post("/v1/route", json={"embedding": x, "lamda": 0.05}).status_code == 422  # a typo
     ragged = client.post("/v1/score-task", json={"embeddings": [x, x[:10]]})
     assert ragged.status_code == 400 and "equal-length" in ragged.json()["detail"]
