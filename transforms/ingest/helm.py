@@ -88,6 +88,7 @@ raises ``UnknownLayout``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -183,8 +184,8 @@ class RunInfo:
     def scenario(self) -> str:
         return self.name.split(":", 1)[0].strip()
 
-    @property
-    def dataset(self) -> str:
+    @functools.cached_property
+    def dataset(self) -> str:  # asked once per record: computed once per run
         return dataset_id(self.scenario, self.scenario_args)
 
     @property
