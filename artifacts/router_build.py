@@ -170,12 +170,33 @@ def routing_curve(bench: BenchmarkArrays, cost: CostData, predictor: str, *, see
 STABILITY_B = 200
 
 
-def bundle_stability(store: Store, labels: pl.DataFrame, B: int = STABILITY_B):
-    """``transforms.stability_summary`` of the bundle's datasets and models (its labels)."""
+def bundle_stability(store: Store, labels: pl.DataFrame, B: int = STABILITY_B, *,
+                     embeddings: tuple[np.ndarray, list[str]] | None = None, eval_config=None):
+    """``transforms.stability_summary`` of the bundle's datasets and models (its labels); with
+    ``embeddings`` (X, input ids) also the routing-choice tables (``router_B`` = ``B``, the
+    evaluation's ``eval_config``)."""
     from benchroute.transforms.stability_summary import StoreView, stability_summary
 
     view = StoreView(store, labels["dataset"].unique().to_list(), labels["model"].unique().to_list())
-    return stability_summary(view, B=B)
+    return stability_summary(view, B=B, embeddings=embeddings, router_B=B, eval_config=eval_config)
+
+
+def with_flip_task(evaluation: dict, router_tasks: pl.DataFrame) -> dict:
+    """``evaluation`` (group -> ``evaluation_entry``) with each Table 1 row of a method the
+    routing-stability tables cover given ``flip_task``: the mean over the group's held-out
+    tasks of the share of resamples of the task's inputs whose choice differs."""
+    if router_tasks.height == 0:
+        return evaluation
+    flips = {(r["group"], r["method"]): r["flip_task"] for r in router_tasks.group_by(
+        "group", "method").agg(pl.col("flip_task").mean()).iter_rows(named=True)}
+    out = {}
+    for group, entry in evaluation.items():
+        if isinstance(entry, dict) and "table1" in entry:
+            entry = {**entry, "table1": [
+                {**row, "flip_task": flips[(group, row["method"])]}
+                if (group, row.get("method")) in flips else row for row in entry["table1"]]}
+        out[group] = entry
+    return out
 
 
 def bundle_content(
@@ -186,8 +207,11 @@ def bundle_content(
     """The bundle of the selected data with the given evaluation (see ``evaluation_entry``).
     With an evaluation and ``stability_B`` > 0 the manifest also holds ``stability`` (the
     summary of ``bundle_stability``) and each model entry its ``rank``, ``rank_lo``,
-    ``rank_hi``, ``p_best``, ``rstd`` and ``stability_scope``; all are covered by the content
-    hash like every other manifest field."""
+    ``rank_hi``, ``p_best``, ``rstd`` and ``stability_scope``; with uniform weights also the
+    routing-choice stability (``task_choice_n``, ``task_choice_keep``, ``query_n``,
+    ``query_keep_rate``: ``StabilitySummary.router_fields``) and each evaluated method's
+    ``flip_task`` in the evaluation's Table 1 (``with_flip_task``); all are covered by the
+    content hash like every other manifest field."""
     store = Store(store_url)
     labels, memberships, models = select_frames(store, sel)
     if labels.height == 0:
@@ -217,10 +241,16 @@ def bundle_content(
         "evaluation": finite(evaluation),
     }
     if evaluation and stability_B > 0:
-        stability = bundle_stability(store, labels, stability_B)
+        from benchroute.transforms.evaluate import EvalConfig
+
+        routing_ok = weights == "uniform"  # the exact kNN bootstrap's condition
+        stability = bundle_stability(store, labels, stability_B,
+                                     embeddings=(X, ids) if routing_ok else None,
+                                     eval_config=EvalConfig(k=k, weights=weights))
         per_model = stability.model_fields()
         info = [{**m, **per_model.get(m["model"], {})} for m in info]
         meta["stability"] = finite(stability.manifest())
+        meta["evaluation"] = finite(with_flip_task(evaluation, stability.router_tasks))
     meta["models"] = finite(info)
     return BundleContent(name, files, meta)
 

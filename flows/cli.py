@@ -251,7 +251,8 @@ def _bundles(args) -> int:
     elif args.action == "show":
         manifest = registry.show(args.store, args.name, args.version)
         if args.stability:
-            fields = ("rank", "rank_lo", "rank_hi", "p_best", "stability_scope", "rstd", "rstd_scope")
+            fields = ("rank", "rank_lo", "rank_hi", "p_best", "stability_scope", "rstd", "rstd_scope",
+                      "task_choice_n", "task_choice_keep", "query_n", "query_keep_rate")
             manifest = {
                 "stability": manifest.get("stability"),
                 "models": [{"model": m["model"], **{k: m.get(k) for k in fields}}

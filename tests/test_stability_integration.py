@@ -155,6 +155,47 @@ def test_bundle_manifest_holds_the_stability_summary(embedded_sample_store, tmp_
         open_bundle(target, "stab")
 
 
+def test_bundle_models_hold_their_routing_stability(embedded_sample_store, tmp_path, capsys):
+    """Per model: the held-out tasks its S3 choice won and how often that choice survives a
+    resample of the task's inputs (1 − flip_task), and the same per query under a resample of
+    the kNN index; flip_task per method in the evaluation; all hash-covered and shown."""
+    from benchroute.artifacts.bundle import BundleError, BundleStore, open_bundle
+    from benchroute.flows.publish import build_content
+
+    content = build_content(embedded_sample_store, "rstab", sources=["mmlu_pro"])
+    models = {m["model"]: m for m in content.meta["models"]}
+    routing = {r["method"]: r for r in content.meta["stability"]["routing"]
+               if r["group"] == "mmlu_pro"}
+    n_tasks = sum(m["task_choice_n"] for m in models.values())
+    assert n_tasks == content.meta["evaluation"]["mmlu_pro"]["n_tasks"] > 0  # one S3 choice each
+    for m in models.values():
+        assert (m["task_choice_keep"] is None) == (m["task_choice_n"] == 0)
+        assert (m["query_keep_rate"] is None) == (m["query_n"] == 0)
+        for f in ("task_choice_keep", "query_keep_rate"):
+            assert m[f] is None or 0 <= m[f] <= 1
+    # consistent with flip_task: the chosen-weighted keep rate is 1 − the mean S3 flip_task
+    kept = sum(m["task_choice_n"] * m["task_choice_keep"] for m in models.values() if m["task_choice_n"])
+    assert kept / n_tasks == pytest.approx(1 - routing["S3"]["flip_task"])
+    assert sum(m["query_n"] for m in models.values()) > 0
+    t1 = {r["method"]: r for r in content.meta["evaluation"]["mmlu_pro"]["table1"]}
+    assert t1["S3"]["flip_task"] == pytest.approx(routing["S3"]["flip_task"])
+    assert t1["BMA"]["flip_task"] == 0 and "flip_task" not in t1["Random"]
+    target = str(tmp_path / "bundles")
+    bs = BundleStore(target)
+    v = bs.publish(content, code_version="t").version
+    assert cli(["bundles", "show", "--store", target, "--name", "rstab", "--stability"]) == 0
+    shown = {m["model"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert all(shown[k][f] == models[k][f] for k in models
+               for f in ("task_choice_n", "task_choice_keep", "query_n", "query_keep_rate"))
+    path = bs.path("rstab", v, "manifest.json")
+    m = json.loads(bs.fs.cat_file(path))
+    entry = next(e for e in m["models"] if e["task_choice_n"])
+    entry["task_choice_keep"] = 1.0 if entry["task_choice_keep"] < 1 else 0.5
+    bs.fs.pipe_file(path, json.dumps(m).encode())
+    with pytest.raises(BundleError, match="does not match its content hash"):
+        open_bundle(target, "rstab")
+
+
 def test_store_view_restricts_datasets_and_models(embedded_sample_store):
     view = StoreView(Store(embedded_sample_store), ["mmlu_pro/business"], ["openai/gpt-4o-2024-05-13"])
     assert set(view.read("labels")["dataset"]) == {"mmlu_pro/business"}

@@ -529,6 +529,37 @@ class StabilitySummary:
             for row in best(self.rstd.filter(pl.col("rstd").is_not_nan()), "n").iter_rows(named=True):
                 if row["model"] in out:
                     out[row["model"]].update(rstd=row["rstd"], rstd_scope=row["scope"])
+        for model, fields in self.router_fields().items():
+            if model in out:
+                out[model].update(fields)
+        return _jsonable(out)
+
+    def router_fields(self) -> dict[str, dict]:
+        """Per model its routing-choice stability, pooled over the source groups (empty without
+        the routing tables): ``task_choice_n``, the held-out tasks whose S3 choice is the model;
+        ``task_choice_keep``, the mean over them of 1 − ``flip_task`` (the probability that the
+        choice stays under a bootstrap resample of the task's inputs; null when never chosen);
+        ``query_n``, the held-out queries whose argmax-g choice is the model, and
+        ``query_keep_rate``, the mean over them of the probability that the choice stays under
+        a bootstrap resample of the kNN index (null when none)."""
+        if self.router_tasks.height == 0:
+            return {}
+        s3_ = self.router_tasks.filter(pl.col("method") == "S3")
+        tasks = {r["model"]: r for r in s3_.group_by("model").agg(
+            pl.len().alias("n"), (1.0 - pl.col("flip_task")).mean().alias("keep")).iter_rows(named=True)}
+        rm = self.router_models
+        queries = {r["model"]: r for r in rm.group_by("model").agg(
+            pl.col("queries_routed").sum().alias("n"),
+            (pl.col("query_keep_rate").fill_nan(0.0).fill_null(0.0) * pl.col("queries_routed"))
+            .sum().alias("kept")).iter_rows(named=True)} if rm.height else {}
+        out = {}
+        for model in sorted((set(rm["model"]) if rm.height else set()) | set(tasks)):
+            t, q = tasks.get(model), queries.get(model)
+            nq = int(q["n"]) if q else 0
+            out[model] = {"task_choice_n": int(t["n"]) if t else 0,
+                          "task_choice_keep": t["keep"] if t else None,
+                          "query_n": nq,
+                          "query_keep_rate": q["kept"] / nq if nq else None}
         return _jsonable(out)
 
     def markdown(self, top: int = 10) -> str:
