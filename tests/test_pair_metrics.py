@@ -94,6 +94,9 @@ def test_oracle_apgr_matches_its_analytic_value_and_random_is_half():
     assert abs(r.apgr - 0.5) < 0.05
     assert r.apgr_ci[0] <= 0.5 <= r.apgr_ci[1]
     assert r.apgr_ci[0] <= r.apgr <= r.apgr_ci[1]
+    # Several draws (RouteLLM averages 10): the mean APGR, nearer .5.
+    r10 = pm.evaluate_scores(rng.random((10, n)), qs, qw, n_boot=100, seed=3)
+    assert abs(r10.apgr - 0.5) < 0.02 and r10.apgr_ci[0] <= 0.5 <= r10.apgr_ci[1]
 
 
 def test_bootstrap_is_deterministic_and_brackets_the_estimate():

@@ -17,6 +17,7 @@
    calibration set (``transforms.pair_calibration``) and, at those thresholds on the test
    queries, c(α), r(α), PGR with intervals; recalibration on the test queries' own scores (no
    labels): thresholds from a random half of them, their share there and on the other half.
+   The random router's APGR and CPT are the mean over ``random_draws`` seeds (RouteLLM: 10).
 4. The oracle scores the test queries from their labels (``pair_metrics.oracle_scores``, what
    ``OracleRouter`` fitted on them returns); its APGR sits next to the analytic value.
 
@@ -152,6 +153,7 @@ def evaluate_pair(
     min_test: int = 20,
     exclude: np.ndarray | None = None,
     augment: float = 0.0,
+    random_draws: int = 10,
     log=None,
 ) -> PairEvalResult:
     """Train on everything but ``heldout`` and judge each router there (module doc).
@@ -227,7 +229,12 @@ def evaluate_pair(
             p_cal, kc = (router.predict_proba(X[cal_rows]), k_cal) if cal_rows.size else (p, k_test)
         pred_s = time.perf_counter() - t0
         all_scores[rname] = p
-        m = pm.evaluate_scores(p, qs, qw, n_boot=n_boot, seed=seed)
+        P = p
+        if key == "random" and random_draws > 1:  # RouteLLM averages its random router over 10 draws
+            seed0 = int(dict(params).get("seed", 0))
+            P = np.stack([p] + [make_pair_router("random", seed=seed0 + 1 + j).fit(X[test], test_data, (strong, weak))
+                                .predict_proba(X[test]) for j in range(random_draws - 1)])
+        m = pm.evaluate_scores(P, qs, qw, n_boot=n_boot, seed=seed)
         table = calib.calibrate(p_cal, shares, keys=kc)
         at = pm.bootstrap_at_thresholds(p, qs, qw, [(r["alpha"], r["tau"]) for r in table], keys=k_test,
                                         n_boot=n_boot, seed=seed)
@@ -297,8 +304,12 @@ def plot_pgr(results: Sequence[PairEvalResult]) -> bytes:
     import matplotlib.pyplot as plt
 
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.ravel(), results):
         for router in res.curves["router"].unique(maintain_order=True).to_list():
             c = res.curves.filter(pl.col("router") == router).sort("call_share")
             ax.plot(c["call_share"] * 100, c["pgr"], marker=".", label=router,

@@ -209,18 +209,34 @@ def _metrics_of(p, qs, qw, n_bins, levels):
     return apgr(cv.call_share, cv.pgr), [cpt(cv.call_share, cv.pgr, lv) for lv in levels], cv
 
 
+def _mean_metrics(P, qs, qw, n_bins, levels):
+    """APGR and CPTs averaged over the rows of P (several draws of a random router)."""
+    out = [_metrics_of(p, qs, qw, n_bins, levels) for p in P]
+    with np.errstate(invalid="ignore"):
+        return (float(np.mean([o[0] for o in out])),
+                [float(np.nanmean([o[1][j] for o in out])) if any(np.isfinite(o[1][j]) for o in out)
+                 else float("nan") for j in range(len(levels))],
+                out[0][2])
+
+
 def evaluate_scores(scores, q_strong, q_weak, *, n_bins: int = N_BINS, levels: Sequence[float] = CPT_LEVELS,
                     n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> PairMetrics:
-    """APGR, CPT(levels) on the RouteLLM curve, with percentile bootstrap intervals over queries."""
-    p, qs, qw = _inputs(scores, q_strong, q_weak)
-    a, cpts, cv = _metrics_of(p, qs, qw, n_bins, levels)
+    """APGR, CPT(levels) on the RouteLLM curve, with percentile bootstrap intervals over queries.
+    ``scores`` (R × n) holds R draws of a randomised router: the metrics are their mean (RouteLLM
+    averages its random router over 10 draws); the curve shown is the first draw's."""
+    S = np.asarray(scores, np.float64)
+    P = S.reshape(1, -1) if S.ndim == 1 else S
+    for p_ in P:
+        _inputs(p_, q_strong, q_weak)
+    p, qs, qw = _inputs(P[0], q_strong, q_weak)
+    a, cpts, cv = _mean_metrics(P, qs, qw, n_bins, levels)
     full = full_curve(p, qs, qw)
     rng = np.random.default_rng(seed)
     boots_a = np.full(int(n_boot), np.nan)
     boots_c = np.full((int(n_boot), len(levels)), np.nan)
     for b in range(int(n_boot)):
         idx = rng.integers(0, p.size, p.size)
-        ba, bc, _ = _metrics_of(p[idx], qs[idx], qw[idx], n_bins, levels)
+        ba, bc, _ = _mean_metrics(P[:, idx], qs[idx], qw[idx], n_bins, levels)
         boots_a[b] = ba
         boots_c[b] = bc
     lo, hi = 50 * (1 - ci), 50 * (1 + ci)
