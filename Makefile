@@ -15,7 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 install: $(STAMP)
 
 # constraints.txt pins every package to the versions checked together (torch 2.13.0 CPU build,
-# prefect 3.8.8 with fastapi <0.151 and sqlalchemy <2.1; DESIGN.md §7).
+# prefect 3.8.8 with fastapi <0.151 and sqlalchemy <2.1; docs/operations.md#pinned-versions).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

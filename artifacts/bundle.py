@@ -1,4 +1,4 @@
-"""Router bundles: write, publish atomically, read and verify (DESIGN.md §5).
+"""Router bundles: write, publish atomically, read and verify (docs/formats.md#router-bundles).
 
 A bundle lives at ``<store>/bundles/<name>/<version>/``: data files (Parquet, ``.npy``, JSON
 only — never pickles) and ``manifest.json``, which lists every file with its sha256 and size.
@@ -26,11 +26,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
 from benchroute.faults import crash_point
+from benchroute.io import atomic_put, exclusive_put, fresh_ls
 from benchroute.schemas.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -151,25 +151,17 @@ class BundleStore:
         return "/".join([self.root, BUNDLES_DIR, *parts])
 
     def names(self) -> list[str]:
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self._ls(self.path()))
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fresh_ls(self.fs, self.path()))
 
     def versions(self, name: str) -> list[str]:
         """Published versions (folders named as a version id, with a manifest), oldest first
         (version ids sort by time)."""
         out = []
-        for p in self._ls(self.path(check_name(name))):
+        for p in fresh_ls(self.fs, self.path(check_name(name))):
             v = posixpath.basename(p.rstrip("/"))
             if VERSION_RE.fullmatch(v) and self.fs.exists(f"{p}/{MANIFEST_FILE}"):
                 out.append(v)
         return sorted(out)
-
-    def _ls(self, path: str) -> list[str]:
-        """Fresh listing (other processes publish too), empty when the folder is absent."""
-        self.fs.invalidate_cache(path)
-        try:
-            return self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
 
     # refs ---------------------------------------------------------------------------
     def _ref_path(self, name: str, ref: str) -> str:
@@ -194,7 +186,7 @@ class BundleStore:
 
     def refs(self, name: str) -> dict[str, str]:
         out = {}
-        for p in self._ls(self.path(name, REFS_DIR)):
+        for p in fresh_ls(self.fs, self.path(name, REFS_DIR)):
             ref = posixpath.basename(p)
             if ref.endswith(".json"):
                 out[ref[:-5]] = self.ref(name, ref[:-5])
@@ -204,12 +196,7 @@ class BundleStore:
         p = self._ref_path(name, ref)
         if version not in self.versions(name):
             raise BundleError(f"bundle {name}: no published version {version!r}")
-        _atomic_put(self.fs, p, json_bytes({"version": version}))
-
-    def delete_ref(self, name: str, ref: str) -> None:
-        p = self._ref_path(name, ref)
-        if self.fs.exists(p):
-            self.fs.rm(p)
+        atomic_put(self.fs, p, json_bytes({"version": version}), tmp_dir=_tmp_dir(p))
 
     def resolve(self, name: str, version: str = "latest") -> str:
         """A version id from a version id or a ref name (``latest``, a pin); only ever a version
@@ -241,7 +228,7 @@ class BundleStore:
     def pending(self, name: str) -> list[str]:
         """Versions whose publish recorded its intent and has not cleared it (running or killed)."""
         out = []
-        for p in self._ls(self.path(check_name(name), PENDING_DIR)):
+        for p in fresh_ls(self.fs, self.path(check_name(name), PENDING_DIR)):
             base = posixpath.basename(p)
             if base.endswith(".json") and VERSION_RE.fullmatch(base[:-5]):
                 out.append(base[:-5])
@@ -299,7 +286,7 @@ class BundleStore:
         before its folder, and the intent is checked before the manifest.)"""
         pending = set(self.pending(name))
         out = []
-        for p in self._ls(self.path(check_name(name))):
+        for p in fresh_ls(self.fs, self.path(check_name(name))):
             v = posixpath.basename(p.rstrip("/"))
             if (VERSION_RE.fullmatch(v) and v not in pending
                     and not self.fs.exists(self._pending_path(name, v))
@@ -329,8 +316,9 @@ class BundleStore:
         if self.fs.exists(f"{folder}/{MANIFEST_FILE}"):
             raise BundleError(f"bundle {name}: version {version} exists already")
         intent = self._pending_path(name, version)
-        _atomic_put(self.fs, intent, json_bytes({"version": version, "content_hash": digest,
-                                                 "started": now.isoformat()}))
+        atomic_put(self.fs, intent, json_bytes({"version": version, "content_hash": digest,
+                                                "started": now.isoformat()}),
+                   tmp_dir=_tmp_dir(intent))
         crash_point("bundle.intent")
         try:
             self._write_version(name, version, folder, content, digest, now, code_version)
@@ -369,7 +357,8 @@ class BundleStore:
         }
         check_manifest(manifest, f"bundle {name}/{version}")
         try:
-            _exclusive_put(self.fs, f"{folder}/{MANIFEST_FILE}", json_bytes(manifest))
+            exclusive_put(self.fs, f"{folder}/{MANIFEST_FILE}", json_bytes(manifest),
+                          tmp_dir=_tmp_dir(f"{folder}/{MANIFEST_FILE}"))
         except FileExistsError as exc:
             raise BundleError(
                 f"bundle {name}: another publisher wrote version {version} at the same time"
@@ -485,55 +474,7 @@ def open_bundle(url: str, name: str | None = None, version: str = "latest") -> V
 
 
 # ------------------------------------------------------------------------------ puts
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def _atomic_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace ``path`` in one step: rename on a local disk, a single put elsewhere."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if _is_local(fs):
-        import os
-
-        tmp = _tmp_name(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def _tmp_name(path: str) -> str:
-    """A temporary file beside the bundle's folders (``_tmp-…``, skipped by every listing)."""
-    import uuid
-
-    return f"{posixpath.dirname(posixpath.dirname(path))}/_tmp-{uuid.uuid4().hex}"
-
-
-def _exclusive_put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``path`` only if absent (FileExistsError otherwise), whole or not at all."""
-    if _is_local(fs):
-        import os
-
-        tmp = _tmp_name(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if path exists; atomic
-        finally:
-            os.unlink(tmp)
-        return
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(data)
-        return
-    except (NotImplementedError, ValueError, TypeError):
-        pass
-    if fs.exists(path):
-        raise FileExistsError(path)
-    fs.pipe_file(path, data)
+def _tmp_dir(path: str) -> str:
+    """Where a put's temporary file goes: beside the bundle's folders (``_tmp-…``, skipped by
+    every listing)."""
+    return posixpath.dirname(posixpath.dirname(path))

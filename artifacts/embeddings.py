@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchroute.artifacts.store import Store
@@ -225,13 +224,3 @@ def read_part_identity(store: Store, rel: str) -> tuple[EmbedderIdentity, str]:
     return EmbedderIdentity.from_json(meta[E.META_IDENTITY]), meta.get(
         E.META_PRECISION, b"?"
     ).decode()
-
-
-def arrow_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("input_id", pa.large_string()),
-            ("embedder", pa.large_string()),
-            ("vector", pa.list_(pa.float32(), dim)),
-        ]
-    )

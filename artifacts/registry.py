@@ -48,10 +48,6 @@ def pin(store_url: str, name: str, version: str, ref: str) -> str:
     return resolved
 
 
-def unpin(store_url: str, name: str, ref: str) -> None:
-    BundleStore(store_url).delete_ref(name, ref)
-
-
 def rollback(store_url: str, name: str, to: str | None = None) -> str:
     """Move ``latest`` to ``to`` (a version or ref), or to the version before the current one.
 

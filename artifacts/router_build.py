@@ -17,7 +17,7 @@ from benchroute.artifacts.router import CURVE_COLUMNS, bundle_files, router_para
 from benchroute.artifacts.store import Store
 from benchroute.transforms import costs as costs_
 from benchroute.transforms.evaluate import BenchmarkArrays
-from benchroute.transforms.fingerprints import glob_expr
+from benchroute.transforms.ids import glob_expr
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.router_fit import DEFAULT_PREDICTOR, fit_router

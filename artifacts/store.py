@@ -22,12 +22,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from benchroute.io import exclusive_put, fresh_ls, is_local
 from benchroute.schemas import KEYS, TABLES, empty
 
 _TABLE_NAME = re.compile(r"^[a-z0-9_][a-z0-9_./=-]*$")
@@ -74,14 +74,16 @@ class Store:
         return "/".join([self.root, *parts])
 
     def url_of(self, relpath: str) -> str:
-        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
         full = self.path(relpath)
-        return full if protocol in ("file", "local") else f"{protocol}://{full.lstrip('/')}"
+        if is_local(self.fs):
+            return full
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+        return f"{protocol}://{full.lstrip('/')}"
 
     # ---------------------------------------------------------------- log
     def commits(self) -> list[Commit]:
         """Every commit, oldest first."""
-        names = sorted(p for p in self._ls(self.path(LOG_DIR)) if p.endswith(".json"))
+        names = sorted(p for p in fresh_ls(self.fs, self.path(LOG_DIR)) if p.endswith(".json"))
         out = []
         for name in names:
             with self.fs.open(name, "rb") as f:
@@ -114,17 +116,11 @@ class Store:
             out.update(c.units)
         return out
 
-    def _ls(self, path: str) -> list[str]:
-        """Fresh listing (other processes write here too), empty when the folder is absent."""
-        self.fs.invalidate_cache(path)
-        try:
-            return self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
-
     # ---------------------------------------------------------------- read
     def read(self, table: str, columns: list[str] | None = None) -> pl.DataFrame:
-        """The whole table as one frame (empty, with the declared columns, if never written)."""
+        """The whole table as one frame (empty, with the declared columns, if never written): the
+        rows of its parts concatenated as stored. Rows are not de-duplicated by key here; writers
+        keep keys unique (``Appender``, ``new_rows``)."""
         frames = []
         for rel in self.parts(table):
             with self.fs.open(self.path(rel), "rb") as f:
@@ -204,14 +200,14 @@ class Store:
             payload = json.dumps(entry, indent=1, sort_keys=True).encode()
             target = self.path(LOG_DIR, f"{seq:010d}.json")
             try:
-                _create_exclusive(self.fs, target, payload)
+                exclusive_put(self.fs, target, payload)
             except FileExistsError:
                 continue  # another writer took this number: take the next one
             return Commit.from_json(entry)
         raise StoreError(f"{self.url}: could not claim a commit number after 100 tries")
 
     def _next_seq(self) -> int:
-        names = [os.path.basename(p) for p in self._ls(self.path(LOG_DIR))]
+        names = [os.path.basename(p) for p in fresh_ls(self.fs, self.path(LOG_DIR))]
         seqs = [int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()]
         return max(seqs, default=0) + 1
 
@@ -243,19 +239,6 @@ def new_rows(existing: pl.DataFrame, incoming: pl.DataFrame, table: str) -> pl.D
     return incoming.join(existing.select(key), on=key, how="anti", nulls_equal=True)
 
 
-def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, payload: bytes) -> None:
-    """Write ``path`` only if it does not exist yet (FileExistsError otherwise)."""
-    try:
-        with fs.open(path, "xb") as f:
-            f.write(payload)
-        return
-    except (NotImplementedError, ValueError, TypeError):
-        pass  # this filesystem has no exclusive create: check, then write
-    if fs.exists(path):
-        raise FileExistsError(path)
-    fs.pipe_file(path, payload)
-
-
 def concat_tables(results: Iterable[Mapping[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
     """Stack the per-unit frames table by table."""
     stacked: dict[str, list[pl.DataFrame]] = {}
@@ -273,7 +256,8 @@ class Appender:
 
     Loads the key columns of the existing tables once, so appending many batches costs one read
     of the store, not one per batch. Not safe against a second writer appending the same rows at
-    the same time (the commit itself is; duplicates would then be removed on read by key).
+    the same time (the commit itself is): both would commit them, and ``Store.read`` returns such
+    repeated keys as stored (it does not de-duplicate).
     """
 
     TABLES = ("inputs", "memberships", "outcomes", "models", "quarantine")

@@ -8,7 +8,7 @@ in turn. ``alpaca_eval``: AlpacaEval 2's 805 instructions in 5 source datasets �
 (win against gpt4_1106_preview; quality = preference − 1). Embeds the texts with
 all-MiniLM-L6-v2 on first use (cached under ``$BENCHROUTE_CACHE``, default
 /tmp/benchroute-cache), runs ``transforms.evaluate.evaluate_lodo`` and prints Table 1 (both tie
-rules) next to the paper's HELM numbers (DESIGN.md §1), the predictor accuracy and kernel MAE,
+rules) next to the paper's HELM numbers (docs/method.md#reference-numbers), the predictor accuracy and kernel MAE,
 the α curve and the per-input routing table (Table 2).
 """
 
@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

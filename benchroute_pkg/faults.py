@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 import signal
 
-ENV = "BENCHROUTE_CRASH_AT"
+ENV = "BENCHROUTE_CRASH_AT"  # benchroute.settings.CRASH_AT
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``BENCHROUTE_CRASH_AT`` names ``name`` (no-op otherwise)."""
-    at = os.environ.get(ENV)
-    if at and name in at.split(","):
+    from benchroute import settings
+
+    if name in settings.crash_points():
         os.kill(os.getpid(), signal.SIGKILL)

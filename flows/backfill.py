@@ -1,4 +1,4 @@
-"""The ``backfill`` flow (DESIGN.md §6): manual; rebuilds the store, or a part of it, and publishes.
+"""The ``backfill`` flow (docs/operations.md#backfill): manual; rebuilds the store, or a part of it, and publishes.
 
 Parameters select what: ``paths`` (run dumps to ingest, any fsspec URLs; none = only what the
 store holds), ``sources`` (source names: which readers ingest and which data the bundle uses),
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Annotated
@@ -53,10 +52,10 @@ from benchroute.flows.refresh import (
     Weights,
 )
 from benchroute.flows.scale import task_runner
-from benchroute.transforms.fingerprints import glob_expr
+from benchroute.transforms.ids import glob_expr
 from benchroute.transforms.ingest import discover, find_cards
 from benchroute.transforms.lodo_groups import lodo_groups
-from benchroute.transforms.weights import DEFAULT_EMBEDDER
+from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
 
 
 def backfill_plan(
@@ -225,9 +224,9 @@ def backfill_flow(
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from benchroute import settings
+
+    settings.process_defaults()
     ap = argparse.ArgumentParser(prog="benchroute backfill", description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="*", help="run dumps to ingest (folders, files, fsspec URLs)")
     ap.add_argument("--store", required=True)

@@ -27,11 +27,15 @@ import secrets
 import threading
 from pathlib import Path
 
+import fsspec
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
+from benchroute import settings
+from benchroute.io import exclusive_put
+
 MAGIC = b"benchroute-cache-record/1 hmac-sha256="
-KEY_ENV = "BENCHROUTE_CACHE_KEY"
+KEY_ENV = settings.CACHE_KEY
 _JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"
 
 log = logging.getLogger("benchroute.cache")
@@ -48,8 +52,7 @@ _key_lock = threading.Lock()
 
 def key_dirs() -> list[Path]:
     """Where the key file may live, in order of preference."""
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    dirs = [Path(config) / "benchroute"]
+    dirs = [settings.config_home() / "benchroute"]
     try:
         from prefect.settings import get_current_settings
 
@@ -61,7 +64,7 @@ def key_dirs() -> list[Path]:
 
 def cache_key() -> bytes:
     """The HMAC key: ``$BENCHROUTE_CACHE_KEY``, else the key file (created once, 0600)."""
-    if env := os.environ.get(KEY_ENV):
+    if env := settings.cache_key():
         return env.encode()
     errors = []
     for d in key_dirs():
@@ -82,19 +85,11 @@ def cache_key() -> bytes:
 def _read_or_create(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_hex(32).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # atomic create-if-absent: a concurrent creator's key wins
+        try:  # atomic create-if-absent (mode 0600): a concurrent creator's key wins
+            exclusive_put(fsspec.filesystem("file"), str(path), secrets.token_hex(32).encode(),
+                          mode=0o600)
         except FileExistsError:
             pass
-        finally:
-            os.unlink(tmp)
     key = path.read_bytes().strip()
     if len(key) < 32:
         raise OSError(f"key file {path} is too short")

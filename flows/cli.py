@@ -17,9 +17,9 @@ PREFECT_COMMANDS = ("ingest", "embed", "evaluate", "publish", "refresh", "backfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from benchroute import settings
+
+    settings.process_defaults()
     parser = argparse.ArgumentParser(prog="benchroute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -320,7 +320,7 @@ def _serve(args) -> int:
 
 def _embed(args) -> int:
     from benchroute.flows.embed import embed_flow, format_summary
-    from benchroute.transforms.weights import DEFAULT_EMBEDDER
+    from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
 
     summary = embed_flow(
         store=args.store,

@@ -100,9 +100,9 @@ def start_server(host: str, port: int, home: str, timeout: float = 180.0) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from benchroute import settings
+
+    settings.process_defaults()
     ap = argparse.ArgumentParser(prog="benchroute deploy", description=__doc__.splitlines()[0])
     ap.add_argument("--landing", required=True, help="landing location (folder or fsspec URL)")
     ap.add_argument("--store", required=True, help="store root (folder or fsspec URL)")

@@ -1,4 +1,4 @@
-"""Embed every input of a store that has no vector yet for the chosen embedder (DESIGN.md §6).
+"""Embed every input of a store that has no vector yet for the chosen embedder (docs/operations.md#prefect-flows).
 
 ``embed_store`` is the whole job as a plain function; ``embed_flow`` is the same job as a Prefect
 flow of two thin tasks (plan: what is missing; embed: run and write parts). The work itself lives
@@ -34,7 +34,7 @@ from benchroute.transforms.embed import (
     embed_all,
     format_seconds,
 )
-from benchroute.transforms.weights import DEFAULT_EMBEDDER
+from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
 
 log = logging.getLogger("benchroute.embed")
 

@@ -63,10 +63,6 @@ class IngestSummary:
         for k, v in counts.items():
             row[k] = row.get(k, 0) + v
 
-    def table(self) -> pl.DataFrame:
-        rows = [{"source": s, **c} for s, c in sorted(self.added.items())]
-        return pl.DataFrame(rows) if rows else pl.DataFrame({"source": []})
-
     def to_dict(self) -> dict:
         return {
             "store": self.store,

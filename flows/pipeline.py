@@ -1,4 +1,4 @@
-"""Steps shared by the ``refresh`` and ``backfill`` flows (DESIGN.md §6): embed what has no
+"""Steps shared by the ``refresh`` and ``backfill`` flows (docs/operations.md#fingerprints-and-caching): embed what has no
 vector, evaluate what changed, fit and publish when the data changed.
 
 Each step is a plain function (usable without Prefect) plus a thin Prefect task around it. The
@@ -45,6 +45,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.futures import wait
 
 from benchroute import code_version
+from benchroute.io import is_local
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.bundle import BundleStore
 from benchroute.artifacts.router_build import (
@@ -272,8 +273,7 @@ def cache_storage(store_url: str, cache: str | None = None):
 
     url = (cache or f"{store_url.rstrip('/')}/{CACHE_DIR}").rstrip("/")
     fs, path = url_to_fs(url)
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocol or "local" in protocol:
+    if is_local(fs):
         Path(path).mkdir(parents=True, exist_ok=True)
         block = SealedLocalFileSystem(basepath=path)
     else:

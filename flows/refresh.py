@@ -1,4 +1,4 @@
-"""The ``refresh`` flow (DESIGN.md §6): scheduled, incremental.
+"""The ``refresh`` flow (docs/operations.md#refresh): scheduled, incremental.
 
 It watches a landing location (any fsspec URL) where new benchmark run dumps are dropped as
 folders or files, and on each run:
@@ -16,7 +16,6 @@ publishes nothing. ``python -m benchroute.flows.refresh LANDING --store URL`` ru
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Annotated, Literal
@@ -37,7 +36,7 @@ from benchroute.flows.pipeline import (
 )
 from benchroute.flows.scale import task_runner
 from benchroute.transforms.ingest import find_cards
-from benchroute.transforms.weights import DEFAULT_EMBEDDER
+from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
 
 # Parameter types: Prefect validates a run's parameters against them before it starts.
 Kind = Literal["helm", "mmlu_pro", "alpaca_eval", "routellm", "mixinstruct", "long_table"]
@@ -190,9 +189,9 @@ def print_summary(s: dict, store: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from benchroute import settings
+
+    settings.process_defaults()
     ap = argparse.ArgumentParser(prog="benchroute refresh", description=__doc__.splitlines()[0])
     ap.add_argument("landing", help="landing location (folder or fsspec URL) holding run dumps")
     ap.add_argument("--store", required=True, help="store root (local path, s3://…)")

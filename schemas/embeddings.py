@@ -1,4 +1,4 @@
-"""The embeddings table (DESIGN.md §4) and the identity of an embedder.
+"""The embeddings table (docs/formats.md#embeddings) and the identity of an embedder.
 
 One table per embedder, ``embeddings/<embedder id>`` in the store, so every table holds vectors of
 one width from one set of weights. A row is one input's vector::
@@ -12,7 +12,7 @@ versions of one embedder's weights, never meet in one table or one matrix. Each 
 carries the full identity (and the precision it was computed at) in its key-value metadata.
 
 Parts are written with zstd, byte-stream-split on the float values and no dictionary for them
-(DESIGN.md §7: the smallest encoding for float vectors); polars reads the column as
+(docs/formats.md#embeddings: the smallest encoding for float vectors); polars reads the column as
 ``Array(Float32, dim)``, which converts to a numpy matrix without copying.
 """
 

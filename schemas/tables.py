@@ -1,4 +1,4 @@
-"""The canonical tables of benchroute (DESIGN.md §4), each declared once.
+"""The canonical tables of benchroute (docs/formats.md#canonical-tables), each declared once.
 
 Every reader maps its source to these tables and nothing else; every stage after ingest reads
 only these. ``validate`` is the one check used at every boundary: rows that break a rule are

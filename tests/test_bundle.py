@@ -202,10 +202,10 @@ _PUBLISHER = textwrap.dedent(
     store, seed, slow = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "slow"
     real_pipe = b.BundleStore.publish
     if slow:  # stall after the data files, before the manifest: the test kills us here
-        orig = b._exclusive_put
+        orig = b.exclusive_put
         def stalled(*a, **k):
             print("STALLED", flush=True); time.sleep(60); return orig(*a, **k)
-        b._exclusive_put = stalled
+        b.exclusive_put = stalled
     rng = np.random.default_rng(seed)
     content = b.BundleContent("demo", {"x.npy": b.npy_bytes(rng.standard_normal(1000))}, {"parameters": {"seed": seed}})
     print(b.BundleStore(store).publish(content, code_version="t").version, flush=True)

@@ -37,6 +37,7 @@ from benchroute.artifacts.bundle import (
     open_bundle,
 )
 from benchroute.artifacts.store import Store
+from benchroute.io import fresh_ls
 
 from conftest import SAMPLE
 
@@ -256,7 +257,7 @@ def _publish_child(store: str, seed: int, tmp: Path, crash: str | None = None) -
 
 def _folders(store: str, name: str = "demo") -> list[str]:
     bs = BundleStore(store)
-    return sorted(os.path.basename(p.rstrip("/")) for p in bs._ls(bs.path(name))
+    return sorted(os.path.basename(p.rstrip("/")) for p in fresh_ls(bs.fs, bs.path(name))
                   if VERSION_RE.fullmatch(os.path.basename(p.rstrip("/"))))
 
 

@@ -278,7 +278,7 @@ def test_a_crash_between_part_and_commit_leaves_nothing_visible(tmp_path, inputs
 
 # =========================================================================== weights
 def test_unknown_and_missing_weight_packages(monkeypatch):
-    from benchroute.transforms import weights as W
+    from benchroute.transforms import embedder_packages as W
 
     with pytest.raises(W.WeightsError, match="unknown embedder 'no-such-model'"):
         W.locate("no-such-model")
@@ -295,7 +295,7 @@ def test_unknown_and_missing_weight_packages(monkeypatch):
 
 
 def test_mpnet_parts_missing_is_a_clear_error(monkeypatch, tmp_path):
-    from benchroute.transforms import weights as W
+    from benchroute.transforms import embedder_packages as W
 
     monkeypatch.setenv("BENCHROUTE_CACHE", str(tmp_path / "cache"))
     spec = W.find_spec("all-mpnet-base-v2")
@@ -337,7 +337,7 @@ def _split_zip(tmp_path: Path, n_parts: int) -> list[Path]:
 
 
 def test_install_zip_parts_joins_and_unpacks_once(tmp_path):
-    from benchroute.transforms import weights as W
+    from benchroute.transforms import embedder_packages as W
 
     parts = _split_zip(tmp_path, 3)
     dest = tmp_path / "cache" / "tiny"
@@ -352,7 +352,7 @@ def test_install_zip_parts_joins_and_unpacks_once(tmp_path):
 
 
 def test_install_zip_parts_with_a_missing_part_fails_cleanly(tmp_path):
-    from benchroute.transforms import weights as W
+    from benchroute.transforms import embedder_packages as W
 
     parts = _split_zip(tmp_path, 3)
     dest = tmp_path / "cache" / "tiny"
@@ -492,7 +492,7 @@ def test_corrupt_weights_raise_naming_the_folder(tmp_path, inputs):
 
     from benchroute.flows.embed import embed_store
     from benchroute.transforms.embedder import load
-    from benchroute.transforms.weights import WeightsError, locate
+    from benchroute.transforms.embedder_packages import WeightsError, locate
 
     folder = tmp_path / "broken-minilm"
     shutil.copytree(locate("all-MiniLM-L6-v2").folder, folder)
@@ -520,3 +520,42 @@ def test_any_fsspec_store_and_an_empty_one(inputs, runner):
     assert out["new"] == 6
     matrix, _ = ae.read_matrix(store, runner.identity, inputs["input_id"].to_list()[:6])
     assert matrix.shape == (6, 384)
+
+
+def test_precision_probe_is_measured_once_per_machine_and_remembered(tmp_path, monkeypatch):
+    """The fp32/bf16 probe runs the first time for a key (machine, cores, torch, device,
+    embedder); later runs reuse its answer; another key, or a damaged record, measures again."""
+    from benchroute.transforms import embedder as E
+
+    monkeypatch.setenv("BENCHROUTE_CACHE", str(tmp_path / "cache"))
+    measured = []
+
+    class Stub(E.Embedder):
+        key = "machine-a"
+
+        def probe_key(self):
+            return self.key
+
+        def measure_precisions(self, texts):
+            measured.append(self.key)
+            choice = T.choose_precision("auto", seconds={"fp32": 2.0, "bf16": 1.0}, min_cosine=0.9999)
+            return choice, np.zeros((len(texts), 3), np.float32), 0
+
+        def encode(self, texts, precision="fp32"):
+            return np.ones((len(texts), 3), np.float32), 0
+
+    emb = Stub(located=None, identity=None, model=None, device="cpu")
+    first, _, _ = emb.time_precisions(["a", "b"])
+    again, vecs, _ = emb.time_precisions(["a", "b"])
+    assert measured == ["machine-a"] and first.precision == again.precision == "bf16"
+    assert again.reason.startswith("remembered") and again.seconds == first.seconds
+    assert np.all(vecs == 1)  # encoded at the remembered precision, not re-timed
+    emb.key = "machine-b"
+    emb.time_precisions(["a"])
+    assert measured == ["machine-a", "machine-b"]
+    E.probe_file().write_text('{"machine-a": {"precision": "fp16"}}')
+    emb.key = "machine-a"
+    emb.time_precisions(["a"])
+    assert measured[-1] == "machine-a" and len(measured) == 3
+    E.probe_file().write_text("not json")
+    assert E.remembered_precision("machine-a") is None

@@ -9,7 +9,6 @@ import polars as pl
 from benchroute.transforms.fingerprints import (
     digest,
     frame_digest,
-    glob_expr,
     group_fingerprint,
     partition_ids,
 )
@@ -69,10 +68,3 @@ def test_digest_is_order_insensitive_for_dicts_only():
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
     assert digest([1, 2]) != digest([2, 1])
 
-
-def test_glob_expr_matches_names_and_globs():
-    df = pl.DataFrame({"dataset": ["mmlu_pro/law", "mmlu_pro/math", "gsm8k", "helm/bbq"]})
-    assert df.filter(glob_expr("dataset", ["mmlu_pro/*", "gsm8k"]))["dataset"].to_list() == [
-        "mmlu_pro/law", "mmlu_pro/math", "gsm8k"]
-    assert df.filter(glob_expr("dataset", ["helm/bb?"])).height == 1
-    assert df.filter(glob_expr("dataset", ["mmlu_pro/l.w"])).height == 0  # regex characters are literal

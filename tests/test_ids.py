@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from benchroute.transforms.ids import ModelNames, input_id, input_ids, normalize_text
+from benchroute.transforms.ids import ModelNames, glob_expr, input_id, input_ids, normalize_text
 
 
 def test_input_id_ignores_whitespace_layout_and_unicode_form():
@@ -40,3 +40,11 @@ def test_user_aliases_extend_and_override(tmp_path):
     assert names.canonical("my-llama") == "meta/llama-3-70b"
     assert names.canonical("Meta-Llama-3-70B") == "mine/llama"
     assert names.canonical("together/llama-3-8b") == "meta/llama-3-8b"
+
+
+def test_glob_expr_matches_names_and_globs():
+    df = pl.DataFrame({"dataset": ["mmlu_pro/law", "mmlu_pro/math", "gsm8k", "helm/bbq"]})
+    assert df.filter(glob_expr("dataset", ["mmlu_pro/*", "gsm8k"]))["dataset"].to_list() == [
+        "mmlu_pro/law", "mmlu_pro/math", "gsm8k"]
+    assert df.filter(glob_expr("dataset", ["helm/bb?"])).height == 1
+    assert df.filter(glob_expr("dataset", ["mmlu_pro/l.w"])).height == 0  # regex characters are literal

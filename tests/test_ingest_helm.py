@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -10,7 +9,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import fsspec
-import ijson
 import polars as pl
 import pytest
 
@@ -616,17 +614,6 @@ def test_unknown_layouts(tmp_path):
         read(run)
 
 
-def test_nan_tolerant_reader_across_chunk_boundaries():
-    doc = b'[{"a": NaN, "s": "NaN \\" Infinity", "b": -Infinity}, {"c": Infinity, "d": [1, NaN]}]'
-    expected = [
-        {"a": "NaN", "s": 'NaN " Infinity', "b": "-Infinity"},
-        {"c": "Infinity", "d": [1, "NaN"]},
-    ]
-    for chunk in (1, 2, 3, 5, 7, 64):
-        reader = helm.NanTolerantReader(io.BytesIO(doc), chunk=chunk)
-        assert list(ijson.items(reader, "item", use_float=True)) == expected
-
-
 # --- text that is not UTF-8 (issue item 8) ---------------------------------------------------
 
 
@@ -682,18 +669,6 @@ def test_non_utf8_byte_in_per_instance_stats_costs_one_entry(tmp_path):
     assert all("UTF-8" in r["reason"] for r in rows)
     assert result.inputs.height == 19  # entry 0 was instance 0's only entry
     assert result.outcomes.height == 19 * len(BBQ_METRICS) - 1  # entry 5 lost one stat
-
-
-def test_tolerant_reader_marks_bad_text_across_chunk_boundaries():
-    doc = (
-        b'[{"a": NaN, "s": "x\xffy \\udc80 \\ud83d\\ude00 caf\xc3\xa9 \\\\ \\" "}, '
-        b'{"b": "ok"}]'
-    )
-    bad = helm.BAD_TEXT
-    expected = [{"a": "NaN", "s": f'x{bad}y {bad} \U0001f600 caf\u00e9 \\ " '}, {"b": "ok"}]
-    for chunk in (1, 2, 3, 5, 7, 13, 64):
-        reader = helm.TolerantReader(io.BytesIO(doc), chunk=chunk)
-        assert list(ijson.items(reader, "item", use_float=True)) == expected
 
 
 # --- dataset identity (issue item 9) -------------------------------------------------------------

@@ -10,7 +10,6 @@ from benchroute.transforms.kernel import (
     lodo_accuracies,
     mean_knn_distance,
     neighbor_share_estimate,
-    task_descriptor,
 )
 from benchroute.transforms.knn import KNNCorrectness, Neighbors, grouped_topk, normalize_rows
 from benchroute.transforms.scores import binarized_accuracy
@@ -63,12 +62,6 @@ def test_mean_knn_distance_by_hand():
     # query 0: (0.1 + 0.3) / 2 = 0.2; query 1: 0.4 (one neighbour) -> mean 0.3
     assert mean_knn_distance(nb) == pytest.approx(0.3, abs=1e-6)
     assert mean_knn_distance(nb, k=1) == pytest.approx((0.1 + 0.4) / 2, abs=1e-6)
-
-
-def test_task_descriptor_is_zero_for_inputs_in_the_index():
-    X = np.random.default_rng(0).normal(size=(20, 5))
-    assert task_descriptor(X[:5], X, k=1) == pytest.approx(0.0, abs=1e-6)
-    assert task_descriptor(X[:5], X[5:], k=3) > 0.1
 
 
 def test_lodo_accuracies_equal_separate_fits_per_fold():

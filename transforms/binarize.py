@@ -1,4 +1,4 @@
-"""Binarization: metric values s(x, m) -> correctness labels y(x, m) in {0, 1} (DESIGN.md §1).
+"""Binarization: metric values s(x, m) -> correctness labels y(x, m) in {0, 1} (docs/method.md#correctness-labels).
 
 Rules are declared, never implied. A rule names a metric (a glob), optionally the datasets it
 applies to (a glob), its kind and parameters, and the metric's valid range:
@@ -94,7 +94,7 @@ class Rule:
         return f"top_k({self.metric}, k={self.k})"
 
 
-# Defaults for the metrics in our data, most trusted first (DESIGN.md §1; the SOURCE.md notes).
+# Defaults for the metrics in our data, most trusted first (docs/method.md#correctness-labels; the SOURCE.md notes).
 DEFAULT_RULES: tuple[Rule, ...] = (
     # Exact-match style 0/1 scores (HELM, MMLU-Pro, RouteLLM CSVs).
     Rule("exact_match", "threshold", t=0.5, lo=0, hi=1),

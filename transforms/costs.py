@@ -1,4 +1,4 @@
-"""What a request costs on each model, from the model cards' prices and token counts (DESIGN §2b).
+"""What a request costs on each model, from the model cards' prices and token counts (docs/method.md#request-costs).
 
 cost(x, m) = in_tokens(x) · usd_per_1m_input(m) / 1e6 + out_tokens(x, m) · usd_per_1m_output(m) / 1e6
 

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchroute import settings
+
 import numpy as np
 
 from benchroute.schemas.embeddings import EmbedderIdentity
@@ -26,7 +28,7 @@ from benchroute.transforms.embed import (
     l2_normalize,
     row_cosines,
 )
-from benchroute.transforms.weights import DEFAULT_EMBEDDER, Located, WeightsError, locate
+from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER, Located, WeightsError, locate
 
 _LOCK = threading.Lock()
 # fp32/bf16 time ratios too close to call from one timing each (a busy machine can shift one
@@ -36,9 +38,7 @@ AMBIGUOUS = (0.67, 1.5)
 
 def _offline() -> None:
     """No hub at run time, whatever the caller's environment says."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    settings.offline()
 
 
 def available_cores() -> int:
@@ -259,7 +259,34 @@ class Embedder:
 
             torch.cuda.synchronize()
 
+    def probe_key(self) -> str:
+        """What the fp32/bf16 probe's answer depends on: this machine's CPU (or GPU), the cores
+        this process may use, the torch version, the device and the embedder."""
+        import platform
+
+        import torch
+
+        if self.device.startswith("cuda"):
+            hw = torch.cuda.get_device_name(torch.device(self.device))
+        else:
+            hw = _cpu_model()
+        return "|".join([platform.node(), platform.machine(), hw, f"{available_cores()} cores",
+                         f"torch {torch.__version__}", self.device, self.identity.id])
+
     def time_precisions(self, texts: list[str]) -> tuple[PrecisionChoice, np.ndarray, int]:
+        """The probe's choice remembered for this ``probe_key`` (``remembered_precision``), else
+        ``measure_precisions`` and remember it. Returns the choice, the chosen vectors, the
+        cut count."""
+        known = remembered_precision(self.probe_key())
+        if known is not None:
+            vecs, n_cut = self.encode(texts, known.precision)
+            return known, vecs, n_cut
+        choice, vecs, n_cut = self.measure_precisions(texts)
+        if choice.seconds:  # a measured choice (not "bf16 unsupported"): worth remembering
+            remember_precision(self.probe_key(), choice)
+        return choice, vecs, n_cut
+
+    def measure_precisions(self, texts: list[str]) -> tuple[PrecisionChoice, np.ndarray, int]:
         """Embed one batch at fp32 and under bf16, timed (after a small warm-up of each), and
         choose (``embed.choose_precision``); a close call is timed once more in the other order.
 
@@ -295,3 +322,66 @@ class Embedder:
         cos = float(row_cosines(out["fp32"], out["bf16"]).min())
         choice = choose_precision("auto", seconds=seconds, min_cosine=cos)
         return choice, out[choice.precision], n_cut
+
+
+# --------------------------------------------------------------------------- the probe, remembered
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown cpu"
+
+
+def probe_file() -> Path:
+    """Where measured fp32/bf16 choices are kept (beside the unpacked weights)."""
+    return settings.weights_cache() / "precision_probe.json"
+
+
+def _probe_records() -> dict:
+    import json
+
+    try:
+        data = json.loads(probe_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remembered_precision(key: str) -> PrecisionChoice | None:
+    """The choice a probe measured for ``key`` earlier (``Embedder.probe_key``), or None. A record
+    that is not a well-formed choice is ignored (the probe runs again)."""
+    rec = _probe_records().get(key)
+    if not isinstance(rec, dict) or rec.get("precision") not in ("fp32", "bf16"):
+        return None
+    seconds = rec.get("seconds") if isinstance(rec.get("seconds"), dict) else {}
+    cos = rec.get("min_cosine")
+    return PrecisionChoice(rec["precision"], f"remembered: {rec.get('reason', '')}",
+                           {k: float(v) for k, v in seconds.items() if isinstance(v, (int, float))},
+                           float(cos) if isinstance(cos, (int, float)) else None)
+
+
+def remember_precision(key: str, choice: PrecisionChoice) -> None:
+    """Keep ``choice`` for ``key`` (atomic replace of the file; a failure to write only costs a
+    probe next time)."""
+    import json
+
+    import fsspec
+
+    from benchroute.io import atomic_put
+
+    records = _probe_records()
+    records[key] = {"precision": choice.precision, "reason": choice.reason, "seconds": choice.seconds,
+                    "min_cosine": choice.min_cosine, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        atomic_put(fsspec.filesystem("file"), str(probe_file()), json.dumps(records, indent=1, sort_keys=True).encode())
+    except OSError as exc:
+        import logging
+
+        logging.getLogger("benchroute.embed").warning("could not remember the precision probe: %s", exc)
+

@@ -1,5 +1,5 @@
 """The paper's leave-one-dataset-out (LODO) evaluation: Table 1 (task-level model choice) and
-Table 2 (per-input routing) of Shnitzer et al. 2023 (DESIGN.md §1).
+Table 2 (per-input routing) of Shnitzer et al. 2023 (docs/method.md#leave-one-dataset-out-evaluation).
 
 Inputs are plain: an embedding matrix aligned to input ids, the labels frame (input_id, dataset,
 model, y, value), the memberships frame (input_id, dataset) and optionally the models frame
@@ -68,9 +68,6 @@ from benchroute.transforms.knn import (
 from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.scores import binarized_accuracy, s3, score_task, task_scores
 from benchroute.transforms.selection import TIE_RULES, choice_metrics, choose, choose_rows
-
-METHODS_WITH_SCORES = ("S1", "S2", "S3", "S3_true_p", "LL")
-
 
 @dataclass(frozen=True)
 class EvalConfig:

@@ -1,4 +1,4 @@
-"""Deterministic fingerprints of what a computation reads (HF-datasets style, DESIGN.md §8).
+"""Deterministic fingerprints of what a computation reads (HF-datasets style, docs/operations.md#fingerprints-and-caching).
 
 A fingerprint is a sha256 over the inputs and parameters of a step, so that equal fingerprints
 mean equal results: the refresh flow uses them as Prefect cache keys (a leave-one-dataset-out
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import polars as pl
+
 
 # Row hashes are stable within one polars version only: the version is part of every frame
 # digest. Two seeds: 128 bits per row.
@@ -88,13 +89,3 @@ def partition_ids(ids: Iterable[str], n: int) -> list[list[str]]:
         buckets[bucket_of(i, n)].append(i)
     return [sorted(b) for b in buckets if b]
 
-
-def glob_expr(column: str, patterns: Sequence[str]) -> pl.Expr:
-    """True where ``column`` equals one of ``patterns`` or matches it as a glob (``*``, ``?``)."""
-    exact = [p for p in patterns if not any(c in p for c in "*?")]
-    expr = pl.col(column).is_in(exact)
-    for p in patterns:
-        if p not in exact:
-            rx = "^" + re.escape(p).replace(r"\*", ".*").replace(r"\?", ".") + "$"
-            expr = expr | pl.col(column).str.contains(rx)
-    return expr

@@ -1,4 +1,4 @@
-"""Input identity and model-name mapping.
+"""Input identity, model-name mapping and selecting datasets or models by name.
 
 An input's id is a hash of its normalised text, so the same question from two sources (or two
 datasets of one source) is one input. Model names go through one alias table, so HELM's
@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -94,3 +96,15 @@ class ModelNames:
             if (d := (row.get("display_name") or "").strip()):
                 display[model] = d
         return cls(aliases, params, display)
+
+
+# ---------------------------------------------------------------------------- name patterns
+def glob_expr(column: str, patterns: Sequence[str]) -> pl.Expr:
+    """True where ``column`` equals one of ``patterns`` or matches it as a glob (``*``, ``?``)."""
+    exact = [p for p in patterns if not any(c in p for c in "*?")]
+    expr = pl.col(column).is_in(exact)
+    for p in patterns:
+        if p not in exact:
+            rx = "^" + re.escape(p).replace(r"\*", ".*").replace(r"\?", ".") + "$"
+            expr = expr | pl.col(column).str.contains(rx)
+    return expr

@@ -1,4 +1,4 @@
-"""Estimating p(d', m): the accuracy of a model's binarized predictor on a new task (DESIGN §1.4).
+"""Estimating p(d', m): the accuracy of a model's binarized predictor on a new task (docs/method.md#estimating-predictor-accuracy-on-a-new-task).
 
 - ``lodo_accuracies``: for each benchmark dataset d, the predictors fitted on the *other*
   datasets (and never on a held-out one) are scored on d: p(d, m) = binarized accuracy, and the
@@ -8,7 +8,7 @@
   with the bandwidth h chosen from a grid by leave-one-dataset-out error (mean absolute error by
   default; ties go to the larger h). Models with no p on a dataset (NaN) are averaged over the
   datasets that have one.
-- ``mean_knn_distance``/``task_descriptor``: u for a new task from its inputs alone.
+- ``mean_knn_distance``: u for a new task from its inputs' neighbours alone.
 - ``neighbor_share_estimate``: an alternative to the kernel (ours, not the paper's): p̂(d', m) =
   Σ_d s_d p(d, m) / Σ_d s_d with s_d the share of the new task's neighbours that belong to d —
   the accuracy on the datasets the task's inputs actually resemble. No bandwidth to choose.
@@ -26,8 +26,6 @@ from benchroute.transforms.knn import (
     Neighbors,
     Weights,
     aggregate_labels,
-    cosine_topk,
-    normalize_rows,
 )
 from benchroute.transforms.scores import binarized_accuracy
 
@@ -39,11 +37,6 @@ def mean_knn_distance(neighbors: Neighbors, k: int | None = None) -> float:
     n = ok.sum(axis=1)
     per_query = np.where(ok, d, 0.0).sum(axis=1)[n > 0] / n[n > 0]
     return float(per_query.mean()) if per_query.size else float("nan")
-
-
-def task_descriptor(X_task: np.ndarray, X_index: np.ndarray, k: int = 10) -> float:
-    """u(d') of a new task: mean distance of its inputs to their k nearest rows of the index."""
-    return mean_knn_distance(cosine_topk(normalize_rows(X_task), normalize_rows(X_index), k))
 
 
 def neighbor_share_estimate(

@@ -1,5 +1,5 @@
 """Thresholds of a strong/weak router: the α that sends a target share of queries to the strong
-model (DESIGN §2: "calibrate α on held-out data so a target call share is met").
+model (docs/method.md#thresholds-and-calibration: "calibrate α on held-out data so a target call share is met").
 
 A router sends a query to the strong model when its score p ≥ α (RouteLLM's rule). Routers whose
 scores take few values (a kNN difference of counts) put many queries on the same score, and no α

@@ -1,4 +1,4 @@
-"""Win labels for strong/weak model pairs (DESIGN §2, RouteLLM), from the store's labels.
+"""Win labels for strong/weak model pairs (docs/method.md#win-labels-and-ties, RouteLLM), from the store's labels.
 
 Every benchmark in the store yields training pairs for every model pair: on an input where both
 models have a result, model a *wins* over b when its quality is higher, *loses* when lower and

@@ -1,4 +1,4 @@
-"""How a strong/weak router is judged (DESIGN §2; RouteLLM, Ong et al. 2024).
+"""How a strong/weak router is judged (docs/method.md#metrics-pgr-apgr-cpt; RouteLLM, Ong et al. 2024).
 
 On n labelled queries with router scores p_i and qualities q_s(i), q_w(i) of the two models
 (0/1 correctness, or a judge score):

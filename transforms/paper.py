@@ -1,4 +1,4 @@
-"""Reference numbers from the papers (DESIGN.md §1), printed beside ours in every report."""
+"""Reference numbers from the papers (docs/method.md#reference-numbers), printed beside ours in every report."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Inputs, for n queries and M models:
 - ``tiebreak`` (M,): higher wins among equal scores (training accuracy); then lower cost, then
   model order.
 
-Rules (DESIGN §2b), each a ``Point``:
+Rules (docs/method.md#decision-rules), each a ``Point``:
 
 - ``utility``: argmax_m ĝ_m(x) − λ·c_m(x). λ = 0 is the paper's argmax ĝ; at λ > 0 a model of
   unknown price is chosen only when no candidate has a price (the router refuses such a request).

@@ -8,10 +8,10 @@ such as 0.5 is allowed: an input labelled in several datasets) with NaN where mo
 on input i. Missing labels are skipped, never counted as 0. A model with no training label at all
 gets NaN from every predictor.
 
-- ``KNNPredictor``: the paper's kNN (DESIGN.md §1.2), a thin wrapper of
+- ``KNNPredictor``: the paper's kNN (docs/method.md#the-shared-knn-search), a thin wrapper of
   ``transforms.knn.KNNCorrectness`` with fallback NaN (no labelled neighbour → NaN).
 - ``ShrunkKNNPredictor``: kNN shrunk toward the model's prior accuracy,
-  g = (Σ_j y_jm + a·prior_m) / (n_jm + a) over the labelled neighbours (DESIGN.md §2b).
+  g = (Σ_j y_jm + a·prior_m) / (n_jm + a) over the labelled neighbours (docs/method.md#other-predictors).
 - ``MLPPredictor``: a multi-output network (one logit per model), masked BCE, early stopping.
 - ``FactorizedPredictor``: P(y=1|x,m) = σ(⟨φ(x), ψ_m⟩ + b_m) (EmbedLLM / IRT-Router), ψ_m and b_m
   penalised toward their mean over models, so a model with few labels borrows strength.

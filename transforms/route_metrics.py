@@ -1,4 +1,4 @@
-"""How a cost-aware router is judged (DESIGN §2b; RouterBench, Hu et al. 2024).
+"""How a cost-aware router is judged (docs/method.md#how-a-cost-aware-router-is-judged; RouterBench, Hu et al. 2024).
 
 - ``upper_hull(points)``: the non-decreasing concave upper hull of (cost, quality) points: what
   one can reach by mixing the points at random (a mixture of two points lies on the segment

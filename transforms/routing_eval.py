@@ -1,4 +1,4 @@
-"""Cost-aware per-query routing, evaluated on held-out inputs (DESIGN §2b).
+"""Cost-aware per-query routing, evaluated on held-out inputs (docs/method.md#how-a-cost-aware-router-is-judged).
 
 For one benchmark (a source group's ``BenchmarkArrays``) and each correctness predictor:
 

@@ -1,4 +1,4 @@
-"""Task scores S1, S2, S3 of every model for a new task (DESIGN.md §1.3).
+"""Task scores S1, S2, S3 of every model for a new task (docs/method.md#task-scores-s1-s2-s3).
 
 Given g (n × M: g_m(x_i) for the task's n inputs) and p (M: accuracy of the binarized
 predictor of each model on the task, estimated or measured):

@@ -1,4 +1,4 @@
-"""How far a leaderboard and a routing choice can be trusted (DESIGN.md §3; issue 15).
+"""How far a leaderboard and a routing choice can be trusted (docs/method.md#ranking-stability; issue 15).
 
 Pure numpy functions, no store access. Four measures:
 

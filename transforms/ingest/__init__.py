@@ -39,6 +39,7 @@ from types import ModuleType
 import fsspec
 from fsspec.core import url_to_fs
 
+from benchroute.io import display_path
 from benchroute.transforms.model_cards import CARD_FILE_NAMES
 
 from .base import IngestResult, UnknownLayout, UnreadableSource, printable, text_problem
@@ -156,7 +157,7 @@ def discover(urls: list[str], kinds: list[str] | None = None) -> list[Unit]:
                 if text_problem(path):  # reported by ``account``: a unit key must be text
                     continue
                 found.append(
-                    Unit(kind, _unstrip(fs, path), f"{kind}:{path}", fingerprint(fs, path))
+                    Unit(kind, display_path(fs, path), f"{kind}:{path}", fingerprint(fs, path))
                 )
         if not found and not find_cards([url]):
             raise UnknownLayout(
@@ -174,7 +175,7 @@ def find_cards(urls: list[str]) -> list[str]:
         fs, root = url_to_fs(url)
         files = fs.find(root) if fs.isdir(root) else [root] if fs.exists(root) else []
         cards.extend(
-            sorted(_unstrip(fs, p) for p in files if posixpath.basename(p) in CARD_FILE_NAMES)
+            sorted(display_path(fs, p) for p in files if posixpath.basename(p) in CARD_FILE_NAMES)
         )
     return cards
 
@@ -229,7 +230,7 @@ def account(
         for f in files:
             by_folder.setdefault(posixpath.dirname(f), set()).add(posixpath.basename(f))
         for f in files:
-            shown = printable(_unstrip(fs, f), 10_000)
+            shown = printable(display_path(fs, f), 10_000)
             if _in_unit(f, unit_paths):
                 n_unit_files += 1
             elif posixpath.basename(f) in CARD_FILE_NAMES:
@@ -311,15 +312,6 @@ def fingerprint(fs: fsspec.AbstractFileSystem, path: str) -> str:
         except PERMANENT_IO_ERRORS as exc:
             h.update(f"<cannot read: {type(exc).__name__}>".encode())
     return h.hexdigest()
-
-
-def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path) if not _is_local(fs) else path
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
 
 
 __all__ = [

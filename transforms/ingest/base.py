@@ -1,4 +1,7 @@
-"""What every source reader returns, and the helper readers use to build it.
+"""The reader contract: what every source reader returns, and the helper readers use to build it.
+
+(The registry of readers and ``discover`` are the package's ``__init__``; helpers for reading the
+files themselves, CSV, Parquet and JSON records, are ``source_files``.)
 
 A reader maps one *unit* of a source (a HELM run folder, one CSV, one Parquet table…) to the
 canonical tables and nothing else. Bad records never raise: they become quarantine rows naming
@@ -13,14 +16,15 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+# BAD_TEXT (U+FDD0) stands for bytes that were not valid UTF-8 (or a lone surrogate escape) in a
+# JSON file (``benchroute.io``'s JSON policy). A noncharacter: never meant for interchange, so it
+# does not occur in benchmark texts.
+from benchroute.io import BAD_TEXT
 from benchroute.schemas import OUTCOME_KEY, empty, validate
 from benchroute.transforms.ids import ModelNames, input_id, normalize_text
 
 TABLE_NAMES = ("inputs", "memberships", "outcomes", "models", "quarantine")
 
-# Stands for bytes that were not valid UTF-8 (or a lone surrogate escape) in a JSON array. A
-# noncharacter: never meant for interchange, so it does not occur in benchmark texts.
-BAD_TEXT = "\ufdd0"
 
 
 def text_problem(value: object) -> str | None:
@@ -187,7 +191,7 @@ class Collector:
     ``add_input`` returns the input id (or ``None`` after quarantining a bad text);
     ``add_outcome`` takes a raw model name and any value, and quarantines non-numeric, NaN or
     infinite values with the field that held them. A text or name that is not valid Unicode
-    (bytes that were not UTF-8, a lone surrogate: ``_common.text_problem``) is quarantined with
+    (bytes that were not UTF-8, a lone surrogate: ``text_problem``) is quarantined with
     its field instead of failing the unit; quarantine rows show such values escaped.
     """
 

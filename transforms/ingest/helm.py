@@ -78,7 +78,7 @@ Decisions:
 Bad input never fails the whole read. A bad record becomes a quarantine row naming the file, the
 record (``<index>/<instance id>``) and the field. Bytes that are not UTF-8 (or a lone surrogate
 escape) inside a string cost only the record whose used field holds them (instance id, input
-text, split, perturbation, stat name): ``TolerantReader`` marks them, the record is quarantined
+text, split, perturbation, stat name): ``benchroute.io.TolerantJson`` marks them, the record is quarantined
 with that field, and the records before and after it are read. JSON that breaks mid-file keeps
 what was parsed and adds a row naming the record where it broke. A file of which nothing can be
 parsed (empty, UTF-16/32, broken before its first record) raises ``UnreadableSource``; so does an
@@ -88,21 +88,23 @@ raises ``UnknownLayout``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from typing import BinaryIO
 
 import fsspec
 import ijson
 from fsspec.core import url_to_fs
 
+from benchroute.io import JSON_PARSE_ERRORS, TolerantJson, display_path, iter_json
 from benchroute.transforms.binarize import helm_main_metrics
 
 from .base import (
-    BAD_TEXT,
     Collector,
     IngestResult,
     UnknownLayout,
@@ -249,7 +251,7 @@ def read(url: str, *, names) -> HelmResult:
     run = read_run_spec(fs, f"{path}/{RUN_SPEC}", suite=_basename(_parent(path)))
     collector = Collector(source=KIND, unit=url, names=names)
     stats_path = f"{path}/{PER_INSTANCE_STATS}"
-    stats_label = _label(fs, stats_path)
+    stats_label = display_path(fs, stats_path)
     if not fs.exists(stats_path):
         raise UnreadableSource(f"{stats_label}: file missing; the run has no per-instance results")
     index = instance_index(fs, path, run, collector)
@@ -290,7 +292,7 @@ def suite_main_metrics(
     if not found:
         return {}
     path = f"{suite_path}/{found[0]}"
-    key = (_label(fs, path), str(fs.info(path).get("size")), str(fs.info(path).get("mtime")))
+    key = (display_path(fs, path), str(fs.info(path).get("size")), str(fs.info(path).get("mtime")))
     if key not in _SCHEMA_CACHE:
         _SCHEMA_CACHE.clear() if len(_SCHEMA_CACHE) > 64 else None
         _SCHEMA_CACHE[key] = _parse_schema(fs, path)
@@ -347,7 +349,7 @@ def main_metric_hints(run: RunInfo, schema: dict[str, str]) -> tuple[tuple[str, 
 
 def read_run_spec(fs: fsspec.AbstractFileSystem, path: str, *, suite: str = "") -> RunInfo:
     """Parse ``run_spec.json``: ``UnreadableSource`` if it is not JSON, ``UnknownLayout`` if odd."""
-    label = _label(fs, path)
+    label = display_path(fs, path)
     try:
         with fs.open(path, "rb") as f:
             spec = json.loads(f.read().decode("utf-8"))
@@ -503,7 +505,7 @@ def read_scenario_state(
 ) -> InstanceIndex:
     """Stream ``request_states[]``; quarantine records without id/text and repeated requests.
     ``positions``: also keep the answer positions (only for the run's own states)."""
-    label = _label(fs, path)
+    label = display_path(fs, path)
     index = InstanceIndex(label)
     seen: set[tuple] = set()
     repeats_expected = run.method == "language_modeling"  # one request state per window
@@ -570,7 +572,7 @@ def read_instances_json(
     fs: fsspec.AbstractFileSystem, path: str, collector: Collector
 ) -> InstanceIndex:
     """Stream ``instances.json`` (the list of Instance HELM writes for its web frontend)."""
-    label = _label(fs, path)
+    label = display_path(fs, path)
     index = InstanceIndex(label)
     for i, raw in JsonRecords(fs, path, "item", top="[", collector=collector):
         if not isinstance(raw, dict):
@@ -712,7 +714,7 @@ def read_per_instance_stats(
     fs: fsspec.AbstractFileSystem, path: str, index: InstanceIndex | None, collector: Collector
 ) -> dict[Key, _Values]:
     """Stream the entries and fold them into values per (instance, perturbation) and trial."""
-    label = _label(fs, path)
+    label = display_path(fs, path)
     values: dict[Key, _Values] = {}
     for i, entry in JsonRecords(fs, path, "item", top="[", collector=collector):
         _add_entry(i, entry, label, index, values, collector)
@@ -933,16 +935,16 @@ def _emit(
 
 
 class JsonRecords:
-    """The records at ``prefix`` of a JSON file, streamed with ijson (memory flat in file size).
+    """The records at ``prefix`` of a JSON file, streamed by ``benchroute.io.iter_json`` (memory
+    flat in file size; its policy for what is not JSON: a bare ``NaN``/``Infinity`` token is read
+    as a string that ``to_float`` reads as the non-finite number, text that is not Unicode as
+    ``BAD_TEXT``).
 
     Iterating yields ``(index, record)``. JSON that breaks after some records ends the iteration
     with a quarantine row naming the record where it broke. A file that is empty, UTF-16/32 or
     broken before its first record raises ``UnreadableSource``; one whose top level is not
-    ``top`` (``"["`` or ``"{"``) raises ``UnknownLayout``. When the fast parser trips on a bare
-    ``NaN``/``Infinity`` token, on bytes that are not UTF-8 or on a lone surrogate escape, the
-    file is re-read through ``TolerantReader`` (about 4x slower), which turns the token into a
-    string and the bad text into ``BAD_TEXT``; records already yielded are not yielded again. A
-    string holding ``BAD_TEXT`` reaches the record's checks, which quarantine that record alone.
+    ``top`` (``"["`` or ``"{"``) raises ``UnknownLayout``. A string holding ``BAD_TEXT`` reaches
+    the record's checks, which quarantine that record alone.
     """
 
     def __init__(
@@ -955,32 +957,24 @@ class JsonRecords:
         collector: Collector,
     ) -> None:
         self.fs, self.path, self.prefix, self.top = fs, path, prefix, top
-        self.label = _label(fs, path)
+        self.label = display_path(fs, path)
         self.collector = collector
         self.count = 0
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
         try:
-            yield from self._records(tolerant=False)
-        except _PARSE_ERRORS as fast_error:
-            if not _tolerant_may_help(fast_error):
-                self._broken(fast_error)
-                return
-            try:
-                yield from self._records(tolerant=True)
-            except _PARSE_ERRORS as exc:
-                self._broken(exc)
+            for record in iter_json(self._open, self.prefix):
+                self.count += 1
+                yield self.count - 1, record
+        except JSON_PARSE_ERRORS as exc:
+            self._broken(exc)
 
-    def _records(self, *, tolerant: bool) -> Iterator[tuple[int, object]]:
-        """Parse from the start; records already yielded (``self.count``) are skipped."""
-        skip = self.count
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[BinaryIO]:
+        """The file, checked and positioned after any byte-order mark."""
         with self.fs.open(self.path, "rb") as raw:
             _check_start(raw, self.label, self.top)
-            source = TolerantReader(raw) if tolerant else raw
-            for i, record in enumerate(ijson.items(source, self.prefix, use_float=True)):
-                if i >= skip:
-                    self.count = i + 1
-                    yield i, record
+            yield raw
 
     def _broken(self, exc: Exception) -> None:
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -996,28 +990,14 @@ class JsonRecords:
 
     def has_top_key(self, key: str) -> bool:
         """Whether the top-level object has ``key`` (walks the events up to it)."""
-        with self.fs.open(self.path, "rb") as raw:
-            _check_start(raw, self.label, self.top)
+        with self._open() as raw:
             try:
-                for prefix, event, value in ijson.parse(TolerantReader(raw)):
+                for prefix, event, value in ijson.parse(TolerantJson(raw)):
                     if prefix == "" and event == "map_key" and value == key:
                         return True
-            except _PARSE_ERRORS:
+            except JSON_PARSE_ERRORS:
                 return False
         return False
-
-
-# ijson's errors; yajl2_c raises UnicodeDecodeError (a ValueError) on a lone low surrogate escape.
-_PARSE_ERRORS = (ijson.JSONError, ValueError)
-
-
-def _tolerant_may_help(exc: Exception) -> bool:
-    """Whether a parse error may come from what ``TolerantReader`` repairs: a bare NaN/Infinity
-    token (yajl: "invalid char"), bytes that are not UTF-8, or a lone surrogate escape."""
-    if isinstance(exc, UnicodeDecodeError):
-        return True
-    message = str(exc)
-    return any(hint in message for hint in ("invalid char", "NaN", "Infinity", "UTF8", "utf-8"))
 
 
 _BOMS = (b"\x00\x00\xfe\xff", b"\xff\xfe", b"\xfe\xff")  # UTF-32 BE, UTF-16/32 LE, UTF-16 BE
@@ -1027,7 +1007,7 @@ def _check_start(f, label: str, top: str) -> None:
     """Position ``f`` after any UTF-8 BOM; raise if the file is empty, not UTF-8 or not ``top``.
 
     "Not UTF-8" means a UTF-16/32 byte-order mark or NUL bytes (UTF-16/32 without a mark). Other
-    invalid bytes are not the file's problem but the record's: ``TolerantReader`` marks them and
+    invalid bytes are not the file's problem but the record's: ``TolerantJson`` marks them and
     the record holding them is quarantined, so one bad byte never costs the whole file.
     """
     head = f.read(4096)
@@ -1041,90 +1021,6 @@ def _check_start(f, label: str, top: str) -> None:
         kind = {"[": "a list", "{": "an object"}[top]
         raise UnknownLayout(f"{label}: top level is not {kind} (starts with {first!r})")
     f.seek(bom)
-
-
-class TolerantReader:
-    """A binary file wrapper that lets ijson parse on past non-JSON tokens and bad text.
-
-    - Outside strings, bare ``NaN``, ``Infinity`` and ``-Infinity`` (Python's ``json.dumps``,
-      which HELM uses, writes non-finite floats so) become ``"NaN"``..., so the value reaches
-      ``to_float`` and is quarantined as non-finite instead of breaking the parse.
-    - Inside strings, each byte sequence that is not UTF-8 and each lone surrogate escape
-      (``\\udc80``: not Unicode text) becomes the escape of ``BAD_TEXT``; the checks on the
-      record's fields (``text_problem``) then quarantine that record, naming the field.
-      Surrogate pairs, other escapes and valid UTF-8 pass through unchanged.
-
-    Slower than the raw file: used only after the fast parser failed.
-    """
-
-    _OUTSIDE = re.compile(rb'"|-?Infinity|NaN')
-    _IN_STRING = re.compile(
-        rb"(?P<plain>[^\"\\\x80-\xff]+)"
-        rb"|(?P<pair>\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
-        rb"|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
-        rb"|(?P<escape>\\u[0-9a-fA-F]{4}|\\[^u])"
-        rb"|(?P<utf8>[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]"
-        rb"|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
-        rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})"
-        rb"|(?P<quote>\")"
-        rb"|(?P<bad>[\x80-\xff]+)"
-        rb"|(?P<other>\\)",
-        re.S,
-    )
-    _BAD = ("\\u%04x" % ord(BAD_TEXT)).encode()
-    _HOLD = 12  # the longest token (a surrogate pair escape) cut by a chunk boundary waits
-
-    def __init__(self, raw, chunk: int = 1 << 16) -> None:
-        self._raw, self._chunk = raw, chunk
-        self._buf = b""
-        self._in_string = False
-        self._eof = False
-
-    def read(self, n: int = -1) -> bytes:
-        if n == 0:
-            return b""
-        out = b""
-        while not out and not (self._eof and not self._buf):
-            data = b"" if self._eof else self._raw.read(self._chunk)
-            self._eof = self._eof or not data
-            out = self._convert(self._buf + data)
-        return out
-
-    def _convert(self, buf: bytes) -> bytes:
-        """Convert what can be converted; keep an unfinished tail in ``self._buf``."""
-        out = bytearray()
-        pos, size = 0, len(buf)
-        while pos < size:
-            if self._in_string:
-                m = self._IN_STRING.match(buf, pos)
-                kind = m.lastgroup
-                if kind != "plain" and not self._eof and m.start() > size - self._HOLD:
-                    break  # the token may continue in the next chunk
-                if kind == "quote":
-                    self._in_string = False
-                    out += b'"'
-                elif kind in ("lone", "bad"):
-                    out += self._BAD
-                else:
-                    out += m.group()
-                pos = m.end()
-                continue
-            m = self._OUTSIDE.search(buf, pos)
-            if m is None:
-                end = size if self._eof else max(pos, size - self._HOLD)
-                out += buf[pos:end]
-                pos = end
-                break
-            out += buf[pos : m.start()]
-            token = m.group()
-            out += token if token == b'"' else b'"' + token + b'"'
-            self._in_string = token == b'"'
-            pos = m.end()
-        self._buf = buf[pos:]
-        return bytes(out)
-
-
-NanTolerantReader = TolerantReader  # its earlier name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1148,7 +1044,3 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rpartition("/")[2]
 
 
-def _label(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """How a file is named in errors and quarantine rows: its path, with protocol if not local."""
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return path if "file" in protocol or "local" in protocol else fs.unstrip_protocol(path)

@@ -51,7 +51,7 @@ import polars as pl
 
 from benchroute.transforms.ids import ModelNames
 
-from ._common import (
+from .source_files import (
     require_types,
     Check,
     apply_checks,

@@ -1,6 +1,7 @@
 """MixInstruct (LLM-Blender) candidate generations with their automatic scores.
 
-Published format (``/work/shared/data/README.md``; no real copy is available offline): a JSON
+Published format (LLM-Blender's MixInstruct, ``llm-blender/mix-instruct``; the files are read
+from the path the caller gives ``find_units``/``read``, none is built in): a JSON
 array (``train_data_prepared.json``, 1.7 GB, streamed record by record with ijson, so memory
 stays flat while reading) or JSON Lines, of records::
 
@@ -41,7 +42,7 @@ import polars as pl
 from benchroute.schemas import empty
 from benchroute.transforms.ids import ModelNames, input_id, normalize_text
 
-from ._common import (
+from .source_files import (
     ParseFailure,
     base_name,
     first_json_record,

@@ -36,7 +36,7 @@ import polars as pl
 from benchroute.schemas import empty
 from benchroute.transforms.ids import ModelNames, input_ids
 
-from ._common import (
+from .source_files import (
     ROW,
     Check,
     apply_checks,

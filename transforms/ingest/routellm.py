@@ -35,7 +35,7 @@ import polars as pl
 
 from benchroute.transforms.ids import ModelNames
 
-from ._common import (
+from .source_files import (
     ROW,
     Check,
     ParseFailure,

@@ -1,4 +1,8 @@
-"""Helpers shared by the table and JSON readers (a helper module, not a reader).
+"""Reading source files: helpers shared by the table and JSON readers (not a reader itself).
+
+The reader contract (what every reader returns: ``IngestResult``, ``Collector``, the value
+checks ``to_float``/``text_problem``) is ``base``; the registry of readers and ``discover`` are
+the package's ``__init__``. This module holds what readers use to get at a file's rows:
 
 - file access through fsspec: listing the files under a root, reading bytes, CSV headers and
   Parquet schemas without reading the data;
@@ -7,10 +11,12 @@
   keeps the first of several rows with one key;
 - JSON records streamed one at a time from a JSON array (ijson) or JSON Lines, with parse errors
   reported as ``ParseFailure`` items so the caller can quarantine them and keep what came before;
-- text that is not valid UTF-8: in a JSON array, each invalid byte (and each lone surrogate escape
-  such as ``\\udcff``) is replaced by ``BAD_TEXT`` (U+FDD0, a Unicode noncharacter) before parsing,
-  so the array parses on and ``text_problem`` finds the record that held it (readers quarantine
-  that record, not the rest of the file); a JSON Lines line with invalid bytes is quarantined;
+- what is not JSON in a JSON array, under ``benchroute.io``'s one policy: each invalid byte (and
+  each lone surrogate escape such as ``\\udcff``) is read as ``BAD_TEXT`` (U+FDD0, a Unicode
+  noncharacter), so the array parses on and ``text_problem`` finds the record that held it
+  (readers quarantine that record, not the rest of the file); bare ``NaN``/``Infinity`` tokens
+  are read as the strings ``"NaN"``/``"Infinity"`` (``to_float``: non-finite); a JSON Lines line
+  with invalid bytes is quarantined;
 - column types checked before use (``require_types``): a wrong type makes the unit unreadable,
   with the file, the column, its type and the type expected.
 
@@ -26,7 +32,6 @@ import csv
 import io
 import json
 import posixpath
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +42,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from benchroute.io import JSON_PARSE_ERRORS, TolerantJson, iter_json, loads
 from benchroute.schemas import empty
 from benchroute.transforms.ids import input_ids
 
@@ -451,7 +457,7 @@ def _iter_lines(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str,
             if not raw.strip():
                 continue
             try:
-                yield f"line {n}", json.loads(raw.decode("utf-8"))
+                yield f"line {n}", loads(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 yield (
                     f"line {n}",
@@ -461,37 +467,18 @@ def _iter_lines(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str,
                 yield f"line {n}", ParseFailure("invalid JSON line", str(exc), rest_lost=False)
 
 
-# Errors of ijson's parser (yajl2_c raises UnicodeDecodeError, a ValueError, on some strings).
-_PARSE_ERRORS = (ijson.JSONError, ValueError)
-
-
 def _iter_array(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, Any]]:
-    """Items of a JSON array, streamed through ``_Sanitized``; NaN/Infinity literals (Python's
-    json) are read as null, numbers beyond yajl's range (integers of 19 digits or more,
-    exponents of three digits) as text (``to_float`` reads them, ``1e999`` as infinite)."""
+    """Items of a JSON array, read by ``benchroute.io.iter_json`` under its one policy for what
+    is not JSON: bare NaN/Infinity tokens (Python's json writes them) as the strings ``"NaN"``,
+    ``"Infinity"``, ``"-Infinity"`` (``to_float`` reads them as the non-finite number), numbers
+    beyond yajl's range (integers of 19 digits or more, exponents of three digits) as text
+    (``to_float`` reads them, ``1e999`` as infinite), text that is not Unicode as ``BAD_TEXT``."""
     n = 0
     try:
-        with fs.open(path, "rb") as f:
-            for item in ijson.items(_Sanitized(f), "item", use_float=True):
-                n += 1
-                yield f"record {n}", item
-        return
-    except _PARSE_ERRORS as exc:
-        if not _lenient_helps(str(exc)):
-            yield f"record {n + 1}", _broken_array(exc)
-            return
-    # The file uses NaN/Infinity (not JSON, but Python's json writes them) or numbers yajl
-    # cannot hold: read it again through a filter that rewrites them, skipping the records
-    # already given.
-    seen = n
-    n = 0
-    try:
-        with fs.open(path, "rb") as f:
-            for item in ijson.items(_Sanitized(f, lenient=True), "item", use_float=True):
-                n += 1
-                if n > seen:
-                    yield f"record {n}", item
-    except _PARSE_ERRORS as exc:
+        for item in iter_json(lambda: fs.open(path, "rb"), "item"):
+            n += 1
+            yield f"record {n}", item
+    except JSON_PARSE_ERRORS as exc:
         yield f"record {n + 1}", _broken_array(exc)
 
 
@@ -504,34 +491,8 @@ def _broken_array(exc: Exception) -> ParseFailure:
     )
 
 
-def _lenient_helps(message: str) -> bool:
-    """Whether a yajl error points at a bare NaN / Infinity token or a number out of range."""
-    if "overflow" in message:  # "integer overflow", "numeric (floating point) overflow"
-        return True
-    return "lexical error" in message and bool(re.search(r"\b(NaN|-?Infinity)\b", message))
-
-
-_NON_FINITE = re.compile(rb"([:\[,]\s*)(?:NaN|-?Infinity)(?=\s*[,\]}])")
-_HUGE_NUMBER = re.compile(
-    rb"([:\[,]\s*)(-?(?:\d{19,}(?:\.\d+)?(?:[eE][+-]?\d+)?|\d+(?:\.\d+)?[eE][+-]?\d{3,}))"
-    rb"(?=\s*[,\]}])"
-)
-# A \uXXXX escape of a surrogate: a high one must be followed by a low one (a pair is one
-# character); a lone one is not Unicode text. An even run of backslashes before it is text.
-_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE_ESCAPE = re.compile(
-    rb"(?<!\\)((?:\\\\)*)(?:(\\u[dD][89abAB][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})?"
-    rb"|(\\u[dD][c-fC-F][0-9a-fA-F]{2}))"
-)
-_BAD_TEXT_ESCAPE = b"\\ufdd0"  # BAD_TEXT as a JSON escape
 _BAD_BYTES_HANDLER = "benchroute-bad-text"
 codecs.register_error(_BAD_BYTES_HANDLER, lambda exc: (BAD_TEXT, exc.end))
-
-
-def _surrogate_escape(m: re.Match) -> bytes:
-    if m[2] and m[3]:
-        return m[0]  # a surrogate pair: one character
-    return m[1] + _BAD_TEXT_ESCAPE
 
 
 def decode_lossy(data: bytes) -> str:
@@ -539,85 +500,22 @@ def decode_lossy(data: bytes) -> str:
     return data.decode("utf-8", _BAD_BYTES_HANDLER)
 
 
-class _Sanitized:
-    """A byte stream of JSON that ijson can parse to the end, whatever a string holds.
-
-    Bytes that are not valid UTF-8 and lone surrogate escapes (``"\\udcff"``: yajl stops at
-    both, losing every later record) become ``BAD_TEXT``, so only the record holding them is
-    quarantined. With ``lenient``, bare ``NaN``/``Infinity`` values become ``null`` and numbers
-    yajl cannot hold become strings (``"1e999"``); these patterns could also match inside a
-    string value, so they are used only for files that already failed on such a token.
-
-    Text is cut at the last comma of each chunk so that no UTF-8 sequence, escape or token
-    straddles two chunks.
-    """
-
-    def __init__(self, raw, *, lenient: bool = False, chunk: int = 1 << 16):
-        self._raw = raw
-        self._chunk = chunk
-        self._lenient = lenient
-        self._carry = b""
-        self._out = b""
-        self._pos = 0
-        self._eof = False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._eof and (size < 0 or len(self._out) - self._pos < size):
-            self._fill()
-        if size < 0:
-            size = len(self._out) - self._pos
-        data = self._out[self._pos : self._pos + size]
-        self._pos += len(data)
-        return data
-
-    def _fill(self) -> None:
-        data = self._raw.read(self._chunk)
-        buf = self._carry + data
-        if not data:
-            self._eof = True
-            self._carry = b""
-            self._emit(self._clean(buf))
-            return
-        cut = buf.rfind(b",")
-        if cut < 0:
-            self._carry = buf
-            return
-        # The comma stays at both ends: the patterns look at what is around a token.
-        self._emit(self._clean(buf[: cut + 1])[:-1])
-        self._carry = buf[cut:]
-
-    def _emit(self, data: bytes) -> None:
-        self._out = self._out[self._pos :] + data
-        self._pos = 0
-
-    def _clean(self, buf: bytes) -> bytes:
-        try:
-            buf.decode("utf-8")
-        except UnicodeDecodeError:
-            buf = decode_lossy(buf).encode("utf-8")
-        if _SURROGATE_HINT.search(buf):
-            buf = _SURROGATE_ESCAPE.sub(_surrogate_escape, buf)
-        if self._lenient:
-            buf = _NON_FINITE.sub(rb"\1null", buf)
-            buf = _HUGE_NUMBER.sub(rb'\1"\2"', buf)
-        return buf
-
-
 def first_json_record(fs: fsspec.AbstractFileSystem, path: str, limit: int = 4 << 20) -> Any:
     """The first record of a JSON array or JSON Lines file, reading at most ``limit`` bytes.
 
-    Text that is not valid UTF-8 is read as ``BAD_TEXT``, NaN as null, huge numbers as text (the
-    record's shape decides the format; the reader quarantines what is bad). Returns None when
+    Read under ``benchroute.io``'s JSON policy (text that is not valid UTF-8 as ``BAD_TEXT``, NaN
+    and huge numbers as strings; the record's shape decides the format; the reader quarantines
+    what is bad). Returns None when
     the file is not JSON or the first record is larger than ``limit``.
     """
     kind = json_kind(read_head(fs, path, 4096))
     try:
         with fs.open(path, "rb") as f:
             if kind == "array":
-                stream = _Sanitized(_Limited(f, limit), lenient=True)  # only its shape matters
+                stream = TolerantJson(_Limited(f, limit))  # only its shape matters
                 return next(ijson.items(stream, "item", use_float=True), None)
             if kind == "lines":
-                return json.loads(decode_lossy(_first_line(f, limit)))
+                return loads(decode_lossy(_first_line(f, limit)))
     except Exception:  # noqa: BLE001 - any parse failure means "not this format"
         return None
     return None

