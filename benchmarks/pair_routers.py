@@ -18,6 +18,11 @@ of held-out inputs dropped from training):
   the other sources train; RouteLLM's MMLU excluded from training), pairs gpt-4o against cheaper
   models.
 
+Unless ``--no-select``, each evaluation also picks one router by *training-only* validation
+(``transforms.pair_select.select_router``: validation tasks carved from its training pool, one
+per dataset family, the held-out benchmark never read) and reports it again as
+``selected=<name>``: the number to quote, since picking the best held-out row would tune on test.
+
 Prints the table and writes ``--out`` (Parquet, Markdown, HTML with the PGR-vs-call-share plot).
 """
 
@@ -37,8 +42,10 @@ from benchroute.transforms.pair_eval import (
     load_store_data,
     markdown_table,
     table_rows,
+    training_pool,
     write_pair_report,
 )
+from benchroute.transforms.pair_select import candidate_routers, select_router
 
 GPT4 = "openai/gpt-4-1106-preview"
 MIXTRAL = "mistralai/mixtral-8x7b-instruct-v0.1"
@@ -92,6 +99,8 @@ def main() -> int:
     ap.add_argument("--max-models", type=int, default=24)
     ap.add_argument("--dedup", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-select", action="store_true",
+                    help="skip the training-only validation that picks the 'selected' router")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -109,12 +118,29 @@ def main() -> int:
                 continue
             name = ev["name"] if len(ev["pairs"]) == 1 else f"{ev['name']}:{weak.split('/')[-1]}"
             t1 = time.perf_counter()
-            res = evaluate_pair(data, X, strong, weak, ev["heldout"], name=name, routers=routers,
+            run_routers, chosen, val = dict(routers), None, None
+            cands = candidate_routers(routers)
+            if not args.no_select and len(cands) > 1:
+                # Validation inside the training pool only: the held-out labels never pick.
+                held = data.in_datasets(ev["heldout"])
+                both = ~np.isnan(data.Q[:, data.model_index(strong)]) & ~np.isnan(data.Q[:, data.model_index(weak)])
+                pool = training_pool(X, held, np.flatnonzero(held & both), ev["exclude"], ev.get("augment", 0.0),
+                                     args.dedup, args.seed)[0]
+                chosen, val = select_router(data, X, pool, strong, weak, cands, dedup=args.dedup,
+                                            max_models=args.max_models, seed=args.seed,
+                                            log=lambda m: print(m, flush=True))
+                if chosen is not None:
+                    run_routers[f"selected={chosen}"] = routers[chosen]
+                    print(f"{name}: training-only validation selects {chosen}", flush=True)
+            res = evaluate_pair(data, X, strong, weak, ev["heldout"], name=name, routers=run_routers,
                                 exclude=ev["exclude"], augment=ev.get("augment", 0.0), dedup=args.dedup,
                                 max_models=args.max_models,
                                 n_boot=args.n_boot, seed=args.seed, log=lambda m: print(m, flush=True))
             print(f"{name}: {json.dumps({k: v for k, v in res.info.items() if k != 'models'}, default=str)} "
                   f"({time.perf_counter() - t1:.0f}s)", flush=True)
+            if val is not None:
+                res.info["selected"] = chosen
+                res.info["validation"] = val.to_dicts()
             results.append(res)
             if ev["ref"]:
                 reference[name] = ev["ref"]

@@ -13,13 +13,17 @@ from benchroute.transforms.pair_labels import PairError, WinData
 from benchroute.transforms.pair_routers import (
     PAIR_ROUTERS,
     DiffRouter,
+    EnsembleRouter,
+    IRTRouter,
     MFRouter,
     OracleRouter,
     RandomRouter,
     SWRankingRouter,
     bradley_terry,
+    fit_irt,
     make_pair_router,
     pair_router_from_state,
+    rank_cdf,
 )
 from benchroute.transforms.predictors import make_predictor
 
@@ -64,7 +68,7 @@ def roundtrip(params, arrays):
     return params, out
 
 
-@pytest.mark.parametrize("name", ["sw_ranking", "mf", "diff"])
+@pytest.mark.parametrize("name", ["sw_ranking", "mf", "diff", "ensemble"])
 def test_router_scores_cluster_where_strong_is_needed_highest(name):
     X, data, cl = synthetic()
     tr, te = np.arange(400), np.arange(400, 600)
@@ -74,7 +78,7 @@ def test_router_scores_cluster_where_strong_is_needed_highest(name):
     means = [p[cl[te] == k].mean() for k in range(3)]
     assert means[0] > means[1] + 0.1 and means[0] > means[2] + 0.1, means
     # The same router answers the swapped pair with the complementary view.
-    q = r.predict_proba(X[te], strong="weak", weak="strong") if name != "diff" else 1 - p
+    q = r.predict_proba(X[te], strong="weak", weak="strong") if name not in ("diff", "ensemble") else 1 - p
     assert np.allclose(p + q, 1.0, atol=1e-6)
 
 
@@ -205,3 +209,92 @@ def test_bad_requests_are_refused():
         r.predict_proba(X[:2, :4], strong="strong", weak="weak")
     with pytest.raises(ValueError):
         make_pair_router("bert")
+
+
+def rasch(n=800, d=8, seed=0):
+    """Rasch data: difficulty β_i a function of the embedding, 12 models of abilities θ (strong 2,
+    weak −1), 30 % of the labels missing."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    beta = 1.5 * X[:, 0] / np.linalg.norm(X, axis=1) * np.sqrt(d)
+    theta = np.concatenate([[2.0, -1.0], np.linspace(-2, 3, 10)])
+    M = theta.size
+    Y = (rng.random((n, M)) < 1 / (1 + np.exp(-(theta[None] - beta[:, None])))).astype(float)
+    Y[rng.random((n, M)) < 0.3] = np.nan
+    models = ["strong", "weak"] + [f"m{j}" for j in range(M - 2)]
+    data = WinData([f"{i:064x}" for i in range(n)], models, ["d"], Y.copy(), Y.copy(), np.ones((n, 1), bool))
+    return X, data, beta, theta
+
+
+def test_irt_recovers_abilities_and_difficulties():
+    X, data, beta, theta = rasch()
+    th, b, info = fit_irt(data.Y, reg_item=0.5, reg_model=0.01)
+    assert np.corrcoef(th, theta)[0, 1] > 0.98 and th[0] > th[1]
+    assert np.corrcoef(b, beta)[0, 1] > 0.8
+    assert np.all(info > 0.5)  # reg_item plus the Fisher information of the labels
+    r = IRTRouter(n_neighbors=10).fit(X[:600], data.rows(np.arange(600)), pair=("strong", "weak"))
+    # The query's difficulty comes from its neighbours: it tracks the true β of unseen inputs.
+    assert np.corrcoef(r.difficulty(X[600:]), beta[600:])[0, 1] > 0.7
+    p = r.predict_proba(X[600:])
+    gain = 1 / (1 + np.exp(-(r.theta_[0] - r.difficulty(X[600:])))) - 1 / (1 + np.exp(-(r.theta_[1] - r.difficulty(X[600:]))))
+    assert np.allclose(p, (1 + gain) / 2)
+    # Most needed between the two abilities: the easiest inputs (both right) score lower.
+    bt = beta[600:]
+    mid = (bt > -1) & (bt < 2)
+    assert p[mid].mean() > p[bt < np.quantile(bt, 0.1)].mean() + 0.03
+    assert np.allclose(r.predict_proba(X[600:], strong="weak", weak="strong"), 1 - p)
+    with pytest.raises(ValueError):
+        IRTRouter(reg_item=0).fit(X, data)
+
+
+def test_ensemble_averages_rank_normalised_members_and_is_batch_independent():
+    X, data, _ = synthetic(400)
+    members = [["diff", {"predictor": "knn", "predictor_params": {"n_neighbors": 7}, "models": "all"}],
+               ["sw_ranking", {}]]
+    e = EnsembleRouter(members=members, n_reference=300).fit(X, data, pair=("strong", "weak"))
+    p = e.predict_proba(X[:60])
+    assert np.all((p >= 0) & (p <= 1))
+    assert np.allclose(p[:7], e.predict_proba(X[:7]), atol=1e-6)  # a query's score ignores the rest of the batch
+    cdfs = [rank_cdf(m.predict_proba(e.X_ref_), m.predict_proba(X[:60])) for m in e.members_]
+    assert np.allclose(p, np.mean(cdfs, axis=0))
+    # rank_cdf: mid-ranks at the reference values, linear between, 0 and 1 outside.
+    assert np.allclose(rank_cdf(np.array([0.1, 0.2, 0.2, 0.4]), [0.1, 0.2, 0.3, 0.0, 0.5]),
+                       [0.125, 0.5, 0.6875, 0.0, 1.0])
+    # One member: the ensemble keeps that member's order of the queries.
+    one = EnsembleRouter(members=members[:1], n_reference=300).fit(X, data, pair=("strong", "weak"))
+    s = one.members_[0].predict_proba(X[:60])
+    q = one.predict_proba(X[:60])
+    assert np.all(np.diff(q[np.argsort(s, kind="stable")]) >= -1e-12)
+    # Weights: a zero weight removes the member.
+    w = EnsembleRouter(members=members, weights=[1.0, 0.0], n_reference=300).fit(X, data, pair=("strong", "weak"))
+    assert np.allclose(w.predict_proba(X[:60]), cdfs[0])
+    with pytest.raises(ValueError):
+        EnsembleRouter(members=[["oracle", {}]]).fit(X, data)
+    with pytest.raises(ValueError):
+        EnsembleRouter(members=members, weights=[1.0]).fit(X, data)
+
+
+def test_diff_router_imputes_a_missing_model_from_the_model_of_closest_ability():
+    X, data, _, _ = rasch()
+    Y = data.Y.copy()
+    Y[:400, 0] = np.nan  # the strong model never ran on these inputs
+    data = WinData(data.input_ids, data.models, data.datasets, Y.copy(), Y, data.member)
+    r = DiffRouter(predictor="knn", predictor_params={"n_neighbors": 5}, models="all", impute=True).fit(
+        X, data, pair=("strong", "weak"))
+    # θ_strong = 2: the closest of linspace(−2, 3, 10) is m7 (1.89); θ_weak = −1: m1 or m2 (−1.44, −0.89).
+    assert r.proxies_["strong"] == "m7" and r.proxies_["weak"] in ("m1", "m2")
+    Yfit = r.predictor_.Y_  # the index the kNN predictor was fitted on (rows_ of all columns)
+    row_pos = {int(i): k for k, i in enumerate(r.rows_)}
+    m7 = data.models.index("m7")
+    for i in range(400):
+        if not np.isnan(data.Y[i, m7]):
+            assert Yfit[row_pos[i], 0] == data.Y[i, m7]
+    own = [i for i in range(400, 800) if not np.isnan(data.Y[i, 0])]
+    assert all(Yfit[row_pos[i], 0] == data.Y[i, 0] for i in own)  # its own labels are kept
+    plain = DiffRouter(predictor="knn", predictor_params={"n_neighbors": 5}, models="all").fit(
+        X, data, pair=("strong", "weak"))
+    assert plain.proxies_ == {} and np.isnan(plain.predictor_.Y_[[row_pos[i] for i in range(10)], 0]).any()
+    # The imputed labels travel with the state (the bundle's own index would not hold them).
+    params, arrays = roundtrip(*r.to_state(include_index=False))
+    r2 = pair_router_from_state(params, arrays)
+    assert r2.proxies_ == r.proxies_ and np.array_equal(r.predict_proba(X[:30]), r2.predict_proba(X[:30]))

@@ -1,4 +1,4 @@
-"""Evaluate strong/weak routers on benchmarks they never saw (DESIGN §2; issue 14).
+"""Evaluate strong/weak routers on benchmarks they never saw (docs/method.md#evaluating-pair-routers; issue 14).
 
 ``evaluate_pair(data, X, strong, weak, heldout)``:
 
@@ -20,6 +20,9 @@
    The random router's APGR and CPT are the mean over ``random_draws`` seeds (RouteLLM: 10).
 4. The oracle scores the test queries from their labels (``pair_metrics.oracle_scores``, what
    ``OracleRouter`` fitted on them returns); its APGR sits next to the analytic value.
+
+``training_pool`` gives step 1's training inputs alone (``transforms.pair_select`` validates
+candidate routers inside it, never on the held-out benchmark).
 
 ``load_store_data(url)`` reads a store's labels, memberships and embeddings into a
 ``WinData`` and the aligned matrix. ``write_pair_report`` writes Parquet, Markdown and a
@@ -53,11 +56,15 @@ DEFAULT_ROUTERS: dict[str, tuple[str, dict]] = {
     "diff_mlp": ("diff", {"predictor": "mlp"}),
     "diff_mlp_all": ("diff", {"predictor": "mlp", "models": "all"}),
     "diff_factorized_all": ("diff", {"predictor": "factorized", "models": "all"}),
+    "irt": ("irt", {}),
+    "ens_mlp_irt": ("ensemble", {"members": [["diff", {"predictor": "mlp", "models": "all"}], ["irt", {}]]}),
+    "ens_mlp_irt_mf": ("ensemble", {"members": [["diff", {"predictor": "mlp", "models": "all"}], ["irt", {}],
+                                                ["mf", {}]]}),
     "random": ("random", {}),
     "oracle": ("oracle", {}),
 }
 
-# RouteLLM's published numbers (DESIGN §2; gpt-4-1106-preview vs Mixtral-8x7B, Arena data with
+# RouteLLM's published numbers (docs/method.md#reference-numbers; gpt-4-1106-preview vs Mixtral-8x7B, Arena data with
 # golden-label / judge augmentation). Keys: benchmark → router → metric.
 ROUTELLM_REFERENCE: dict[str, dict[str, dict[str, float]]] = {
     "mmlu": {"mf": {"apgr": 0.597}, "sw_ranking": {"apgr": 0.603}, "random": {"apgr": 0.500},
@@ -134,6 +141,31 @@ def near_duplicates(X_train: np.ndarray, X_test: np.ndarray, threshold: float,
     return out
 
 
+def training_pool(X: np.ndarray, held: np.ndarray, test: np.ndarray, exclude: np.ndarray | None = None,
+                  augment: float = 0.0, dedup: float | None = 0.95, seed: int = 0):
+    """The inputs ``evaluate_pair`` may train on: not held out, not ``exclude``d, not a near
+    duplicate (cosine ≥ ``dedup``) of a held-out input (of a test query with ``augment``, whose
+    seeded share of the test queries joins training). Returns (train rows, test rows, augmented
+    rows, n excluded, n near duplicates dropped)."""
+    n_excluded = 0
+    if exclude is not None:
+        exclude = np.asarray(exclude, bool) & ~held
+        n_excluded = int(exclude.sum())
+    train_all = np.flatnonzero(~held & ~exclude) if exclude is not None else np.flatnonzero(~held)
+    aug = np.empty(0, np.int64)
+    if augment:
+        aug = np.sort(np.random.default_rng(seed + 2).choice(test, int(round(augment * test.size)), replace=False))
+        test = np.setdiff1d(test, aug)
+        train_all = np.union1d(train_all, aug)
+    n_dup = 0
+    if dedup is not None and train_all.size:
+        against = test if augment else np.flatnonzero(held)
+        dup = near_duplicates(X[train_all], X[against], dedup)
+        n_dup = int(dup.sum())
+        train_all = train_all[~dup]
+    return train_all, test, aug, n_excluded, n_dup
+
+
 # ------------------------------------------------------------------------------ evaluation
 def evaluate_pair(
     data: WinData,
@@ -171,22 +203,7 @@ def evaluate_pair(
     if test.size < min_test:
         raise PairError(f"{name or heldout}: only {test.size} held-out inputs with results of both "
                         f"{strong} and {weak} (need {min_test})")
-    n_excluded = 0
-    if exclude is not None:
-        exclude = np.asarray(exclude, bool) & ~held
-        n_excluded = int(exclude.sum())
-    train_all = np.flatnonzero(~held & ~exclude) if exclude is not None else np.flatnonzero(~held)
-    aug = np.empty(0, np.int64)
-    if augment:
-        aug = np.sort(np.random.default_rng(seed + 2).choice(test, int(round(augment * test.size)), replace=False))
-        test = np.setdiff1d(test, aug)
-        train_all = np.union1d(train_all, aug)
-    n_dup = 0
-    if dedup is not None and train_all.size:
-        against = test if augment else np.flatnonzero(held)
-        dup = near_duplicates(X[train_all], X[against], dedup)
-        n_dup = int(dup.sum())
-        train_all = train_all[~dup]
+    train_all, test, aug, n_excluded, n_dup = training_pool(X, held, test, exclude, augment, dedup, seed)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(train_all)
     n_cal = int(round(calib_fraction * perm.size))

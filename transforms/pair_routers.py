@@ -1,4 +1,4 @@
-"""Strong/weak routers: P(the strong model is needed | query) for any pair of models (DESIGN §2).
+"""Strong/weak routers: P(the strong model is needed | query) for any pair of models (docs/method.md#pair-routers).
 
 Every router follows one interface (scikit-learn conventions, as ``transforms.predictors``):
 hyper-parameters only in ``__init__``; ``fit(X, data, pair=None)`` learns from query embeddings
@@ -21,7 +21,8 @@ decision is ``score >= alpha`` (RouteLLM's rule); ``transforms.pair_calibration`
   L2-normalised model vector; P(a beats b | q) = σ(s(a, q) − s(b, q)), trained with BCE on every
   comparison among the training models (ties dropped, as RouteLLM; ``weighting="input"``, the
   default: each input weighs 1 however many models ran on it, so a benchmark with 28 models does
-  not drown a pair's own comparisons — on held-out MMLU this took APGR from .48 to .61), torch on
+  not drown a pair's own comparisons; with it, APGR .61 on ``mmlu+10%`` of benchmarks/pair_routers.py,
+  .48 on MMLU never seen), torch on
   CPU, seeded, AdamW, early stopping on the comparisons of a held-out ``val_fraction`` of the
   *inputs*. Exported to
   numpy (W1, b, v̂, w2); fitted and restored routers predict with the same numpy pass.
@@ -29,6 +30,15 @@ decision is ``score >= alpha`` (RouteLLM's rule); ``transforms.pair_calibration`
   score = (1 + ĝ_strong − ĝ_weak)/2, which is exactly P(strong wins) + ½·P(tie) for 0/1 labels
   and orders queries by the expected gain of the strong model. A NaN ĝ (no labelled neighbour)
   falls back to the model's training accuracy.
+- ``IRTRouter``: item-response difficulty. A Rasch model P(y = 1) = σ(θ_m − β_i) fitted (MAP,
+  Newton) on every training model's correctness labels gives each model an ability and each
+  training input a difficulty; a query's difficulty is the information-weighted mean over its
+  nearest training inputs, and the score is the strong model's expected gain at that difficulty,
+  (1 + σ(θ_s − β) − σ(θ_w − β))/2. The difficulty is learned from all models (28 on MMLU-Pro),
+  so the router needs no label of the pair on the kind of question it routes.
+- ``EnsembleRouter``: the mean of member routers' scores, each rank-normalised by its empirical
+  CDF on a fixed reference sample of training inputs (a query's score does not depend on its
+  batch).
 - ``RandomRouter``: a uniform score drawn from a hash of the (rounded) embedding and the seed:
   the same query always gets the same score; the baseline whose APGR is 0.5 in expectation.
 - ``OracleRouter``: memorises the inputs it was fitted on and scores a query found among them
@@ -475,10 +485,12 @@ class DiffRouter(PairRouter):
     ``"all"``: on every model's column (any pair)."""
 
     def __init__(self, predictor: str = "knn_shrunk", predictor_params: Mapping | None = None,
-                 models: str = "pair"):
+                 models: str = "pair", impute: bool = False, impute_min: int = 50):
         self.predictor = predictor
         self.predictor_params = predictor_params
         self.models = models
+        self.impute = impute
+        self.impute_min = impute_min
 
     def fit(self, X: np.ndarray, data: WinData, pair=None) -> DiffRouter:
         if self.models not in ("pair", "all"):
@@ -491,6 +503,9 @@ class DiffRouter(PairRouter):
         else:
             cols = np.arange(len(data.models), dtype=np.int64)
         Y = data.Y[:, cols]
+        self.proxies_ = {}
+        if self.impute and self.pair_ is not None:
+            Y = self._impute(data, cols, Y)
         rows = np.flatnonzero((~np.isnan(Y)).any(axis=1))
         if rows.size == 0:
             raise PairError("no training input has a label for these models")
@@ -499,6 +514,32 @@ class DiffRouter(PairRouter):
         with np.errstate(invalid="ignore"):
             self.prior_ = np.nanmean(np.where(np.isnan(Y[rows]), np.nan, Y[rows]), axis=0)
         return self
+
+    def _impute(self, data: WinData, cols: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """Y with each of the fitted pair's columns filled, where it has no label, by its *proxy*:
+        the model of closest Rasch ability (``fit_irt`` on all labels; abilities are linked
+        through the inputs models share) among those with ≥ ``impute_min`` labels where the pair
+        model has none. A model that never ran on a kind of question (gpt-4-1106-preview on
+        MMLU-like questions in this store) then borrows the labels of the model that is as good
+        overall (`proxies_`: pair model → proxy)."""
+        Yall = np.asarray(data.Y, np.float64)
+        labelled = ~np.isnan(Yall)
+        theta, _, _ = fit_irt(Yall[labelled.any(axis=1)])
+        Y = Y.copy()
+        for name in self.pair_:
+            m = data.model_index(name)
+            missing = ~labelled[:, m]
+            gain = (labelled & missing[:, None]).sum(axis=0)
+            ok = gain >= int(self.impute_min)
+            ok[m] = False
+            if not ok.any():
+                continue
+            j = int(np.flatnonzero(ok)[np.argmin(np.abs(theta[ok] - theta[m]))])
+            self.proxies_[name] = data.models[j]
+            c = int(np.flatnonzero(cols == m)[0])
+            fill = missing & labelled[:, j]
+            Y[fill, c] = Yall[fill, j]
+        return Y
 
     def predict_proba(self, X: np.ndarray, strong=None, weak=None) -> np.ndarray:
         s, w = self.pair_indices(strong, weak)
@@ -510,8 +551,11 @@ class DiffRouter(PairRouter):
         return np.clip(0.5 * (1.0 + G[:, 0] - G[:, 1]), 0.0, 1.0)
 
     def to_state(self, include_index: bool = True, index_dtype: str = "float32"):
+        if getattr(self, "proxies_", None):
+            include_index = True  # imputed labels: the bundle's index (X, Y) is not what was fitted
         p_params, p_arrays = self.predictor_.to_state(include_index=include_index, index_dtype=index_dtype)
-        params = self._state({"predictor_state": p_params, "n_rows": int(self.rows_.size)})
+        params = self._state({"predictor_state": p_params, "n_rows": int(self.rows_.size),
+                              "proxies_": dict(getattr(self, "proxies_", {}))})
         arrays = {"rows_": self.rows_.astype(np.int64), "cols_": self.cols_.astype(np.int64),
                   "prior_": np.asarray(self.prior_, np.float64)}
         arrays.update({f"predictor.{k}": v for k, v in p_arrays.items()})
@@ -525,12 +569,209 @@ class DiffRouter(PairRouter):
         est.rows_ = np.asarray(arrays["rows_"], np.int64)
         est.cols_ = np.asarray(arrays["cols_"], np.int64)
         est.prior_ = np.asarray(arrays["prior_"], np.float64)
+        est.proxies_ = dict(params["fitted"].get("proxies_", {}))
         p_arrays = {k[len("predictor."):]: v for k, v in arrays.items() if k.startswith("predictor.")}
         sub = None
         if index is not None:
             X, Y = index
             sub = (np.asarray(X)[est.rows_], np.asarray(Y)[est.rows_][:, est.cols_])
         est.predictor_ = predictor_from_state(params["fitted"]["predictor_state"], p_arrays, index=sub)
+        return est
+
+
+# ------------------------------------------------------------------------------ IRT difficulty
+def fit_irt(Y: np.ndarray, reg_item: float = 1.0, reg_model: float = 0.01, max_iter: int = 200,
+            tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Rasch (1PL) item-response model of the labels: P(y_im = 1) = σ(θ_m − β_i) over the
+    entries of ``Y`` (n × M, values in [0, 1], NaN = none), ridge penalties ``reg_item``·β²/2 and
+    ``reg_model``·θ²/2 (maximum a posteriori). Alternating exact Newton steps (each β_i, θ_m is a
+    one-dimensional concave problem). Returns (θ (M,), β (n,), information of β (n,) = Σ_m
+    p(1 − p) + reg_item, the precision a β estimate carries)."""
+    Y = np.asarray(Y, np.float64)
+    have = ~np.isnan(Y)
+    Yz = np.where(have, Y, 0.0)
+    H = have.astype(np.float64)
+    n, M = Y.shape
+    theta, beta = np.zeros(M), np.zeros(n)
+    for _ in range(int(max_iter)):
+        P = sigmoid(theta[None, :] - beta[:, None]) * H
+        W = P * (1.0 - P)
+        gb = (P - Yz).sum(axis=1) - reg_item * beta
+        hb = W.sum(axis=1) + reg_item
+        sb = np.clip(gb / hb, -2.0, 2.0)
+        beta = beta + sb
+        P = sigmoid(theta[None, :] - beta[:, None]) * H
+        W = P * (1.0 - P)
+        gt = (Yz - P).sum(axis=0) - reg_model * theta
+        ht = W.sum(axis=0) + reg_model
+        st = np.clip(gt / ht, -2.0, 2.0)
+        theta = theta + st
+        if max(np.max(np.abs(sb), initial=0.0), np.max(np.abs(st), initial=0.0)) < tol:
+            break
+    P = sigmoid(theta[None, :] - beta[:, None]) * H
+    info = (P * (1.0 - P)).sum(axis=1) + reg_item
+    return theta, beta, info
+
+
+class IRTRouter(PairRouter):
+    """Item-response difficulty: a Rasch model fitted on every model's correctness labels
+    (``fit_irt``: ability θ_m per model, difficulty β_i per training input); a query's difficulty
+    β(q) is the information-weighted mean β of its ``n_neighbors`` nearest training inputs, shrunk
+    to the mean difficulty with ``shrink`` inputs' worth of information; the score is
+    (1 + σ(θ_s − β(q)) − σ(θ_w − β(q)))/2, the expected gain of the strong model on a question of
+    that difficulty. The input difficulty is learned from all models (28 on MMLU-Pro), which the
+    pair's own labels cannot give on a benchmark they never ran; the pair's abilities come from
+    wherever either ran, linked to the others through the shared inputs. The index (X, β, info)
+    is the state."""
+
+    def __init__(self, n_neighbors: int = 20, reg_item: float = 1.0, reg_model: float = 0.01,
+                 shrink: float = 1.0, max_iter: int = 200):
+        self.n_neighbors = n_neighbors
+        self.reg_item = reg_item
+        self.reg_model = reg_model
+        self.shrink = shrink
+        self.max_iter = max_iter
+
+    def fit(self, X: np.ndarray, data: WinData, pair=None) -> IRTRouter:
+        if self.n_neighbors < 1:
+            raise ValueError("n_neighbors must be >= 1")
+        if not (self.reg_item > 0 and self.reg_model > 0 and self.shrink >= 0):
+            raise ValueError("reg_item and reg_model must be > 0, shrink >= 0")
+        X = self._fit_common(X, data, pair)
+        Y = np.asarray(data.Y, np.float64)
+        rows = np.flatnonzero((~np.isnan(Y)).any(axis=1))
+        if rows.size == 0:
+            raise PairError("no training input has a label")
+        theta, beta, info = fit_irt(Y[rows], self.reg_item, self.reg_model, self.max_iter)
+        self.theta_ = theta
+        self._set_index(X[rows], beta, info)
+        return self
+
+    def _set_index(self, X, beta, info) -> None:
+        self.X_ = np.ascontiguousarray(X, np.float32)
+        self.beta_ = np.asarray(beta, np.float64)
+        self.info_ = np.asarray(info, np.float64)
+        self.beta_mean_ = float(np.average(self.beta_, weights=self.info_)) if self.beta_.size else 0.0
+        self.info_mean_ = float(self.info_.mean()) if self.info_.size else 1.0
+
+    def difficulty(self, X: np.ndarray) -> np.ndarray:
+        """β(q) (n,) of each query (see the class doc)."""
+        from benchroute.transforms.knn import cosine_topk
+
+        self._check_fitted()
+        X = self._X(X)
+        k = min(int(self.n_neighbors), self.X_.shape[0])
+        nb = cosine_topk(X.astype(np.float32), self.X_, k)
+        idx = nb.indices
+        ok = idx >= 0
+        j = np.where(ok, idx, 0)
+        w = np.where(ok, self.info_[j], 0.0)
+        a = float(self.shrink) * self.info_mean_
+        return ((w * self.beta_[j]).sum(axis=1) + a * self.beta_mean_) / (w.sum(axis=1) + a)
+
+    def predict_proba(self, X: np.ndarray, strong=None, weak=None) -> np.ndarray:
+        s, w = self.pair_indices(strong, weak)
+        b = self.difficulty(X)
+        gain = sigmoid(self.theta_[s] - b) - sigmoid(self.theta_[w] - b)
+        return np.clip(0.5 * (1.0 + gain), 0.0, 1.0)
+
+    def to_state(self, include_index: bool = True, index_dtype: str = "float32"):
+        params = self._state({"n_index": int(self.X_.shape[0])})
+        return params, {"theta_": self.theta_, "X_": self.X_.astype(index_dtype), "beta_": self.beta_,
+                        "info_": self.info_}
+
+    @classmethod
+    def _from_state(cls, params, arrays, index=None):
+        est = cls._new_from_state(params)
+        est.theta_ = np.asarray(arrays["theta_"], np.float64)
+        X = np.ascontiguousarray(arrays["X_"], np.float32)
+        if X.shape != (params["fitted"]["n_index"], est.n_features_in_):
+            raise ValueError(f"index X {X.shape} does not match the fitted router")
+        est._set_index(X, arrays["beta_"], arrays["info_"])
+        return est
+
+
+# ------------------------------------------------------------------------------ ensembles
+def rank_cdf(ref: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The empirical CDF of the sample ``ref`` at ``p``, continuous: the mid-rank share
+    (below + ½·equal)/n at each distinct reference value, linear between them, 0 and 1 beyond
+    (a score a rounding error away from a reference value moves by a rounding error)."""
+    ref = np.sort(np.asarray(ref, np.float64))
+    p = np.asarray(p, np.float64)
+    if ref.size == 0:
+        return np.full(p.shape, 0.5)
+    u, first, counts = np.unique(ref, return_index=True, return_counts=True)
+    at = (first + 0.5 * counts) / ref.size
+    return np.interp(p, u, at, left=0.0, right=1.0)
+
+
+class EnsembleRouter(PairRouter):
+    """The mean of several routers' rank-normalised scores: each member's score is mapped
+    through its empirical CDF on a fixed *reference* sample of ``n_reference`` training inputs
+    (seeded; ``rank_cdf``), so members on different scales weigh alike
+    (``weights``: relative weights, default equal) and a query's score never depends on the
+    other queries of its batch. ``members``: ``[[key, params], ...]`` of ``PAIR_ROUTERS``. The
+    state holds every member's state (prefixed ``m<i>.``) and the reference embeddings."""
+
+    def __init__(self, members: Sequence = (("diff", {"predictor": "mlp", "models": "all"}), ("irt", {})),
+                 weights: Sequence[float] | None = None, n_reference: int = 512, seed: int = 0):
+        self.members = members
+        self.weights = weights
+        self.n_reference = n_reference
+        self.seed = seed
+
+    def _member_specs(self) -> list[tuple[str, dict]]:
+        specs = [(str(k), dict(p or {})) for k, p in self.members]
+        if not specs:
+            raise ValueError("an ensemble needs at least one member")
+        if any(k in ("ensemble", "oracle") for k, _ in specs):
+            raise ValueError("ensemble members cannot be ensembles or oracles")
+        if self.weights is not None and len(self.weights) != len(specs):
+            raise ValueError(f"{len(self.weights)} weights for {len(specs)} members")
+        return specs
+
+    def fit(self, X: np.ndarray, data: WinData, pair=None) -> EnsembleRouter:
+        specs = self._member_specs()
+        X = self._fit_common(X, data, pair)
+        self.members_ = [make_pair_router(k, **p).fit(X, data, pair) for k, p in specs]
+        rng = np.random.default_rng(self.seed)
+        n_ref = min(int(self.n_reference), X.shape[0])
+        self.X_ref_ = np.ascontiguousarray(X[np.sort(rng.choice(X.shape[0], n_ref, replace=False))], np.float32)
+        self._ref_cache: dict = {}
+        return self
+
+    def _reference(self, s: int, w: int) -> list[np.ndarray]:
+        if (s, w) not in self._ref_cache:
+            self._ref_cache = {(s, w): [np.sort(m.predict_proba(self.X_ref_, s, w)) for m in self.members_]}
+        return self._ref_cache[(s, w)]
+
+    def predict_proba(self, X: np.ndarray, strong=None, weak=None) -> np.ndarray:
+        s, w = self.pair_indices(strong, weak)
+        X = self._X(X)
+        wts = np.ones(len(self.members_)) if self.weights is None else np.asarray(self.weights, np.float64)
+        out = np.zeros(X.shape[0])
+        for m, ref, wt in zip(self.members_, self._reference(s, w), wts):
+            out += wt * rank_cdf(ref, m.predict_proba(X, s, w))
+        return np.clip(out / wts.sum(), 0.0, 1.0)
+
+    def to_state(self, include_index: bool = True, index_dtype: str = "float32"):
+        states, arrays = [], {"X_ref_": self.X_ref_.astype(np.float32)}
+        for i, m in enumerate(self.members_):
+            mp, ma = m.to_state(include_index=True, index_dtype=index_dtype)
+            states.append(mp)
+            arrays.update({f"m{i}.{k}": v for k, v in ma.items()})
+        return self._state({"member_states": states}), arrays
+
+    @classmethod
+    def _from_state(cls, params, arrays, index=None):
+        est = cls._new_from_state(params)
+        est.members_ = []
+        for i, mp in enumerate(params["fitted"]["member_states"]):
+            pre = f"m{i}."
+            est.members_.append(pair_router_from_state(
+                mp, {k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)}))
+        est.X_ref_ = np.ascontiguousarray(arrays["X_ref_"], np.float32)
+        est._ref_cache = {}
         return est
 
 
@@ -617,6 +858,8 @@ PAIR_ROUTERS: dict[str, type[PairRouter]] = {
     "sw_ranking": SWRankingRouter,
     "mf": MFRouter,
     "diff": DiffRouter,
+    "irt": IRTRouter,
+    "ensemble": EnsembleRouter,
     "random": RandomRouter,
     "oracle": OracleRouter,
 }
