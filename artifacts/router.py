@@ -4,7 +4,11 @@ A consumer needs numpy, pyarrow and fsspec (sentence-transformers only to embed 
 torch: every predictor predicts with numpy). The bundle's files (written by ``bundle_files``):
 
     index/embeddings.npy   n × d, L2-normalised (float16 by default, float32 on request)
-    index/labels.npy       n × M float32, 0/1 with NaN where a model has no label
+    index/labels_*.npy     n × M labels bit-packed (``artifacts.label_pack``: value and known bits,
+                           exceptions for means that are neither 0 nor 1); older bundles:
+                           index/labels.npy, n × M float32 with NaN where a model has no label
+    index/ann_*            optional HNSW graph over the embeddings (``artifacts.ann_index``:
+                           params.json and checked .npy arrays), searched instead of the exact scan
     index/members.npy      n × D bool, the datasets of each index row
     index/input_ids.json   the input id of each row
     kernel/p.npy           D × M leave-one-dataset-out accuracies p(d, m) (NaN = none)
@@ -17,6 +21,9 @@ torch: every predictor predicts with numpy). The bundle's files (written by ``bu
     models.parquet         model cards (prices, size, rule that priced them), expected output
                            tokens, training accuracy
     datasets.json          the D dataset names
+    pairs/…                optional strong/weak pair routers and their calibration
+                           (``transforms.pair_serving``; ``pairs/quality.npy`` the compared
+                           quality when it is not ``index/labels.npy``)
 
 Both answers go through ``transforms.policy`` — the code the evaluation measures.
 """
@@ -24,7 +31,6 @@ Both answers go through ``transforms.policy`` — the code the evaluation measur
 from __future__ import annotations
 
 import io
-import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +43,14 @@ from benchroute.artifacts.bundle import VerifiedBundle, json_bytes, npy_bytes, o
 from benchroute.transforms import costs as costs_
 from benchroute.transforms import policy
 from benchroute.transforms.kernel import NadarayaWatson, mean_knn_distance, neighbor_share_estimate
-from benchroute.transforms.knn import COVERAGE_K, KNNCorrectness, Neighbors, covered, normalize_rows
+from benchroute.transforms.knn import (
+    COVERAGE_K,
+    KNNCorrectness,
+    Neighbors,
+    covered,
+    is_row_source,
+    normalize_rows,
+)
 from benchroute.transforms.predictors import predictor_from_state
 from benchroute.transforms.scores import task_scores
 
@@ -87,11 +100,15 @@ def model_rows(fit, cards: list[dict]) -> list[dict]:
 
 
 def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
-                 index_dtype: str = "float16") -> dict[str, bytes]:
+                 index_dtype: str = "float16", index_search: str = "auto") -> dict[str, bytes]:
     """The bundle's data files from a ``transforms.router_fit.RouterFit``, the model cards
-    (``transforms.model_cards`` columns) and the measured cost–quality curve."""
+    (``transforms.model_cards`` columns) and the measured cost–quality curve. The labels are
+    bit-packed (``artifacts.label_pack``); ``index_search`` (``artifacts.ann_index``: ``auto``,
+    ``exact``, ``hnsw``) adds an HNSW graph over the stored rows (``auto``: above
+    ``ann_index.EXACT_MAX_ROWS`` rows)."""
     if index_dtype not in INDEX_DTYPES:
         raise ValueError(f"index dtype must be one of {list(INDEX_DTYPES)}")
+    from benchroute.artifacts import ann_index, label_pack
     table = pa.Table.from_pylist(model_rows(fit, cards), schema=pa.schema(MODEL_COLUMNS))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -103,9 +120,10 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
     pq.write_table(curve_tab, cbuf, compression="zstd")
     params, arrays = fit.predictor.to_state(include_index=False)  # the index is stored once, below
     dec = fit.decision
+    X_stored = fit.X.astype(INDEX_DTYPES[index_dtype])
     files = {
-        "index/embeddings.npy": npy_bytes(fit.X.astype(INDEX_DTYPES[index_dtype])),
-        "index/labels.npy": npy_bytes(fit.Y.astype(np.float32)),
+        "index/embeddings.npy": npy_bytes(X_stored),
+        **label_pack.pack(np.asarray(fit.Y, np.float64)).to_files(LABELS_PREFIX),
         "index/members.npy": npy_bytes(fit.member.astype(bool)),
         "index/input_ids.json": json_bytes(list(fit.input_ids)),
         "kernel/p.npy": npy_bytes(fit.P.astype(np.float64)),
@@ -125,7 +143,17 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
     }
     for name, arr in arrays.items():
         files[f"predictor/{name}.npy"] = npy_bytes(arr)
+    index = ann_index.build_index(X_stored, index_search)
+    if index.kind != "exact":
+        files.update(index.to_files(ANN_PREFIX))
     return files
+
+
+LABELS_PREFIX = "index/labels_"  # bit-packed labels (artifacts.label_pack)
+ANN_PREFIX = "index/ann_"  # the HNSW graph over index/embeddings.npy (artifacts.ann_index)
+# Labels of a loaded bundle are unpacked to a dense float matrix up to this many cells (n × M;
+# 8 bytes each); above it the router reads only the neighbours' rows from the packed bits.
+DENSE_LABEL_CELLS = 16 * 2**20
 
 
 CURVE_COLUMNS = ("rule", "value", "cost_share", "quality", "quality_loss")
@@ -172,7 +200,7 @@ class Router:
         self.manifest = bundle.manifest
         params = self.manifest.get("parameters", {})
         X = bundle.npy("index/embeddings.npy").astype(np.float32)
-        Y = bundle.npy("index/labels.npy").astype(np.float64)
+        Y = self._labels(bundle)
         self.member = bundle.npy("index/members.npy")
         self.settings = bundle.json("routing/settings.json")
         self.k = int(params.get("k", 10))
@@ -183,6 +211,7 @@ class Router:
             max(self.k, self.k_descriptor, self.coverage_k), weights=params.get("weights", "uniform"),
             fallback=params.get("fallback", "train_mean"),
         ).fit(X, Y)
+        self.ann = self._ann(bundle, X)
         self.kernel = NadarayaWatson.from_fitted(
             bundle.npy("kernel/u.npy"), bundle.npy("kernel/p.npy"), float(params.get("bandwidth", 1.0))
         )
@@ -198,8 +227,12 @@ class Router:
         self.datasets = bundle.json("datasets.json")
         arrays = {rel[len("predictor/"):-4]: bundle.npy(rel) for rel in bundle.files
                   if rel.startswith("predictor/") and rel.endswith(".npy")}
-        self.predictor = predictor_from_state(bundle.json("predictor/params.json"), arrays,
-                                              index=(self.knn.X_, self.knn.Y_))
+        pstate = bundle.json("predictor/params.json")
+        labels = self.knn.Y_
+        if is_row_source(labels) and pstate.get("class", "").endswith("KNNPredictor") and not any(
+                k == "Y_" for k in arrays):  # a kNN predictor over the index needs it dense
+            labels = labels.unpack(np.float32)
+        self.predictor = predictor_from_state(pstate, arrays, index=(self.knn.X_, labels))
         curve = pq.ParquetFile(io.BytesIO(bundle.files["routing/curve.parquet"])).read().to_pylist()
         self.curve = [policy.CurvePoint(**row) for row in curve]
         self._train_acc = np.array([m.train_acc for m in self.models])
@@ -213,6 +246,68 @@ class Router:
         self._params_b = np.array([np.nan if m.params_b is None else m.params_b for m in self.models])
         self._embedder = None
         self._embed_lock = threading.Lock()
+        self.pairs = self._load_pairs(bundle, Y)
+
+    @staticmethod
+    def _labels(bundle: VerifiedBundle):
+        """The index labels: dense float64 up to ``DENSE_LABEL_CELLS`` cells, else the packed
+        bits (``transforms.knn`` reads only the neighbours' rows of them)."""
+        if "index/labels.npy" in bundle.files:  # a bundle written before labels were packed
+            return bundle.npy("index/labels.npy").astype(np.float64)
+        from benchroute.artifacts.label_pack import PackedLabels
+
+        names = [rel for rel in bundle.files if rel.startswith(LABELS_PREFIX) and rel.endswith(".npy")]
+        for rel in names:
+            bundle.npy(rel)  # refuses object arrays first
+        try:
+            packed = PackedLabels.from_files({rel: bundle.files[rel] for rel in names}, LABELS_PREFIX)
+        except (KeyError, ValueError) as exc:
+            raise RouteError(f"{bundle.url}: unreadable index labels: {exc}") from exc
+        n, m = packed.shape
+        return packed.unpack(np.float64) if n * m <= DENSE_LABEL_CELLS else packed
+
+    @staticmethod
+    def _ann(bundle: VerifiedBundle, X: np.ndarray):
+        """The bundle's HNSW graph over its embeddings (checked before use), or None."""
+        if f"{ANN_PREFIX}params.json" not in bundle.files:
+            return None
+        from benchroute.artifacts.ann_index import load_index_files
+
+        try:
+            return load_index_files(bundle.files, ANN_PREFIX, X)
+        except ValueError as exc:
+            raise RouteError(f"{bundle.url}: unusable nearest-neighbour index: {exc}") from exc
+
+    def kneighbors(self, X: np.ndarray) -> Neighbors:
+        """The k nearest index rows of each query: the bundle's HNSW graph when it has one,
+        else the exact scan (``transforms.knn``)."""
+        if self.ann is None:
+            return self.knn.kneighbors(X)
+        sims, rows = self.ann.search(X, self.knn.n_neighbors)
+        return Neighbors(rows, sims)
+
+    def _load_pairs(self, bundle: VerifiedBundle, Y: np.ndarray):
+        """The bundle's pair routers (``transforms.pair_serving.PairRouting``) or None; the
+        similarity-weighted ones read this router's index and the compared quality."""
+        if "pairs/settings.json" not in bundle.files:
+            return None
+        from benchroute.transforms.pair_serving import PairRouting
+
+        names = list(bundle.files)
+        if "pairs/quality.npy" in bundle.files:
+            Q = bundle.npy("pairs/quality.npy")
+        else:
+            Q = Y.unpack(np.float32) if is_row_source(Y) else Y
+        for rel in names:
+            if rel.endswith(".npy") and rel.startswith("pairs/"):
+                bundle.npy(rel)  # refuses object arrays before the pair code reads the bytes
+        settings = bundle.json("pairs/settings.json")
+        shared = {n: (self.knn.X_, Q) for n, cls in settings.get("routers", {}).items()
+                  if cls == "SWRankingRouter"}
+        try:
+            return PairRouting.from_files(bundle.files.__getitem__, names, index=shared)
+        except (KeyError, ValueError) as exc:
+            raise RouteError(f"{bundle.url}: unreadable pair routers: {exc}") from exc
 
     @property
     def version(self) -> str:
@@ -328,7 +423,7 @@ class Router:
         """ĝ (n × M) of the bundle's predictor, NaN where no neighbour is labelled for the model
         (as ``transforms.routing_eval.predict_with_coverage``), and the neighbours."""
         X = normalize_rows(X)
-        neigh = self.knn.kneighbors(X)
+        neigh = self.kneighbors(X)
         k_pred = getattr(self.predictor, "n_neighbors", None)
         if k_pred is not None and k_pred <= self.knn.n_neighbors and hasattr(
             self.predictor, "predict_from_neighbors"
@@ -366,7 +461,7 @@ class Router:
         usd = self.expected_costs(self._tokens(tokens, X.shape[0], input_tokens)).mean(axis=0)
         mask = self._mask(models, max_params_b, max_cost, usd)
         mask = self._priced_only(mask, (lam, delta, max_cost_share, max_quality_loss))
-        neigh = self.knn.kneighbors(X)
+        neigh = self.kneighbors(X)
         first = _first(neigh, self.k)
         cov = covered(_first(neigh, self.coverage_k), self.knn.Y_)
         G = np.where(cov, self.knn.predict_from_neighbors(first), np.nan)
@@ -413,6 +508,11 @@ class Router:
         max_quality_loss: float | None = None,
         input_tokens: float | None = None,
         top: int = 3,
+        strong: str | None = None,
+        weak: str | None = None,
+        strong_share: float | None = None,
+        threshold: float | None = None,
+        pair_router: str | None = None,
     ) -> dict:
         """The model to send one query (text or embedding) to: ``transforms.policy`` over the
         bundle's predictor ĝ and each model's expected cost, at the operating point asked for
@@ -420,7 +520,20 @@ class Router:
         none = best ĝ over every model). A cost-aware request chooses among the models with a known
         price. Models with no labelled neighbour (``g`` null) come last. ``max_cost``
         bounds the expected USD of this request; ``input_tokens`` overrides the estimate (the
-        text's length, or the bundle's typical request when given an embedding)."""
+        text's length, or the bundle's typical request when given an embedding).
+
+        With ``strong`` and ``weak`` it is the pair decision instead (``route_pair``)."""
+        if strong is not None or weak is not None:
+            others = dict(models=models, max_params_b=max_params_b, max_cost=max_cost, lam=lam, delta=delta,
+                          max_cost_share=max_cost_share, max_quality_loss=max_quality_loss,
+                          input_tokens=input_tokens)
+            given = sorted(k for k, v in others.items() if v is not None)
+            if given:
+                raise RouteError(f"a strong/weak pair decision takes no {', '.join(given)}")
+            return self.route_pair(query, strong=strong, weak=weak, strong_share=strong_share,
+                                   threshold=threshold, router=pair_router)
+        if strong_share is not None or threshold is not None or pair_router is not None:
+            raise RouteError("strong_share, threshold and pair_router need strong and weak")
         X, tokens = self._embeddings(query, single=True)
         point = self._point(lam, delta, max_cost_share, max_quality_loss)
         usd = self.expected_costs(self._tokens(tokens, 1, input_tokens))
@@ -443,6 +556,39 @@ class Router:
             ],
             "bundle_version": self.version,
         }
+
+
+    # ---------------------------------------------------------------- strong/weak pairs
+    def _pairs(self, strong, weak):
+        if self.pairs is None:
+            raise RouteError("this bundle has no pair routers (publish with --pair strong,weak)")
+        if not strong or not weak:
+            raise RouteError("give both strong and weak")
+        return self.pairs
+
+    def route_pair(self, query, *, strong: str, weak: str, strong_share: float | None = None,
+                   threshold: float | None = None, router: str | None = None) -> dict:
+        """Strong or weak for one query (text or embedding): the pair router's win probability
+        P(strong is needed) against α, the stored threshold of ``strong_share`` (calibrated when
+        the bundle was built) or ``threshold`` itself (``transforms.pair_serving``)."""
+        pairs = self._pairs(strong, weak)
+        X, _ = self._embeddings(query, single=True)
+        try:
+            out = pairs.route(X, strong, weak, strong_share=strong_share, threshold=threshold, router=router)
+        except ValueError as exc:
+            raise RouteError(str(exc)) from exc
+        return {**out, "bundle_version": self.version}
+
+    def calibrate_pair(self, queries, *, strong: str, weak: str, shares: Sequence[float] | None = None,
+                       router: str | None = None) -> list[dict]:
+        """Thresholds recomputed on a user's own unlabelled queries (texts or embeddings), per
+        target share, with the share the stored threshold gives on them."""
+        pairs = self._pairs(strong, weak)
+        X, _ = self._embeddings(queries, single=False)
+        try:
+            return pairs.calibrate(X, strong, weak, shares=shares, router=router)
+        except ValueError as exc:
+            raise RouteError(str(exc)) from exc
 
 
 def _num(x) -> float | None:

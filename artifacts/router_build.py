@@ -5,6 +5,7 @@ index, kernel), the evaluation summary and the manifest metadata. One builder fo
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass
 
@@ -12,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.bundle import BundleContent, BundleStore, json_bytes
+from benchroute.artifacts.bundle import BundleContent, BundleStore, json_bytes, npy_bytes
 from benchroute.artifacts.router import CURVE_COLUMNS, bundle_files, router_parameters
 from benchroute.artifacts.store import Store
 from benchroute.transforms import costs as costs_
@@ -199,10 +200,114 @@ def with_flip_task(evaluation: dict, router_tasks: pl.DataFrame) -> dict:
     return out
 
 
+def served_index(X: np.ndarray, index_dtype: str) -> np.ndarray:
+    """The index rows as a loaded bundle's router holds them: stored in ``index_dtype``, read
+    back as float32, L2-normalised (``Router``'s kNN fit)."""
+    from benchroute.artifacts.router import INDEX_DTYPES
+    from benchroute.transforms.knn import normalize_rows
+
+    return normalize_rows(np.asarray(X).astype(INDEX_DTYPES[index_dtype]).astype(np.float32))
+
+
+def pair_routing_files(fit, labels: pl.DataFrame, memberships: pl.DataFrame,
+                       pairs: list[tuple[str, str]], *, index_dtype: str = "float16", seed: int = 0,
+                       log=None) -> tuple[dict[str, bytes], dict]:
+    """The ``pairs/`` files of a bundle (``transforms.pair_serving``: routers fitted on all but a
+    seeded 10 % of the index rows, calibrated per target share on the rest) and the manifest's
+    ``parameters.pairs``. The routers are fitted on the index as the served router reads it back
+    (``served_index``), so the bundle answers what was calibrated; the similarity-weighted router
+    keeps no copy of the index: it reads ``index/embeddings.npy`` and ``pairs/quality.npy`` (the
+    compared quality: y, or a judge score where the labels carry one; absent when it equals
+    ``index/labels.npy``)."""
+    from benchroute.transforms.pair_labels import win_data_from_frames
+    from benchroute.transforms.pair_routers import SWRankingRouter
+    from benchroute.transforms.pair_serving import DEFAULT_SERVED, build_pair_routing, pair_files
+
+    t0 = time.perf_counter()
+    pairs = [tuple(p) for p in pairs]
+    missing = sorted({m for p in pairs for m in p} - set(fit.models))
+    if missing:
+        raise ValueError(f"pair models not in this bundle: {missing}; it holds {len(fit.models)} models")
+    data = win_data_from_frames(labels, memberships, models=list(fit.models), input_ids=list(fit.input_ids))
+    routing = build_pair_routing(served_index(fit.X, index_dtype), data, pairs, seed=seed)
+    shared = [n for n, r in routing.routers.items() if isinstance(r, SWRankingRouter)]
+    files = pair_files(routing, shared_index=shared)
+    Q = data.Q.astype(np.float32)
+    if not np.array_equal(Q, np.asarray(fit.Y, np.float32), equal_nan=True):
+        files["pairs/quality.npy"] = npy_bytes(Q)
+    if log:
+        log.info("pair routers %s for %d pairs in %.1f s", sorted(routing.routers), len(pairs),
+                 time.perf_counter() - t0)
+    params = {
+        "pairs": [list(p) for p in pairs],
+        "routers": {n: [key, dict(kw)] for n, (key, kw) in DEFAULT_SERVED.items()},
+        "default_router": routing.default_router,
+        "shares": list(routing.shares),
+        "calibration_rows": int(len(data.input_ids) - len(routing.fit_rows)),
+        "seed": seed,
+    }
+    return files, params
+
+
+def index_search_summary(files: dict[str, bytes], *, n_queries: int = 500, k: int = 10, seed: int = 0,
+                         log=None) -> dict:
+    """How the bundle's router searches its index: ``exact``, or ``hnsw`` with its parameters
+    and its recall@k against the exact scan, measured here on ``n_queries`` seeded index rows
+    used as queries (their own row left out of both answers: a query is never in the index)."""
+    from benchroute.artifacts.ann_index import load_index_files
+    from benchroute.artifacts.router import ANN_PREFIX
+    from benchroute.transforms.knn import cosine_topk
+
+    if f"{ANN_PREFIX}params.json" not in files:
+        return {"kind": "exact"}
+    X = np.load(io.BytesIO(files["index/embeddings.npy"]), allow_pickle=False)
+    index = load_index_files(files, ANN_PREFIX, X)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(X), size=min(n_queries, len(X)), replace=False))
+    Q = index.X[rows]
+    exact = cosine_topk(Q, index.X, k + 1).indices
+    _, got = index.search(Q, k + 1)
+    hits = total = 0
+    for r, e, g in zip(rows, exact, got):
+        e = e[(e >= 0) & (e != r)][:k]
+        g = g[(g >= 0) & (g != r)][:k]
+        hits += np.intersect1d(e, g).size
+        total += e.size
+    p = index.params
+    out = {"kind": p.kind, "library": p.library, "m": p.m, "ef_construction": p.ef_construction,
+           "ef_search": p.ef_search, "seed": p.seed, f"recall_at_{k}": hits / total if total else 1.0,
+           "recall_queries": int(len(rows))}
+    if log:
+        log.info("HNSW index over %d rows: recall@%d %.4f against the exact scan", len(X), k, out[f"recall_at_{k}"])
+    return out
+
+
+def pair_list(models: list[str], pairs=None, pair_models=None, train_acc=None) -> list[tuple[str, str]]:
+    """The pairs a bundle serves: ``pairs`` as given ((strong, weak) tuples, or "strong,weak":
+    model names hold slashes, never commas), then every pair among ``pair_models`` with the
+    model of higher ``train_acc`` (aligned to ``models``) as the strong one; duplicates dropped."""
+    out: list[tuple[str, str]] = []
+    for p in pairs or ():
+        s, w = (x.strip() for x in p.split(",")) if isinstance(p, str) else p
+        out.append((s, w))
+    if pair_models:
+        acc = dict(zip(models, [float(a) for a in train_acc])) if train_acc is not None else {}
+        chosen = sorted(set(pair_models), key=lambda m: (-acc.get(m, 0.0), m))
+        out += [(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1:]]
+    uniq: list[tuple[str, str]] = []
+    for p in out:
+        if p[0] == p[1]:
+            raise ValueError(f"a pair needs two different models, got {p[0]!r} twice")
+        if p not in uniq:
+            uniq.append(p)
+    return uniq
+
+
 def bundle_content(
     store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict, *,
     k: int = 10, weights: str = "uniform", index_dtype: str = "float16",
-    predictor: str = DEFAULT_PREDICTOR, stability_B: int = STABILITY_B, log=None,
+    predictor: str = DEFAULT_PREDICTOR, stability_B: int = STABILITY_B,
+    pairs: list | None = None, pair_models: list[str] | None = None, index_search: str = "auto", log=None,
 ) -> BundleContent:
     """The bundle of the selected data with the given evaluation (see ``evaluation_entry``).
     With an evaluation and ``stability_B`` > 0 the manifest also holds ``stability`` (the
@@ -211,7 +316,8 @@ def bundle_content(
     routing-choice stability (``task_choice_n``, ``task_choice_keep``, ``query_n``,
     ``query_keep_rate``: ``StabilitySummary.router_fields``) and each evaluated method's
     ``flip_task`` in the evaluation's Table 1 (``with_flip_task``); all are covered by the
-    content hash like every other manifest field."""
+    content hash like every other manifest field. ``pairs`` / ``pair_models`` (``pair_list``)
+    add the strong/weak pair routers (``pair_routing_files``)."""
     store = Store(store_url)
     labels, memberships, models = select_frames(store, sel)
     if labels.height == 0:
@@ -230,14 +336,22 @@ def bundle_content(
             predictor, len(fit.input_ids), len(fit.models), len(fit.datasets), len(curve),
             time.perf_counter() - t0,
         )
-    files = bundle_files(fit, cards, curve, index_dtype=index_dtype)
+    files = bundle_files(fit, cards, curve, index_dtype=index_dtype, index_search=index_search)
+    search = index_search_summary(files, log=log)
     files["routing/summary.json"] = json_bytes(finite(routing))
+    served_pairs = pair_list(list(fit.models), pairs, pair_models, fit.train_acc)
+    pair_params = None
+    if served_pairs:
+        pfiles, pair_params = pair_routing_files(fit, labels, memberships, served_pairs,
+                                                 index_dtype=index_dtype, log=log)
+        files.update(pfiles)
     info = pq_models(files["models.parquet"])
     meta = {
         "embedder": bundle_embedder(store, embedder_id),
         "binarization_rules": binarization_rules(store),
         "sources": [{"key": k_, "fingerprint": v} for k_, v in sorted(store.units().items())],
-        "parameters": {**router_parameters(fit), "index_dtype": index_dtype},
+        "parameters": {**router_parameters(fit), "index_dtype": index_dtype, "index_search": search,
+                       **({"pairs": pair_params} if pair_params else {})},
         "evaluation": finite(evaluation),
     }
     if evaluation and stability_B > 0:

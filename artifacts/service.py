@@ -2,7 +2,9 @@
 
     benchroute serve --bundle STORE_URL --name NAME [--port 8000]
 
-Endpoints: ``POST /v1/route``, ``POST /v1/score-task``, ``GET /v1/bundle``, ``GET /healthz``.
+Endpoints: ``POST /v1/route`` (with ``strong``/``weak`` and ``strong_share`` or ``threshold``: a
+strong/weak pair decision), ``POST /v1/calibrate`` (a pair router's thresholds on the caller's
+own queries), ``POST /v1/score-task``, ``GET /v1/bundle``, ``GET /healthz``.
 A background thread polls the bundle's ``latest`` ref; a new version is loaded and verified
 beside the old one and swapped in with one assignment, so requests in flight finish on the
 router they started with and none is dropped. A version that fails to verify is not swapped in
@@ -92,10 +94,27 @@ class Filters(BaseModel):
                                               "max_cost_share", "max_quality_loss", "input_tokens")}
 
 
-class RouteRequest(Filters):
+ModelName = Annotated[Utf8, Field(min_length=1, max_length=500)]
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class PairFields(BaseModel):
+    """A strong/weak decision (``Router.route_pair``): the pair, and which pair router."""
+
+    strong: ModelName | None = None
+    weak: ModelName | None = None
+    pair_router: Annotated[Utf8, Field(max_length=100)] | None = None
+
+    def pair(self) -> dict:
+        return {"strong": self.strong, "weak": self.weak, "pair_router": self.pair_router}
+
+
+class RouteRequest(Filters, PairFields):
     text: Utf8 | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
     embedding: list[float] | None = Field(default=None, max_length=8_192)
     top: int = Field(default=3, ge=1, le=100)
+    strong_share: Share | None = None  # with strong/weak: the share of calls the strong model gets
+    threshold: float | None = Field(default=None, allow_inf_nan=False)  # or α itself
 
     @model_validator(mode="after")
     def one_input(self):
@@ -103,6 +122,32 @@ class RouteRequest(Filters):
             raise ValueError("give exactly one of 'text' or 'embedding'")
         if self.text is not None and not self.text.strip():
             raise ValueError("the text must not be blank")
+        return self
+
+    @property
+    def is_pair(self) -> bool:
+        return any(v is not None for v in (*self.pair().values(), self.strong_share, self.threshold))
+
+
+class CalibrateRequest(PairFields):
+    """A user's own unlabelled queries (texts or embeddings) and the target strong shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Utf8] | None = Field(default=None, min_length=1, max_length=MAX_TEXTS)
+    embeddings: list[list[float]] | None = Field(default=None, min_length=1, max_length=MAX_TEXTS)
+    shares: list[Share] | None = Field(default=None, min_length=1, max_length=100)
+
+    @model_validator(mode="after")
+    def inputs(self):
+        if (self.texts is None) == (self.embeddings is None):
+            raise ValueError("give exactly one of 'texts' or 'embeddings'")
+        if self.strong is None or self.weak is None:
+            raise ValueError("give both 'strong' and 'weak'")
+        if self.texts is not None and any(len(t) > MAX_TEXT_CHARS or not t.strip() for t in self.texts):
+            raise ValueError(f"every text must be non-empty and at most {MAX_TEXT_CHARS} characters")
+        if self.texts is not None and sum(map(len, self.texts)) > MAX_TASK_CHARS:
+            raise ValueError(f"the texts may hold at most {MAX_TASK_CHARS} characters in all")
         return self
 
 
@@ -611,11 +656,14 @@ def create_app(url: str, name: str, version: str = "latest", poll_seconds: float
     async def route(req: RouteRequest):
         router = holder.router
         options = req.options()
+        if req.is_pair:  # a strong/weak decision; the cost filters do not apply (the router says so)
+            options = {k: v for k, v in options.items() if v is not None}
+            options.update(req.pair(), strong_share=req.strong_share, threshold=req.threshold)
         if req.text is None:
             query = req.embedding  # never waits on the embedder
         else:
             query = await lanes.embed_one(router, req.text)
-            if options["input_tokens"] is None:  # as the router estimates it from the text
+            if not req.is_pair and options["input_tokens"] is None:  # as the router estimates it
                 options["input_tokens"] = float(input_tokens([req.text])[0])
         try:
             return await run_in_threadpool(partial(router.route, query, top=req.top, **options))
@@ -646,5 +694,22 @@ def create_app(url: str, name: str, version: str = "latest", poll_seconds: float
             "models": rows,
             "seconds": round(time.perf_counter() - t0, 4),
         }
+
+    @app.post("/v1/calibrate")
+    async def calibrate(req: CalibrateRequest, request: Request):
+        router = holder.router
+        if req.texts is None:
+            inputs = req.embeddings
+        else:
+            inputs = await lanes.embed_task(router, req.texts, request)
+            if inputs is None:
+                return _JSON({"detail": "client closed the request"}, status_code=499)
+        try:
+            rows = await run_in_threadpool(partial(router.calibrate_pair, inputs, strong=req.strong, weak=req.weak,
+                                                   shares=req.shares, router=req.pair_router))
+        except RouteError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        return {"bundle_version": router.version, "strong": req.strong, "weak": req.weak,
+                "n": len(inputs), "thresholds": rows}
 
     return app

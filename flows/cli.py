@@ -75,11 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
     p.add_argument("--index-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--index-search", choices=["auto", "exact", "hnsw"], default="auto",
+                   help="nearest-neighbour search of the served router: exact scan, an HNSW graph "
+                        "(recall reported in the manifest), or auto (HNSW above 50,000 index rows)")
     p.add_argument("--no-evaluate", action="store_true", help="skip the evaluation summary")
     p.add_argument("--models", dest="model_cards",
                    help="model card (CSV or YAML: sizes, prices) over the store's card files")
     p.add_argument("--predictor", default=None, choices=PREDICTOR_NAMES,
                    help="per-query correctness predictor (knn, knn_shrunk, mlp, factorized; default: the measured best)")
+    p.add_argument("--pair", action="append", dest="pairs", default=None, metavar="STRONG,WEAK",
+                   help="serve a strong/weak pair router for these two models (repeatable)")
+    p.add_argument("--pair-models", action="append", dest="pair_models", default=None, metavar="MODEL",
+                   help="serve every pair among these models (the one of higher accuracy is strong)")
 
     p = sub.add_parser("cards", help="model cards: sizes, open weights and prices")
     csub = p.add_subparsers(dest="action", required=True)
@@ -133,7 +140,36 @@ def main(argv: list[str] | None = None) -> int:
     point.add_argument("--max-quality-loss", type=float,
                        help="cheapest measured point within this loss of the best single model")
     p.add_argument("--input-tokens", type=float, help="prompt tokens (default: from the text)")
+    pair_options(p)
+    share = p.add_mutually_exclusive_group()
+    share.add_argument("--strong-share", type=float,
+                       help="with --strong/--weak: the share of queries the strong model should get")
+    share.add_argument("--threshold", type=float, help="with --strong/--weak: the threshold α itself")
     p.add_argument("text", nargs="?", help="the query")
+
+    p = sub.add_parser("pairs-report", help="strong/weak pair routers judged on benchmarks they never saw: "
+                                            "PGR, APGR, CPT with bootstrap intervals, HTML with the plot")
+    p.add_argument("--store", required=True, help="a store with labels and vectors")
+    p.add_argument("--out", required=True, help="folder (fsspec URL) for Parquet, Markdown and HTML")
+    p.add_argument("--pair", action="append", dest="pairs", required=True, metavar="STRONG,WEAK")
+    p.add_argument("--heldout", action="append", required=True, metavar="DATASETS",
+                   help="one evaluation per option: comma-separated dataset names or globs held out "
+                        "of training and judged (e.g. 'mmlu/*' or 'gsm8k')")
+    p.add_argument("--router", action="append", dest="routers", default=None, help="only these routers")
+    p.add_argument("--embedder", default=None)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("calibrate", help="a pair router's thresholds recomputed on your own queries")
+    p.add_argument("--bundle", required=True, help="store URL, bundle folder or version folder")
+    p.add_argument("--name", default=None, help="bundle name when --bundle is a store URL")
+    p.add_argument("--version", default="latest")
+    p.add_argument("--queries", required=True,
+                   help="JSONL (fsspec URL): one query per line, a JSON string or {\"text\": …}")
+    pair_options(p, required=True)
+    p.add_argument("--share", action="append", type=float, dest="shares", default=None,
+                   help="target strong share (repeatable; default: the bundle's)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("serve", help="HTTP service: /v1/route, /v1/score-task, /v1/bundle, /healthz")
     p.add_argument("--bundle", required=True, help="store URL")
@@ -172,9 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         "bundles": _bundles,
         "cards": _cards,
         "route": _route,
+        "calibrate": _calibrate,
+        "pairs-report": _pairs_report,
         "serve": _serve,
     }
     return commands[args.command](args)
+
+
+def pair_options(p, required: bool = False) -> None:
+    p.add_argument("--strong", required=required, help="a strong/weak decision: the strong (costly) model")
+    p.add_argument("--weak", required=required, help="the weak (cheap) model")
+    p.add_argument("--pair-router", default=None, help="which pair router (default: the bundle's)")
 
 
 def command_name() -> str:
@@ -205,6 +249,9 @@ def _publish(args) -> int:
         index_dtype=args.index_dtype,
         evaluate=not args.no_evaluate,
         model_cards=args.model_cards,
+        pairs=args.pairs,
+        pair_models=args.pair_models,
+        index_search=args.index_search,
         **({"predictor": args.predictor} if args.predictor else {}),
     )
     for v in r.get("recovered", []):
@@ -282,6 +329,14 @@ def _route(args) -> int:
     filters = {"models": args.models, "max_params_b": args.max_params_b, "max_cost": args.max_cost,
                "lam": args.lam, "delta": args.delta, "max_cost_share": args.max_cost_share,
                "max_quality_loss": args.max_quality_loss, "input_tokens": args.input_tokens}
+    pair = {"strong": args.strong, "weak": args.weak, "strong_share": args.strong_share,
+            "threshold": args.threshold, "pair_router": args.pair_router}
+    if any(v is not None for v in pair.values()):
+        if args.file or not args.text:
+            print("a strong/weak decision takes one query text (not --file)", file=sys.stderr)
+            return 2
+        filters = {k: v for k, v in filters.items() if v is not None}
+        filters.update(pair)
     if args.file:
         import fsspec
 
@@ -305,6 +360,90 @@ def _route(args) -> int:
     except RouteError as exc:
         print(f"benchroute route: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _pairs_report(args) -> int:
+    import re
+
+    from benchroute.artifacts.router_build import pair_list
+    from benchroute.transforms.pair_eval import DEFAULT_ROUTERS, evaluate_pair, load_store_data, write_pair_report
+    from benchroute.transforms.pair_labels import PairError
+
+    routers = None
+    if args.routers:
+        unknown = sorted(set(args.routers) - set(DEFAULT_ROUTERS))
+        if unknown:
+            print(f"unknown routers {unknown}; choose from {sorted(DEFAULT_ROUTERS)}", file=sys.stderr)
+            return 2
+        routers = {r: DEFAULT_ROUTERS[r] for r in args.routers}
+    try:
+        pairs = pair_list([], args.pairs)
+        data, X = load_store_data(args.store, args.embedder)
+        results, reference = [], {}
+        for held in args.heldout:
+            patterns = [x.strip() for x in held.split(",") if x.strip()]
+            for strong, weak in pairs:
+                name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{patterns[0].split('/')[0]}-{strong.split('/')[-1]}"
+                                                          f"-vs-{weak.split('/')[-1]}")
+                res = evaluate_pair(data, X, strong, weak, patterns, name=name, routers=routers,
+                                    n_boot=args.n_boot, seed=args.seed)
+                results.append(res)
+                ref = patterns[0].split("/")[0]
+                if ref in ("mmlu", "gsm8k", "mt_bench"):  # RouteLLM's published benchmarks
+                    reference[name] = ref
+    except (PairError, ValueError) as exc:
+        print(f"benchroute pairs-report: {exc}", file=sys.stderr)
+        return 2
+    paths = write_pair_report(args.out, results, reference=reference,
+                              meta={"store": args.store, "pairs": [list(p) for p in pairs], "heldout": args.heldout})
+    for r in results:
+        print(f"\n{r.name}")
+        print(r.summary.select([c for c in ("router", "apgr", "apgr_lo", "apgr_hi", "cpt50", "cpt80")
+                                if c in r.summary.columns]))
+    print("\nreport: " + ", ".join(str(v) for v in paths.values()))
+    return 0
+
+
+def _calibrate(args) -> int:
+    import fsspec
+
+    from benchroute.artifacts.bundle import BundleError
+    from benchroute.artifacts.router import RouteError, load_router
+
+    queries = []
+    with fsspec.open(args.queries, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as exc:
+                print(f"{args.queries} line {n}: not JSON ({exc})", file=sys.stderr)
+                return 2
+            q = q.get("text") if isinstance(q, dict) else q
+            if not isinstance(q, str) or not q.strip():
+                print(f"{args.queries} line {n}: expected a string or {{\"text\": string}}", file=sys.stderr)
+                return 2
+            queries.append(q)
+    if not queries:
+        print(f"{args.queries}: no queries", file=sys.stderr)
+        return 2
+    try:
+        router = load_router(args.bundle, args.name, args.version)
+        rows = router.calibrate_pair(queries, strong=args.strong, weak=args.weak, shares=args.shares,
+                                     router=args.pair_router)
+    except (BundleError, RouteError) as exc:
+        print(f"benchroute calibrate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{len(queries)} queries; {args.strong} (strong) / {args.weak} (weak)")
+    print(f"{'target':>7} {'your alpha':>11} {'share':>6} {'stored alpha':>13} {'stored share':>13}")
+    for r in rows:
+        stored = "" if r["stored_alpha"] is None else f"{r['stored_alpha']:13.5f} {r['stored_share']:13.3f}"
+        print(f"{r['target_share']:7.2f} {r['alpha']:11.5f} {r['share']:6.3f} {stored}")
     return 0
 
 

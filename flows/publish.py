@@ -39,6 +39,9 @@ def build_content(
     index_dtype: str = "float16",
     evaluate: bool = True,
     predictor: str = DEFAULT_PREDICTOR,
+    pairs: list | None = None,
+    pair_models: list[str] | None = None,
+    index_search: str = "auto",
     log=None,
 ) -> BundleContent:
     """Everything a bundle holds, computed from the store (the refresh flow's builder, with the
@@ -58,7 +61,8 @@ def build_content(
         evaluation = {g: {"skipped": why} for g, why in skipped.items()}
         evaluation.update({g: evaluation_entry(ev) for g, ev in results.items()})
     return bundle_content(store_url, name, embedder_id, sel, evaluation, k=k, weights=weights,
-                          index_dtype=index_dtype, predictor=predictor, log=log)
+                          index_dtype=index_dtype, predictor=predictor, pairs=pairs,
+                          pair_models=pair_models, index_search=index_search, log=log)
 
 
 def publish_store(store_url: str, name: str = "default", *, log=None, **kwargs) -> dict:
@@ -85,12 +89,16 @@ def publish_flow(
     evaluate: bool = True,
     predictor: str = DEFAULT_PREDICTOR,
     model_cards: str | None = None,
+    pairs: list[str] | None = None,
+    pair_models: list[str] | None = None,
+    index_search: str = "auto",
 ) -> dict:
     """Fit and publish the router bundle; the bundle summary becomes a Prefect artifact.
 
     ``model_cards``: a card file over the defaults and the landing-zone card files the store
     recorded (it replaces a card an earlier run gave); the store's card is brought up to date
-    first either way."""
+    first either way. ``pairs`` ("strong,weak") and ``pair_models`` (every pair among them)
+    add strong/weak pair routers to the bundle."""
     cards_task(store, [], model_cards)
     result = publish_task(
         store,
@@ -104,6 +112,9 @@ def publish_flow(
             "index_dtype": index_dtype,
             "evaluate": evaluate,
             "predictor": predictor,
+            "pairs": pairs,
+            "pair_models": pair_models,
+            "index_search": index_search,
         },
     )
     if result["created"]:

@@ -1,6 +1,6 @@
 """Exact cosine k-nearest-neighbour search shared by every model, and the kNN predictors g_m.
 
-One search serves all M correctness predictors (DESIGN.md §1.2): the neighbours of a query are
+One search serves all M correctness predictors (docs/method.md#the-shared-knn-search): the neighbours of a query are
 found once, then every model's label column is read through the same neighbours.
 
 - Search is exact: blocked matrix products of L2-normalised float32 rows (cosine similarity =
@@ -158,6 +158,22 @@ def neighbor_weights(neighbors: Neighbors, weights: Weights) -> np.ndarray:
     raise ValueError(f"weights must be 'uniform' or 'distance', got {weights!r}")
 
 
+def is_row_source(Y) -> bool:
+    """A label matrix kept compressed (e.g. ``artifacts.label_pack.PackedLabels``): not an
+    ndarray, it has ``shape`` (n, M), ``rows(idx, dtype)`` (len(idx) × M, NaN where unknown,
+    NaN rows for index -1) and ``column_means()``. The kNN code reads only the neighbours' rows
+    of it, so a leaderboard-sized index never becomes a dense n × M float matrix."""
+    return not isinstance(Y, np.ndarray) and hasattr(Y, "rows") and hasattr(Y, "shape")
+
+
+def label_rows(Y, idx: np.ndarray) -> np.ndarray:
+    """``Y[idx]`` as float64 (idx.shape + (M,)) from a dense matrix or a row source."""
+    idx = np.asarray(idx)
+    if is_row_source(Y):
+        return Y.rows(idx.reshape(-1), dtype=np.float64).reshape(*idx.shape, Y.shape[1])
+    return np.asarray(Y[idx], dtype=np.float64)
+
+
 def aggregate_labels(
     neighbors: Neighbors,
     Y: np.ndarray,
@@ -171,7 +187,8 @@ def aggregate_labels(
     Neighbours without a label for a model (NaN in ``Y``) are skipped for that model. Where no
     neighbour has a label, the entry is ``fallback[m]`` (NaN if ``fallback`` is None).
     """
-    Y = np.asarray(Y, dtype=np.float64)
+    if not is_row_source(Y):
+        Y = np.asarray(Y, dtype=np.float64)
     n, M = len(neighbors), Y.shape[1]
     W = neighbor_weights(neighbors, weights)
     G = np.empty((n, M), np.float64)
@@ -179,7 +196,7 @@ def aggregate_labels(
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         idx = neighbors.indices[sl]
-        L = Y[np.where(idx >= 0, idx, 0)]  # (b, k, M)
+        L = label_rows(Y, np.where(idx >= 0, idx, 0))  # (b, k, M)
         avail = (idx >= 0)[:, :, None] & ~np.isnan(L)
         w = np.broadcast_to(W[sl][:, :, None], L.shape)
         inf = np.isinf(w) & avail
@@ -219,9 +236,11 @@ class KNNCorrectness:
 
     def fit(self, X: np.ndarray, Y: np.ndarray) -> KNNCorrectness:
         X = normalize_rows(X)
-        Y = np.asarray(Y, dtype=np.float64)
-        if Y.ndim == 1:
-            Y = Y[:, None]
+        packed = is_row_source(Y)  # kept compressed: only neighbours' rows are ever read
+        if not packed:
+            Y = np.asarray(Y, dtype=np.float64)
+            if Y.ndim == 1:
+                Y = Y[:, None]
         if Y.shape[0] != X.shape[0]:
             raise ValueError(f"{X.shape[0]} embeddings but {Y.shape[0]} label rows")
         if self.n_neighbors < 1:
@@ -232,10 +251,13 @@ class KNNCorrectness:
             raise ValueError(f"fallback must be 'train_mean' or 'nan', got {self.fallback!r}")
         self.X_ = X
         self.Y_ = Y
-        with np.errstate(invalid="ignore"):
-            counts = (~np.isnan(Y)).sum(axis=0)
-            means = np.nansum(Y, axis=0) / np.maximum(counts, 1)
-        self.train_mean_ = np.where(counts > 0, means, np.nan)
+        if packed:
+            self.train_mean_ = np.asarray(Y.column_means(), np.float64)
+        else:
+            with np.errstate(invalid="ignore"):
+                counts = (~np.isnan(Y)).sum(axis=0)
+                means = np.nansum(Y, axis=0) / np.maximum(counts, 1)
+            self.train_mean_ = np.where(counts > 0, means, np.nan)
         self.n_features_in_ = X.shape[1]
         self.n_outputs_ = Y.shape[1]
         return self
@@ -364,5 +386,5 @@ def covered(neighbors: Neighbors, Y: np.ndarray) -> np.ndarray:
     """
     idx = neighbors.indices
     valid = idx >= 0
-    labelled = ~np.isnan(np.asarray(Y)[np.where(valid, idx, 0)])  # (n, k, M): only the neighbours' rows
+    labelled = ~np.isnan(label_rows(Y, np.where(valid, idx, 0)))  # (n, k, M): only the neighbours' rows
     return (labelled & valid[:, :, None]).any(axis=1)
