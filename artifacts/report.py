@@ -423,29 +423,40 @@ def _plot_cost_quality(res: RoutingResult) -> bytes | None:
 PLOT_MODELS = 20  # models per panel of the stability plots (the best ranked / the most biased)
 
 
+def _scope_panels(sizes: list[int]):
+    """A figure of panels stacked one above the other, each as tall as its number of rows
+    (``sizes``), and the panels' axes."""
+    plt = _figure()
+    fig, axes = plt.subplots(len(sizes), 1, squeeze=False,
+                             figsize=(7, sum(0.16 * n + 0.8 for n in sizes)),
+                             gridspec_kw={"height_ratios": [n + 4 for n in sizes]})
+    return fig, axes[:, 0]
+
+
+def _model_panel(ax, y: list[int], models: list[str], title: str, xlabel: str) -> None:
+    """A panel's model names down its y axis (the first on top), its title and x label."""
+    ax.set_yticks(y)
+    ax.set_yticklabels(models, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+
+
 def _plot_rank_intervals(rankings: pl.DataFrame) -> bytes | None:
     """One panel per source group: the rank interval of each of its best-ranked models."""
     g = rankings.filter(pl.col("scope_kind") == "group") if rankings.height else rankings
     if g.height == 0:
         return None
     g = g.sort("rank", "model").group_by("scope", maintain_order=True).head(PLOT_MODELS)
-    plt = _figure()
     scopes = g["scope"].unique(maintain_order=True).to_list()
-    sizes = [g.filter(pl.col("scope") == sc).height for sc in scopes]
-    fig, axes = plt.subplots(len(scopes), 1, squeeze=False,
-                             figsize=(7, sum(0.16 * n + 0.8 for n in sizes)),
-                             gridspec_kw={"height_ratios": [n + 4 for n in sizes]})
-    for ax, sc in zip(axes[:, 0], scopes):
+    fig, axes = _scope_panels([g.filter(pl.col("scope") == sc).height for sc in scopes])
+    for ax, sc in zip(axes, scopes):
         part = g.filter(pl.col("scope") == sc).sort("rank", "model")
         y = list(range(part.height))
         r, lo, hi = (part[c].to_numpy() for c in ("rank", "rank_lo", "rank_hi"))
         err = [(r - lo).clip(min=0), (hi - r).clip(min=0)]  # the full-data rank can lie outside
         ax.errorbar(r, y, xerr=err, fmt="o", ms=3, lw=1, capsize=2)
-        ax.set_yticks(y)
-        ax.set_yticklabels(part["model"].to_list(), fontsize=6)
-        ax.invert_yaxis()
-        ax.set_title(sc, fontsize=9)
-        ax.set_xlabel("rank (1 = best)", fontsize=8)
+        _model_panel(ax, y, part["model"].to_list(), sc, "rank (1 = best)")
     fig.subplots_adjust(hspace=0.5)
     return _png(fig)
 
@@ -484,21 +495,13 @@ def _plot_rstd(rstd: pl.DataFrame) -> bytes | None:
     r = rstd.filter(((pl.col("scope_kind") == "group") | alone) & pl.col("rstd").is_not_nan())
     if r.height == 0:
         return None
-    plt = _figure()
     scopes = r["scope"].unique(maintain_order=True).to_list()
-    sizes = [min(r.filter(pl.col("scope") == sc).height, PLOT_MODELS) for sc in scopes]
-    fig, axes = plt.subplots(len(scopes), 1, squeeze=False,
-                             figsize=(7, sum(0.16 * n + 0.8 for n in sizes)),
-                             gridspec_kw={"height_ratios": [n + 4 for n in sizes]})
-    for ax, sc in zip(axes[:, 0], scopes):
+    fig, axes = _scope_panels([min(r.filter(pl.col("scope") == sc).height, PLOT_MODELS) for sc in scopes])
+    for ax, sc in zip(axes, scopes):
         part = r.filter(pl.col("scope") == sc).sort("rstd", descending=True).head(PLOT_MODELS)
         y = list(range(part.height))
         ax.barh(y, part["rstd"].to_list(), height=0.6)
         ax.scatter(part["rstd_noise"].to_list(), y, color="black", marker="x", s=12, zorder=3)
-        ax.set_yticks(y)
-        ax.set_yticklabels(part["model"].to_list(), fontsize=6)
-        ax.invert_yaxis()
-        ax.set_title(sc, fontsize=9)
-        ax.set_xlabel("RStd (std of per-position recall)", fontsize=8)
+        _model_panel(ax, y, part["model"].to_list(), sc, "RStd (std of per-position recall)")
     fig.subplots_adjust(hspace=0.5)
     return _png(fig)

@@ -185,6 +185,22 @@ def _publish_in_process(url: str, **options) -> str:
     return publish_store(url, "default", evaluate=False, predictor="knn", **options)["version"]
 
 
+def _killed_after_manifest_then_rerun(cmd, tmp_path, api, url, old):
+    """Runs ``cmd`` killed after its bundle manifest landed (``latest`` still on ``old``, the new
+    version pending), then again: the rerun says it moved ``latest`` to the new version, which is
+    no longer pending. Returns (the new version, the rerun's output)."""
+    _run(cmd, tmp_path, crash="bundle.manifest", api=api)
+    bs = BundleStore(url)
+    new = [v for v in bs.versions("default") if v != old]
+    assert len(new) == 1 and bs.ref("default") == old and bs.pending("default") == new
+
+    _, out = _run(cmd, tmp_path, api=api)
+    assert f"finished an interrupted publish: latest moved to default {new[0]}" in out, out[-2000:]
+    assert bs.ref("default") == new[0] and bs.versions("default") == [old, new[0]]
+    assert bs.pending("default") == []
+    return new[0], out
+
+
 def test_cli_publish_killed_after_its_manifest_moves_latest_on_the_rerun(with_vectors, prefect_api,
                                                                          tmp_path):
     """The manifest landed, ``latest`` did not move: the rerun moves it and says so (it used to
@@ -194,19 +210,11 @@ def test_cli_publish_killed_after_its_manifest_moves_latest_on_the_rerun(with_ve
     url = _copy(with_vectors, tmp_path / "store")
     old = _publish_in_process(url)
     cmd = [CLI, "publish", "--store", url, "--no-evaluate", "--predictor", "knn", "--k", "5"]
-    _run(cmd, tmp_path, crash="bundle.manifest", api=prefect_api)
-    bs = BundleStore(url)
-    new = [v for v in bs.versions("default") if v != old]
-    assert len(new) == 1 and bs.ref("default") == old and bs.pending("default") == new
-
-    _, out = _run(cmd, tmp_path, api=prefect_api)
-    assert f"finished an interrupted publish: latest moved to default {new[0]}" in out, out[-2000:]
+    new, out = _killed_after_manifest_then_rerun(cmd, tmp_path, prefect_api, url, old)
     assert "unchanged, latest stays" not in out
-    assert bs.ref("default") == new[0] and bs.versions("default") == [old, new[0]]
-    assert bs.pending("default") == []
     clean = build_content(url, "default", evaluate=False, predictor="knn", k=5)
-    assert bs.manifest("default", new[0])["content_hash"] == clean.content_hash()
-    assert open_bundle(url, "default").manifest["version"] == new[0]
+    assert BundleStore(url).manifest("default", new)["content_hash"] == clean.content_hash()
+    assert open_bundle(url, "default").manifest["version"] == new
 
 
 def test_refresh_killed_after_its_manifest_moves_latest_on_the_rerun(with_vectors, prefect_api,
@@ -216,16 +224,8 @@ def test_refresh_killed_after_its_manifest_moves_latest_on_the_rerun(with_vector
     shutil.copytree(SAMPLE / "mmlu_pro", landing / "mmlu_pro")
     old = _publish_in_process(url)
     cmd = [CLI, "refresh", str(landing), "--store", url]
-    _run(cmd, tmp_path, crash="bundle.manifest", api=prefect_api)
-    bs = BundleStore(url)
-    new = [v for v in bs.versions("default") if v != old]
-    assert len(new) == 1 and bs.ref("default") == old and bs.pending("default") == new
-
-    _, out = _run(cmd, tmp_path, api=prefect_api)
-    assert f"finished an interrupted publish: latest moved to default {new[0]}" in out, out[-2000:]
+    _, out = _killed_after_manifest_then_rerun(cmd, tmp_path, prefect_api, url, old)
     assert "data unchanged" not in out
-    assert bs.ref("default") == new[0] and bs.versions("default") == [old, new[0]]
-    assert bs.pending("default") == []
 
 
 # ------------------------------------------------------------------------------ publish steps

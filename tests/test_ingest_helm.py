@@ -96,6 +96,12 @@ def expected_values(run: Path) -> dict[tuple[str, str], float]:
     return out
 
 
+def values_by_text(result) -> dict[tuple[str, str], float]:
+    """(input text, metric) -> value of each outcome read."""
+    rows = result.outcomes.join(result.inputs, on="input_id").select("text", "metric", "value")
+    return {(text, metric): value for text, metric, value in rows.iter_rows()}
+
+
 def quarantine_rows(result) -> list[dict]:
     return result.quarantine.to_dicts()
 
@@ -125,13 +131,7 @@ def test_discover_claims_helm_runs():
 def test_bbq_values_match_json_load(run: Path):
     result = read(run)
     expected = expected_values(run)
-    got = {
-        (text, metric): value
-        for text, metric, value in result.outcomes.join(result.inputs, on="input_id")
-        .select("text", "metric", "value")
-        .iter_rows()
-    }
-    assert got == pytest.approx(expected)
+    assert values_by_text(result) == pytest.approx(expected)
     assert set(result.outcomes["metric"]) == BBQ_METRICS
     n = len(load(run / "scenario_state.json")["request_states"])
     assert result.inputs.height == n
@@ -172,13 +172,7 @@ def test_safety_run_merges_its_two_entries_per_instance():
     assert result.outcomes.height == 10 * 5
     assert set(result.outcomes["metric"]) == {"sst_score", "sst_gpt_score", "sst_claude_score",
                                               *helm.USAGE}
-    got = {
-        (t, m): v
-        for t, m, v in result.outcomes.join(result.inputs, on="input_id")
-        .select("text", "metric", "value")
-        .iter_rows()
-    }
-    assert got == pytest.approx(expected_values(SST))
+    assert values_by_text(result) == pytest.approx(expected_values(SST))
     assert result.quarantine.height == 0
 
 
@@ -222,13 +216,7 @@ def test_missing_scenario_state_takes_texts_from_sibling_run():
         for s in e["stats"]
         if s["name"]["name"].startswith("harm_bench") or s["name"]["name"] in helm.USAGE
     }
-    got = {
-        (t, m): v
-        for t, m, v in result.outcomes.join(result.inputs, on="input_id")
-        .select("text", "metric", "value")
-        .iter_rows()
-    }
-    assert got == pytest.approx(expected)
+    assert values_by_text(result) == pytest.approx(expected)
 
 
 def test_answer_positions_only_from_the_runs_own_state(tmp_path):
@@ -561,40 +549,26 @@ def test_conflicting_repeated_metric_is_quarantined(tmp_path):
     assert row["record"] == f"20/{extra['instance_id']}" and row["field"] == "sst_score"
 
 
-@pytest.mark.parametrize("name", ["per_instance_stats.json", "scenario_state.json"])
-def test_empty_file_is_unreadable(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [
+        pytest.param("per_instance_stats.json", lambda p: p.write_bytes(b""), "empty file",
+                     id="empty-per_instance_stats"),
+        pytest.param("scenario_state.json", lambda p: p.write_bytes(b""), "empty file",
+                     id="empty-scenario_state"),
+        pytest.param("scenario_state.json", lambda p: p.write_bytes(p.read_text().encode("utf-16")),
+                     "not a UTF-8 file", id="utf16"),
+        pytest.param("per_instance_stats.json", lambda p: p.write_text('[{"instance_id": '),
+                     "invalid JSON", id="json-broken-before-first-record"),
+        pytest.param("per_instance_stats.json", Path.unlink, "file missing", id="missing"),
+        pytest.param("run_spec.json", lambda p: p.write_text('{"name": "bbq'), "not a JSON file",
+                     id="unparseable-run-spec"),
+    ],
+)
+def test_damaged_file_is_unreadable(tmp_path, name, damage, message):
     run = copy_run(BBQ_TURBO_V1, tmp_path)
-    (run / name).write_bytes(b"")
-    with pytest.raises(UnreadableSource, match=f"{name}: empty file"):
-        read(run)
-
-
-def test_utf16_file_is_unreadable(tmp_path):
-    run = copy_run(BBQ_TURBO_V1, tmp_path)
-    text = (run / "scenario_state.json").read_text()
-    (run / "scenario_state.json").write_bytes(text.encode("utf-16"))
-    with pytest.raises(UnreadableSource, match="scenario_state.json: not a UTF-8 file"):
-        read(run)
-
-
-def test_json_broken_before_first_record_is_unreadable(tmp_path):
-    run = copy_run(BBQ_TURBO_V1, tmp_path)
-    (run / "per_instance_stats.json").write_text('[{"instance_id": ')
-    with pytest.raises(UnreadableSource, match="per_instance_stats.json: invalid JSON"):
-        read(run)
-
-
-def test_missing_per_instance_stats_is_unreadable(tmp_path):
-    run = copy_run(BBQ_TURBO_V1, tmp_path)
-    (run / "per_instance_stats.json").unlink()
-    with pytest.raises(UnreadableSource, match="per_instance_stats.json: file missing"):
-        read(run)
-
-
-def test_unparseable_run_spec_is_unreadable(tmp_path):
-    run = copy_run(BBQ_TURBO_V1, tmp_path)
-    (run / "run_spec.json").write_text('{"name": "bbq')
-    with pytest.raises(UnreadableSource, match="run_spec.json: not a JSON file"):
+    damage(run / name)
+    with pytest.raises(UnreadableSource, match=f"{name}: {message}"):
         read(run)
 
 

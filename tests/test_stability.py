@@ -205,21 +205,29 @@ def test_bootstrap_knn_scores_equal_a_search_on_the_resampled_index():
 
 
 # ---------------------------------------------------------------------------- router
+def _clustered_inputs(rng, ids, X, n_datasets, per_dataset, spread, id_format):
+    """``(dataset number, input number, input id)`` of ``per_dataset`` inputs around each of
+    ``n_datasets`` random 8-d centres; each input's id and embedding are appended to ``ids`` and
+    ``X`` before it is yielded, so the caller's draws from ``rng`` come between them as before."""
+    for d in range(n_datasets):
+        centre = rng.normal(size=8)
+        for i in range(per_dataset):
+            iid = id_format.format(d, i)
+            ids.append(iid)
+            X.append(centre + spread * rng.normal(size=8))
+            yield d, i, iid
+
+
 def _toy_bench():
     from benchroute.transforms.evaluate import BenchmarkArrays
 
     rng = np.random.default_rng(3)
     rows, ids, X = [], [], []
     skill = {"m0": [0.8, 0.3, 0.6, 0.5], "m1": [0.4, 0.7, 0.6, 0.55], "m2": [0.5, 0.5, 0.5, 0.5]}
-    for d in range(4):
-        centre = rng.normal(size=8)
-        for i in range(30):
-            iid = f"{d:02d}{i:030d}"
-            ids.append(iid)
-            X.append(centre + 0.6 * rng.normal(size=8))
-            for m, p in skill.items():
-                rows.append({"input_id": iid, "dataset": f"src/d{d}", "model": m,
-                             "y": int(rng.random() < p[d]), "value": 0.0})
+    for d, _, iid in _clustered_inputs(rng, ids, X, 4, 30, 0.6, "{:02d}{:030d}"):
+        for m, p in skill.items():
+            rows.append({"input_id": iid, "dataset": f"src/d{d}", "model": m,
+                         "y": int(rng.random() < p[d]), "value": 0.0})
     labels = pl.DataFrame(rows)
     memberships = labels.select("input_id", "dataset").unique().with_columns(source=pl.lit("src"))
     return BenchmarkArrays.from_frames(np.array(X, np.float32), ids, labels, memberships), labels
@@ -344,21 +352,16 @@ def test_stability_summary_driver_end_to_end_on_a_small_store():
 
     rng = np.random.default_rng(4)
     rows, ids, X = [], [], []
-    for d in range(3):
-        centre = rng.normal(size=8)
-        for i in range(25):
-            iid = f"{d:02d}{i:030x}"
-            ids.append(iid)
-            X.append(centre + 0.5 * rng.normal(size=8))
-            for j, m in enumerate(["a", "b", "c"]):
-                y = float(rng.random() < [0.7, 0.5, 0.4][j])
-                rows += [{"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "correct_rx", "value": y},
-                         {"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "correct",
-                          "value": y if rng.random() < 0.8 else 1 - y},
-                         {"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "gold_position",
-                          "value": float(i % 4)},
-                         {"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "pred_position",
-                          "value": float(i % 4 if y else 0)}]
+    for d, i, iid in _clustered_inputs(rng, ids, X, 3, 25, 0.5, "{:02d}{:030x}"):
+        for j, m in enumerate(["a", "b", "c"]):
+            y = float(rng.random() < [0.7, 0.5, 0.4][j])
+            rows += [{"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "correct_rx", "value": y},
+                     {"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "correct",
+                      "value": y if rng.random() < 0.8 else 1 - y},
+                     {"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "gold_position",
+                      "value": float(i % 4)},
+                     {"input_id": iid, "dataset": f"src/d{d}", "model": m, "metric": "pred_position",
+                      "value": float(i % 4 if y else 0)}]
     outcomes = _outcomes(rows)
 
     class Tables:

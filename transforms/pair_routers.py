@@ -65,11 +65,13 @@ import numpy as np
 from benchroute.transforms.knn import normalize_rows
 from benchroute.transforms.pair_labels import TIES, PairError, WinData, bridge_models, colabel_counts
 from benchroute.transforms.predictors import (
-    MAX_TORCH_THREADS,
     _jsonable,
     make_predictor,
     predictor_from_state,
+    seeded_torch,
     sigmoid,
+    train_early_stopping,
+    validation_split,
 )
 
 STATE_FORMAT = 1
@@ -327,23 +329,10 @@ class MFRouter(PairRouter):
         Q = np.asarray(data.Q, np.float64)
         usable = np.flatnonzero((~np.isnan(Q)).sum(axis=1) >= 2)  # a row with one result compares nothing
         rng = np.random.default_rng(self.seed)
-        perm = rng.permutation(usable)
-        n_val = int(round(self.val_fraction * perm.size))
-        if perm.size - n_val < 1:
-            n_val = 0
-        val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_rows, train_rows = validation_split(rng, usable, self.val_fraction)
         self.n_comparable_rows_ = int(usable.size)
-        prev_threads = torch.get_num_threads()
-        prev_det = torch.are_deterministic_algorithms_enabled()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.seed))
-            torch.set_num_threads(max(1, min(MAX_TORCH_THREADS, prev_threads)))
-            torch.use_deterministic_algorithms(True)
-            try:
-                self._train(torch, X, Q, train_rows, val_rows, rng)
-            finally:
-                torch.set_num_threads(prev_threads)
-                torch.use_deterministic_algorithms(prev_det)
+        with seeded_torch(self.seed):
+            self._train(torch, X, Q, train_rows, val_rows, rng)
         return self
 
     def _targets(self, torch, Qb):
@@ -396,46 +385,24 @@ class MFRouter(PairRouter):
             bce = F.binary_cross_entropy_with_logits(logit, t, reduction="none") * m
             return bce.sum(), m.sum()
 
-        history = {"train": [], "val": []}
-        best, best_epoch, best_state, bad = math.inf, -1, None, 0
-        bs = int(self.batch_size)
-        for epoch in range(int(self.max_epochs)):
-            module.train()
-            order = train_rows[rng.permutation(train_rows.size)]
-            tot, cnt = 0.0, 0.0
-            for s in range(0, order.size, bs):
-                loss_sum, n_pairs = batch_loss(torch.from_numpy(order[s:s + bs]), True)
-                if float(n_pairs) == 0:
-                    continue
-                opt.zero_grad(set_to_none=True)
-                (loss_sum / n_pairs).backward()
-                opt.step()
-                tot += float(loss_sum.detach())
-                cnt += float(n_pairs)
-            history["train"].append(tot / max(cnt, 1.0))
-            if not val_rows.size:
-                history["val"].append(None)
-                continue
-            module.eval()
-            with torch.no_grad():
-                vs, vn = 0.0, 0.0
-                for s in range(0, val_rows.size, 1024):
-                    a, b = batch_loss(torch.from_numpy(val_rows[s:s + 1024]), False)
-                    vs += float(a)
-                    vn += float(b)
-            v = vs / vn if vn else math.nan
-            history["val"].append(v)
-            if v < best - 1e-6:
-                best, best_epoch, bad = v, epoch, 0
-                best_state = {n_: t.detach().clone() for n_, t in module.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= self.patience:
-                    break
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        else:
-            best_epoch = len(history["train"]) - 1
+        def train_loss(rows_t):
+            loss_sum, n_pairs = batch_loss(rows_t, True)
+            if float(n_pairs) == 0:
+                return None
+            return loss_sum / n_pairs, loss_sum, n_pairs
+
+        def val_loss():
+            vs, vn = 0.0, 0.0
+            for s in range(0, val_rows.size, 1024):
+                a, b = batch_loss(torch.from_numpy(val_rows[s:s + 1024]), False)
+                vs += float(a)
+                vn += float(b)
+            return vs / vn if vn else math.nan
+
+        history, best_epoch = train_early_stopping(
+            module, opt, rng, train_rows, val_rows, max_epochs=self.max_epochs, patience=self.patience,
+            batch_size=self.batch_size, batch_loss=train_loss, val_loss=val_loss, min_delta=1e-6,
+        )
         with torch.no_grad():
             self.W1_ = module.text_proj.weight.detach().numpy().T.copy().astype(np.float32)
             self.b1_ = module.text_proj.bias.detach().numpy().copy().astype(np.float32)

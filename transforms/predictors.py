@@ -35,6 +35,7 @@ fitted predictor that predicts identically. The kNN predictors' state is their i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -377,6 +378,111 @@ def _hidden_sizes(hidden) -> list[int]:
     return sizes
 
 
+def _hidden_stack(nn, d: int, hidden, dropout) -> tuple[list, int]:
+    """The hidden layers (Linear, ReLU, then Dropout where ``dropout``) from ``d`` inputs, and
+    the width of the last one."""
+    mods, prev = [], d
+    for h in _hidden_sizes(hidden):
+        mods += [nn.Linear(prev, h), nn.ReLU()]
+        if dropout:
+            mods.append(nn.Dropout(float(dropout)))
+        prev = h
+    return mods, prev
+
+
+def _linear_arrays(linears) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(Wᵀ, b) of each torch Linear layer, as numpy copies."""
+    return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
+
+
+def validation_split(
+    rng: np.random.Generator, rows: np.ndarray, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` shuffled by ``rng`` into sorted ``(validation, training)`` rows:
+    round(``val_fraction`` · n) validation rows, none where that would leave no training row."""
+    perm = rng.permutation(rows)
+    n_val = int(round(val_fraction * perm.size))
+    if perm.size - n_val < 1:
+        n_val = 0
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int):
+    """Torch on a forked CPU RNG seeded with ``seed``, at most ``MAX_TORCH_THREADS`` threads and
+    with deterministic algorithms; the caller's RNG, threads and setting are restored after."""
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        torch.set_num_threads(max(1, min(MAX_TORCH_THREADS, prev_threads)))
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(prev_threads)
+            torch.use_deterministic_algorithms(prev_det)
+
+
+def train_early_stopping(module, opt, rng: np.random.Generator, train_rows: np.ndarray,
+                         val_rows: np.ndarray, *, max_epochs: int, patience: int, batch_size: int,
+                         batch_loss: Callable, val_loss: Callable[[], float],
+                         min_delta: float = 0.0) -> tuple[dict[str, list], int]:
+    """Minibatch training with early stopping (the network predictors and the MF router).
+
+    Each epoch shuffles ``train_rows`` with ``rng`` and, per batch of ``batch_size`` rows,
+    ``batch_loss(rows as a tensor)`` gives ``(loss, summed, count)`` (the loss ``opt`` minimises,
+    and the summed loss and count the epoch's mean training loss is made of) or None to skip the
+    batch. With validation rows, ``val_loss()`` (in eval mode, without gradients) is the epoch's
+    validation loss; training stops after ``patience`` epochs that do not improve on the best by
+    more than ``min_delta``, and the best epoch's weights are loaded back into ``module``.
+
+    Returns ``(history, best_epoch)``: the per-epoch ``"train"`` and ``"val"`` losses (``"val"``
+    None without validation rows: then every epoch runs and the last is the best).
+    """
+    import torch
+
+    history: dict[str, list] = {"train": [], "val": []}
+    best, best_epoch, best_state, bad = math.inf, -1, None, 0
+    bs = int(batch_size)
+    for epoch in range(int(max_epochs)):
+        module.train()
+        order = train_rows[rng.permutation(train_rows.size)]
+        tot, cnt = 0.0, 0.0
+        for s in range(0, order.size, bs):
+            step = batch_loss(torch.from_numpy(order[s : s + bs]))
+            if step is None:
+                continue
+            loss, summed, count = step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(summed.detach())
+            cnt += float(count)
+        history["train"].append(tot / max(cnt, 1.0))
+        if not val_rows.size:
+            history["val"].append(None)
+            continue
+        module.eval()
+        with torch.no_grad():
+            v = val_loss()
+        history["val"].append(v)
+        if v < best - min_delta:
+            best, best_epoch, bad = v, epoch, 0
+            best_state = {k: t.detach().clone() for k, t in module.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    else:
+        best_epoch = len(history["train"]) - 1
+    return history, best_epoch
+
+
 class _NetworkPredictor(BasePredictor):
     """Shared by the MLP and the factorised model: the torch training loop and the numpy forward.
 
@@ -415,29 +521,16 @@ class _NetworkPredictor(BasePredictor):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         rng = np.random.default_rng(self.seed)
         labelled = np.flatnonzero((~np.isnan(Y)).any(axis=1))  # rows with no label teach nothing
-        perm = rng.permutation(labelled)
-        n_val = int(round(self.val_fraction * perm.size))
-        if perm.size - n_val < 1:
-            n_val = 0
-        val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_rows, train_rows = validation_split(rng, labelled, self.val_fraction)
         mask = ~np.isnan(Y)
-        if n_val and not mask[val_rows].any():
-            n_val, val_rows, train_rows = 0, val_rows[:0], np.sort(perm)
+        if val_rows.size and not mask[val_rows].any():
+            val_rows, train_rows = val_rows[:0], labelled
         self.val_rows_ = val_rows
 
-        prev_threads = torch.get_num_threads()
-        prev_det = torch.are_deterministic_algorithms_enabled()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.seed))
-            torch.set_num_threads(max(1, min(MAX_TORCH_THREADS, prev_threads)))
-            torch.use_deterministic_algorithms(True)
-            try:
-                module = self._build(torch, X.shape[1], Y.shape[1], self.prior_)
-                history, best_epoch = self._loop(torch, module, X, Y, mask, train_rows, val_rows, rng)
-                layers = self._extract(module)
-            finally:
-                torch.set_num_threads(prev_threads)
-                torch.use_deterministic_algorithms(prev_det)
+        with seeded_torch(self.seed):
+            module = self._build(torch, X.shape[1], Y.shape[1], self.prior_)
+            history, best_epoch = self._loop(torch, module, X, Y, mask, train_rows, val_rows, rng)
+            layers = self._extract(module)
         self.layers_ = [(np.ascontiguousarray(W, np.float32), np.ascontiguousarray(b, np.float32))
                         for W, b in layers]
         self.history_ = history
@@ -458,47 +551,25 @@ class _NetworkPredictor(BasePredictor):
             vi = torch.from_numpy(val_rows)
             Xv, Tv, Mv = Xt[vi], Tt[vi], Mt[vi]
             n_val_labels = float(Mv.sum())
-        history = {"train": [], "val": []}
-        best, best_epoch, best_state, bad = math.inf, -1, None, 0
-        bs = int(self.batch_size)
         pen_scale = 1.0 / max(float(mask[train_rows].sum()), 1.0)  # penalties in units of one label
-        for epoch in range(int(self.max_epochs)):
-            module.train()
-            order = train_rows[rng.permutation(train_rows.size)]
-            tot, cnt = 0.0, 0.0
-            for s in range(0, order.size, bs):
-                bi = torch.from_numpy(order[s : s + bs])
-                xb, tb, mb = Xt[bi], Tt[bi], Mt[bi]
-                n_lab = mb.sum()
-                bce = masked_bce(module(xb), tb, mb)
-                loss = bce / n_lab.clamp_min(1.0)
-                pen = self._penalty(module, pen_scale)
-                if pen is not None:
-                    loss = loss + pen
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += float(bce.detach())
-                cnt += float(n_lab)
-            history["train"].append(tot / max(cnt, 1.0))
-            if not val_rows.size:
-                history["val"].append(None)
-                continue
-            module.eval()
-            with torch.no_grad():
-                v = float(masked_bce(module(Xv), Tv, Mv)) / n_val_labels
-            history["val"].append(v)
-            if v < best:
-                best, best_epoch, bad = v, epoch, 0
-                best_state = {k: t.detach().clone() for k, t in module.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= self.patience:
-                    break
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        else:
-            best_epoch = len(history["train"]) - 1
+
+        def batch_loss(bi):
+            xb, tb, mb = Xt[bi], Tt[bi], Mt[bi]
+            n_lab = mb.sum()
+            bce = masked_bce(module(xb), tb, mb)
+            loss = bce / n_lab.clamp_min(1.0)
+            pen = self._penalty(module, pen_scale)
+            if pen is not None:
+                loss = loss + pen
+            return loss, bce, n_lab
+
+        def val_loss():
+            return float(masked_bce(module(Xv), Tv, Mv)) / n_val_labels
+
+        history, best_epoch = train_early_stopping(
+            module, opt, rng, train_rows, val_rows, max_epochs=self.max_epochs,
+            patience=self.patience, batch_size=self.batch_size, batch_loss=batch_loss, val_loss=val_loss,
+        )
         module.eval()
         return history, best_epoch
 
@@ -587,12 +658,7 @@ class MLPPredictor(_NetworkPredictor):
 
     def _build(self, torch, d, M, prior):
         nn = torch.nn
-        mods, prev = [], d
-        for h in _hidden_sizes(self.hidden):
-            mods += [nn.Linear(prev, h), nn.ReLU()]
-            if self.dropout:
-                mods.append(nn.Dropout(float(self.dropout)))
-            prev = h
+        mods, prev = _hidden_stack(nn, d, self.hidden, self.dropout)
         out = nn.Linear(prev, M)
         with torch.no_grad():
             out.bias.copy_(torch.from_numpy(_prior_logits(prior)))
@@ -607,7 +673,7 @@ class MLPPredictor(_NetworkPredictor):
 
         linears = [m for m in module if isinstance(m, torch.nn.Linear)]
         self.activations_ = tuple(["relu"] * (len(linears) - 1) + ["linear"])
-        return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
+        return _linear_arrays(linears)
 
 
 class FactorizedPredictor(_NetworkPredictor):
@@ -649,12 +715,7 @@ class FactorizedPredictor(_NetworkPredictor):
         nn = torch.nn
         if int(self.rank) < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank!r}")
-        mods, prev = [], d
-        for h in _hidden_sizes(self.hidden):
-            mods += [nn.Linear(prev, h), nn.ReLU()]
-            if self.dropout:
-                mods.append(nn.Dropout(float(self.dropout)))
-            prev = h
+        mods, prev = _hidden_stack(nn, d, self.hidden, self.dropout)
         rank = int(self.rank)
         mods.append(nn.Linear(prev, rank))
 
@@ -682,7 +743,7 @@ class FactorizedPredictor(_NetworkPredictor):
 
         linears = [m for m in module.phi if isinstance(m, torch.nn.Linear)]
         self.activations_ = tuple(["relu"] * (len(linears) - 1) + ["linear", "linear"])
-        layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
+        layers = _linear_arrays(linears)
         layers.append((module.psi.detach().numpy().T.copy(), module.bias.detach().numpy().copy()))
         return layers
 

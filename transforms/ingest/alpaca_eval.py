@@ -37,18 +37,17 @@ from benchroute.transforms.ids import ModelNames
 
 from .source_files import (
     Check,
-    ParseFailure,
     apply_checks,
     base_name,
     drop_duplicates,
     empty_text,
     first_json_record,
-    iter_json_records,
     not_parquet_reason,
     list_files,
     open_url,
     parent_name,
     parquet_columns,
+    parsed_json_records,
     read_parquet,
     require_types,
     row_label,
@@ -254,10 +253,7 @@ def _read_native(url: str, names: ModelNames) -> IngestResult:
     col = Collector(KIND, url, names)
     seen: dict[tuple[str, str, str], str] = {}
     lengths: set[tuple[str, str, str]] = set()
-    for record, item in iter_json_records(fs, path, url):
-        if isinstance(item, ParseFailure):
-            col.quarantine(url, record, None, item.reason, item.detail)
-            continue
+    for record, item in parsed_json_records(fs, path, url, col):
         parsed = _native_record(item, col, url, record, annotator_dir)
         if parsed is None:
             continue
@@ -265,17 +261,11 @@ def _read_native(url: str, names: ModelNames) -> IngestResult:
         iid = col.add_input(text, dataset=dataset, file=url, record=record, field_="instruction")
         if iid is None:
             continue
-        key = (iid, model, annotator)
-        if key in seen:
-            col.quarantine(
-                url,
-                f"{record} (repeats {seen[key]})",
-                "instruction",
-                "duplicate judgement (same instruction, model and annotator); the first is kept",
-                preference,
-            )
+        if col.repeated(
+            seen, (iid, model, annotator), url, record, "instruction",
+            "duplicate judgement (same instruction, model and annotator); the first is kept", preference,
+        ):
             continue
-        seen[key] = record
         col.add_outcome(
             iid,
             dataset=dataset,

@@ -217,6 +217,17 @@ class Collector:
             )
         )
 
+    def repeated(
+        self, seen: dict, key: object, file: str, record: str, field_: str, reason: str, value: object
+    ) -> bool:
+        """True where ``key`` came before (in ``seen``, which maps it to its first record): the
+        record is quarantined as a repeat of that one. Otherwise ``seen`` remembers the record."""
+        if key in seen:
+            self.quarantine(file, f"{record} (repeats {seen[key]})", field_, reason, value)
+            return True
+        seen[key] = record
+        return False
+
     def add_input(
         self,
         text: object,

@@ -170,10 +170,22 @@ def _load(fs, path: str, label: str, columns: list[str]) -> pl.DataFrame:
     return require_types(read_parquet(fs, path, label, columns), _TYPES, label)
 
 
+def _checked_unique(
+    df: pl.DataFrame, checks: list[Check], key: list[str], what: str, *, file: str, record: pl.Expr
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows passing ``checks``, the first of each ``key`` (a repeat is quarantined as a
+    repeated ``what`` in the field question_id), and the quarantine rows."""
+    df, bad = apply_checks(df, checks, source=KIND, file=file, record=record)
+    df, dup = drop_duplicates(
+        df, key, source=KIND, file=file, record=record, field="question_id", what=what
+    )
+    return df, pl.concat([bad, dup], how="vertical_relaxed")
+
+
 def _versions(df: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One row per (question, version): qid, qvar, text, input_id, dataset, source_instance_id."""
     n_options = pl.col("options").list.len()
-    df, bad = apply_checks(
+    df, bad = _checked_unique(
         df.with_columns(
             pl.col("question_id").cast(pl.Int64).alias("qid"), pl.col("qvar").cast(pl.Int64)
         ),
@@ -194,18 +206,10 @@ def _versions(df: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
                 "an option is null",
             ),
         ],
-        source=KIND,
-        file=file,
-        record=_qrecord(),
-    )
-    df, dup = drop_duplicates(
-        df,
         ["qid", "qvar"],
-        source=KIND,
+        "question",
         file=file,
         record=_qrecord(),
-        field="question_id",
-        what="question",
     )
     letter = pl.lit(LETTERS).str.slice(pl.int_range(pl.len()), 1)
     options = pl.col("options").list.eval(pl.format("{}. {}", letter, pl.element())).list.join("\n")
@@ -218,7 +222,7 @@ def _versions(df: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         .otherwise(pl.format("{}#v{}", "qid", "qvar")),
     )
     cols = ["qid", "qvar", "text", "input_id", "dataset", "source_instance_id"]
-    return df.select(cols), pl.concat([bad, dup], how="vertical_relaxed")
+    return df.select(cols), bad
 
 
 def _results(results: pl.DataFrame, versions: pl.DataFrame, file: str):
@@ -227,24 +231,16 @@ def _results(results: pl.DataFrame, versions: pl.DataFrame, file: str):
         pl.col("question_id").cast(pl.Int64).alias("qid"),
         pl.col("qvar").cast(pl.Int64).fill_null(0),
     )
-    results, bad = apply_checks(
+    results, bad = _checked_unique(
         results,
         [
             Check(pl.col("qid").is_null(), "question_id", "missing question_id"),
             Check(empty_text("model"), "model", "missing model name"),
         ],
-        source=KIND,
-        file=file,
-        record=_rrecord(),
-    )
-    results, dup = drop_duplicates(
-        results,
         ["qid", "model"],
-        source=KIND,
+        "result row (same question and model)",
         file=file,
         record=_rrecord(),
-        field="question_id",
-        what="result row (same question and model)",
     )
     joined = results.join(versions, on=["qid", "qvar"], how="left")
     missing = joined.filter(pl.col("input_id").is_null())
@@ -263,7 +259,7 @@ def _results(results: pl.DataFrame, versions: pl.DataFrame, file: str):
         value=pl.col("qid"),
     )
     kept = joined.filter(pl.col("input_id").is_not_null())
-    return kept, pl.concat([bad, dup, unmatched], how="vertical_relaxed")
+    return kept, pl.concat([bad, unmatched], how="vertical_relaxed")
 
 
 def _drop_same_text_repeats(results: pl.DataFrame, file: str):

@@ -38,15 +38,14 @@ from benchroute.transforms.ids import ModelNames
 from .source_files import (
     ROW,
     Check,
-    ParseFailure,
     apply_checks,
     base_name,
     drop_duplicates,
     empty_text,
-    iter_json_records,
     list_files,
     open_url,
     parent_name,
+    parsed_json_records,
     read_csv_strings,
     row_label,
     with_input_ids,
@@ -200,25 +199,17 @@ def _read_mt_bench(url: str, names: ModelNames) -> IngestResult:
     run_id = f"{KIND}:{base_name(url)}"
     turns: dict[tuple[str, str], dict[int, float]] = {}
     seen: dict[tuple, str] = {}
-    for record, item in iter_json_records(fs, path, url):
-        if isinstance(item, ParseFailure):
-            col.quarantine(url, record, None, item.reason, item.detail)
-            continue
+    for record, item in parsed_json_records(fs, path, url, col):
         parsed = _judgement(item, texts, col, url, record)
         if parsed is None:
             continue
         qid, model, turn, score = parsed
-        key = (qid, model, turn)
-        if key in seen:
-            col.quarantine(
-                url,
-                f"{record} (repeats {seen[key]})",
-                "question_id",
-                "duplicate judgement (same question, model and turn); the first is kept",
-                f"{qid}/{model}/turn {turn}",
-            )
+        if col.repeated(
+            seen, (qid, model, turn), url, record, "question_id",
+            "duplicate judgement (same question, model and turn); the first is kept",
+            f"{qid}/{model}/turn {turn}",
+        ):
             continue
-        seen[key] = record
         iid = col.add_input(
             texts[qid],
             dataset="mt_bench",
@@ -265,10 +256,7 @@ def _add_mean_scores(
 def _mt_bench_questions(fs, path: str, label: str, col: Collector) -> dict[str, str]:
     """question_id -> the question's turns joined by a blank line (bad questions quarantined)."""
     texts: dict[str, str] = {}
-    for record, item in iter_json_records(fs, path, label):
-        if isinstance(item, ParseFailure):
-            col.quarantine(label, record, None, item.reason, item.detail)
-            continue
+    for record, item in parsed_json_records(fs, path, label, col):
         qid = item.get("question_id") if isinstance(item, dict) else None
         turns = item.get("turns") if isinstance(item, dict) else None
         if qid is None:

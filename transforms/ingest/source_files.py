@@ -450,6 +450,18 @@ def iter_json_records(
         raise UnreadableSource(f"{label}: no valid JSON record in the file")
 
 
+def parsed_json_records(
+    fs: fsspec.AbstractFileSystem, path: str, label: str, col
+) -> Iterator[tuple[str, Any]]:
+    """``iter_json_records`` less its failures: each ``ParseFailure`` is quarantined on ``col``
+    (a ``Collector``) under ``label``, in its place in the stream, and skipped."""
+    for record, item in iter_json_records(fs, path, label):
+        if isinstance(item, ParseFailure):
+            col.quarantine(label, record, None, item.reason, item.detail)
+        else:
+            yield record, item
+
+
 def _iter_lines(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, Any]]:
     """Lines of a JSON Lines file, each parsed on its own (blank lines skipped)."""
     with fs.open(path, "rb") as f:
