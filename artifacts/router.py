@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,8 +230,7 @@ class Router:
                   if rel.startswith("predictor/") and rel.endswith(".npy")}
         pstate = bundle.json("predictor/params.json")
         labels = self.knn.Y_
-        if is_row_source(labels) and pstate.get("class", "").endswith("KNNPredictor") and not any(
-                k == "Y_" for k in arrays):  # a kNN predictor over the index needs it dense
+        if is_row_source(labels) and _needs_index(pstate):  # a kNN predictor over the index: dense
             labels = labels.unpack(np.float32)
         self.predictor = predictor_from_state(pstate, arrays, index=(self.knn.X_, labels))
         curve = pq.ParquetFile(io.BytesIO(bundle.files["routing/curve.parquet"])).read().to_pylist()
@@ -539,7 +539,8 @@ class Router:
         usd = self.expected_costs(self._tokens(tokens, 1, input_tokens))
         mask = self._mask(models, max_params_b, max_cost, usd[0])
         mask = self._priced_only(mask, (lam, delta, max_cost_share, max_quality_loss))
-        G, _ = self.predict(X)
+        with one_blas_thread(tokens is not None):  # just embedded here: torch's threads still spin
+            G, _ = self.predict(X)
         order = [j for j in policy.rank(G, self._relative(usd), point, allowed=mask,
                                         tiebreak=self._train_acc)[0] if mask[j]]
         g = G[0]
@@ -589,6 +590,43 @@ class Router:
             return pairs.calibrate(X, strong, weak, shares=shares, router=router)
         except ValueError as exc:
             raise RouteError(str(exc)) from exc
+
+
+def _needs_index(state) -> bool:
+    """Whether a predictor state (or one nested in it, e.g. a calibrated kNN) was stored without
+    its index (``fitted.include_index`` false) and so reads the bundle's."""
+    if isinstance(state, dict):
+        fitted = state.get("fitted")
+        if isinstance(fitted, dict) and fitted.get("include_index") is False:
+            return True
+        return any(_needs_index(v) for v in state.values())
+    if isinstance(state, list):
+        return any(_needs_index(v) for v in state)
+    return False
+
+
+_BLAS = None
+
+
+@contextmanager
+def one_blas_thread(active: bool = True):
+    """BLAS (numpy's search and predictor products) limited to one thread inside the block.
+
+    Right after the embedder's forward pass torch's OpenMP threads still spin on the cores; a
+    two-thread BLAS search then fights them for the 2 cores and a text route took 2.7× its floor
+    (forward pass + bare search) on the full-data bundle (benchmarks/bundle.py). One BLAS thread
+    runs beside them. Queries given as embeddings keep every BLAS thread (their search is faster
+    with two)."""
+    global _BLAS
+    if not active:
+        yield
+        return
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController  # comes with scikit-learn
+
+        _BLAS = ThreadpoolController()
+    with _BLAS.limit(limits=1, user_api="blas"):
+        yield
 
 
 def _num(x) -> float | None:

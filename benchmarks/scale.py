@@ -13,7 +13,9 @@ time and peak RSS are its own: ``os.wait4`` on the child):
    identity: ``benchroute embed`` has nothing to do);
 4. ``labels``: the store's labels table as today's dense n × M float32 matrix and bit-packed
    (``artifacts.label_pack.from_labels_frame``); checks both agree, reports bytes;
-5. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
+5. ``publish`` (``benchroute publish --no-evaluate``: fit, pack, index, publish) and ``route``: the
+   bundle's bytes, cold load + verify, single-query routing p50/p99 given an embedding;
+6. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
    them (float16): build time, serialised bytes, recall@10 on the held-out queries, single-query
    latency p50/p99 on one thread.
 
@@ -148,6 +150,33 @@ def measure_ann(synth_dir: str, out: str, k: int = 10, n_latency: int = 300) -> 
     Path(out).write_text(json.dumps(rows))
 
 
+def measure_route(store: str, synth_dir: str, out: str, name: str = "scale", n_queries: int = 300) -> None:
+    """The published bundle as a consumer meets it: bytes, cold load + verify, and single-query
+    routing given an embedding (the synthetic held-out queries), p50 / p99."""
+    from benchroute.artifacts.bundle import BundleStore
+    from benchroute.artifacts.router import load_router
+
+    bs = BundleStore(store)
+    root = bs.path(name, bs.ref(name))
+    size = sum(bs.fs.size(p) for p in bs.fs.find(root))
+    t0 = time.perf_counter()
+    router = load_router(store, name)
+    load = time.perf_counter() - t0
+    Q = np.load(Path(synth_dir) / "synth" / "queries.npy")[:n_queries]
+    router.route(Q[0])
+    lat = []
+    for q in Q:
+        t0 = time.perf_counter()
+        router.route(q)
+        lat.append(time.perf_counter() - t0)
+    search = router.manifest["parameters"].get("index_search", {})
+    Path(out).write_text(json.dumps({
+        "bundle_bytes": int(size), "load_s": round(load, 3), "index": search.get("kind"),
+        "recall@10": search.get("recall_at_10"), "dense_labels": not hasattr(router.knn.Y_, "rows"),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3)}))
+
+
 # ---------------------------------------------------------------------- driver
 def parse_size(text: str) -> tuple[int, int]:
     n, m = text.lower().replace("×", "x").split("x")
@@ -158,7 +187,8 @@ def mib(b: float) -> str:
     return f"{b / 2**20:,.1f}"
 
 
-def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int = 1) -> dict:
+def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int = 1,
+             bundle: bool = True) -> dict:
     tag = f"{n}x{m}"
     base = work / tag
     shutil.rmtree(base, ignore_errors=True)
@@ -183,6 +213,13 @@ def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int
                                                 str(lab)], env, log))
         res["labels"] = json.loads(lab.read_text())
         res["store_bytes"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        if bundle:
+            res["steps"].append(run_step("publish", [BENCHROUTE, "publish", "--store", str(store), "--name",
+                                                     "scale", "--no-evaluate"], env, log))
+            rt = base / "route.json"
+            res["steps"].append(run_step("route", [PY, __file__, "_route", str(store), str(syn), str(rt)],
+                                         env, log))
+            res["route"] = json.loads(rt.read_text())
     ann = base / "ann.json"
     res["steps"].append(run_step("ann", [PY, __file__, "_ann", str(syn), str(ann)], env, log))
     res["ann"] = json.loads(ann.read_text())
@@ -207,6 +244,14 @@ def print_tables(results: list[dict], project: list[tuple[int, int]]) -> None:
                         f"exact round trip {lab.get('round_trip_exact')}, "
                         f"10 rows {lab['rows_10_ms']} ms")
             print(f"{r['size']:>14} {s['step']:>8} {s['seconds']:>9.2f} {s['peak_rss_mib']:>13,.0f}  {note}")
+    print("\n## The published bundle (publish --no-evaluate; route given an embedding, one process)\n")
+    print(f"{'size':>14} {'bundle MiB':>11} {'index':>6} {'recall@10':>10} {'load s':>7} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in results:
+        if "route" in r:
+            b = r["route"]
+            rec = "-" if b["recall@10"] is None else f"{b['recall@10']:.4f}"
+            print(f"{r['size']:>14} {mib(b['bundle_bytes']):>11} {b['index']:>6} {rec:>10} {b['load_s']:>7.2f} "
+                  f"{b['p50_ms']:>7.2f} {b['p99_ms']:>7.2f}")
     print("\n## Labels in the bundle: float32 n × M (today) vs bit-packed (value + known bits)\n")
     print(f"{'size':>14} {'labels':>13} {'float32 MiB':>12} {'packed MiB':>11} {'ratio':>6}")
     seen = set()
@@ -237,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_ann":
         measure_ann(*argv[1:3])
         return 0
+    if argv and argv[0] == "_route":
+        measure_route(*argv[1:4])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10000x100,20000x500",
                     help="comma-separated NxM to run end to end ('' for none)")
@@ -245,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="sizes for the label-size projection")
     ap.add_argument("--work", help="work folder (default: a temporary one, removed)")
     ap.add_argument("--threads", type=int, default=1, help="threads per step (BLAS, polars)")
+    ap.add_argument("--no-bundle", action="store_true", help="skip publish and the routing measurement")
     ap.add_argument("--json", help="write every measurement here")
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="benchroute-scale-"))
@@ -253,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in filter(None, a.sizes.split(",")):
             n, m = parse_size(text)
             print(f"running {n}x{m} …", file=sys.stderr, flush=True)
-            results.append(run_size(n, m, work, threads=a.threads))
+            results.append(run_size(n, m, work, threads=a.threads, bundle=not a.no_bundle))
         for text in filter(None, a.ann_sizes.split(",")):
             n = int(float(text))
             print(f"running ANN only at {n} …", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ def bundles(embedded_sample_store):
     store = embedded_sample_store
     publish_store(store, "exact-scan", evaluate=False, index_search="exact")
     publish_store(store, "hnsw", evaluate=False, index_search="hnsw")
+    publish_store(store, "knn", evaluate=False, index_search="exact", predictor="knn_shrunk")
     return store
 
 
@@ -38,10 +39,11 @@ def test_labels_are_packed_and_read_back_exactly(bundles):
     assert b.manifest["parameters"]["index_search"] == {"kind": "exact"}
 
 
-def test_packed_read_path_answers_like_the_dense_one(bundles, monkeypatch):
-    dense = load_router(bundles, "exact-scan")
+@pytest.mark.parametrize("name", ["exact-scan", "knn"])  # the MLP predictor; a kNN one over the index
+def test_packed_read_path_answers_like_the_dense_one(bundles, monkeypatch, name):
+    dense = load_router(bundles, name)
     monkeypatch.setattr(router_mod, "DENSE_LABEL_CELLS", 0)  # as a leaderboard-size bundle loads
-    packed = load_router(bundles, "exact-scan")
+    packed = load_router(bundles, name)
     assert is_row_source(packed.knn.Y_)
     X = dense.knn.X_[::37][:30]
     for x in X:
