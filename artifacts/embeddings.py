@@ -42,6 +42,30 @@ def embedders(store: Store) -> list[str]:
     return [t[len(prefix) :] for t in store.tables() if t.startswith(prefix)]
 
 
+
+class EmbedderChoiceError(ValueError):
+    """No stored embedder matches what was asked for (the message names what is stored)."""
+
+
+def pick_embedder(stored: Store | Sequence[str], embedder: str | None = None) -> str:
+    """The embedder id to use: the one asked for (an id or a name prefix such as
+    ``sentence-transformers/all-MiniLM-L6-v2``) or the only one stored. ``stored``: a store (its
+    embedders; messages name it) or the stored ids themselves."""
+    where = f"{stored.url}: " if isinstance(stored, Store) else ""
+    ids = embedders(stored) if isinstance(stored, Store) else list(stored)
+    if not ids:
+        raise EmbedderChoiceError(f"{where}no embeddings yet (run `benchroute embed` first)")
+    if embedder:
+        slug = embedder.lower().replace("_", "-").replace("/", "-")
+        match = [i for i in ids if i == embedder or i.startswith(slug)]
+        if not match:
+            raise EmbedderChoiceError(f"{where}no embeddings of {embedder!r}; stored: {ids}")
+        return sorted(match)[-1]
+    if len(ids) > 1:
+        raise EmbedderChoiceError(f"{where}several embedders stored, pick one of {ids}")
+    return ids[0]
+
+
 # --------------------------------------------------------------------------- write
 def vectors_frame(
     identity: EmbedderIdentity, ids: Sequence[str], vectors: np.ndarray

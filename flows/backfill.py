@@ -19,95 +19,40 @@ import argparse
 import json
 import sys
 import time
-from typing import Annotated
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
 
-from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.bundle import BundleStore
-from benchroute.artifacts.store import Store
-from benchroute.flows.ingest import cards_task, ingest_flow, relabel_task
-from benchroute.flows.pipeline import (
-    MIN_PARTITION,
-    Selection,
-    cache_storage,
-    embed_step,
-    publish_artifacts,
-    refit_step,
-    select_frames,
-    selected_ids,
-    transient_io,
-)
-from benchroute.flows.refresh import (
+from benchroute.artifacts.router_build import Selection
+from benchroute.artifacts.stages.backfill import backfill_plan, plan_markdown
+from benchroute.flows.ingest import ingest_flow
+from benchroute.flows.params import (
+    WEIGHTS,
+    BatchSize,
     BundleName,
     IndexDtype,
     Kind,
+    Partitions,
     Positive,
     Precision,
     Url,
     Weights,
+    kind_option,
 )
+from benchroute.flows.pipeline import (
+    cards_task,
+    embed_step,
+    evaluation_status,
+    publish_artifacts,
+    refit_step,
+    relabel_task,
+)
+from benchroute.flows.runtime import cache_storage, transient_io
 from benchroute.flows.scale import task_runner
-from benchroute.transforms.ids import glob_expr
-from benchroute.transforms.ingest import discover, find_cards
-from benchroute.transforms.lodo_groups import lodo_groups
 from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
-
-
-def backfill_plan(
-    store_url: str, paths: list[str], sel: Selection, embedder: str, *, kinds=None,
-    partitions: int = 4, relabel: bool = False, name: str = "default",
-) -> dict:
-    """What a backfill would do, from the dumps' fingerprints and the store as it is now."""
-    from benchroute.transforms.embedder import resolve
-
-    store = Store(store_url)
-    units = discover(paths, kinds) if paths else []  # a path with no known layout is an error
-    known = set(store.units().values())
-    new = [u.key for u in units if u.fingerprint not in known]
-    _, identity = resolve(embedder)
-    ids = selected_ids(store_url, sel)
-    if ids is None:
-        ids = store.read("inputs", columns=["input_id"])["input_id"].unique()
-    present = emb_store.present_ids(store, identity)
-    missing = int((~ids.is_in(present.implode())).sum() or 0)
-    labels, memberships, _ = select_frames(store, sel)
-    all_labels = store.read("labels", columns=["dataset", "model"])
-    unmatched = {}
-    for what, col in (("datasets", "dataset"), ("models", "model"), ("exclude_models", "model")):
-        for pattern in getattr(sel, what) or ():
-            if all_labels.filter(glob_expr(col, [pattern])).height == 0:
-                unmatched.setdefault(what, []).append(pattern)
-    have = set(memberships["source"].unique().to_list())
-    if [s for s in sel.sources or () if s not in have]:
-        unmatched["sources"] = [s for s in sel.sources if s not in have]
-    groups = lodo_groups(labels, memberships, exclude_models=list(sel.exclude_models or []))
-    return {
-        "store": store_url,
-        "ingest": {"dumps": len(units), "new": new, "already_in_store": len(units) - len(new)},
-        "relabel": relabel,
-        "embed": {
-            "embedder_id": identity.id,
-            "inputs_without_vector_now": missing,
-            "partitions": max(1, min(partitions, -(-missing // MIN_PARTITION))) if missing else 0,
-            "note": "inputs of new dumps are counted once they are read" if new else None,
-        },
-        "bundle": {
-            "name": name,
-            "versions_now": len(BundleStore(store_url).versions(name)),
-            "selection": sel.to_dict(),
-            "datasets": sorted(labels["dataset"].unique().to_list()),
-            "models": sorted(labels["model"].unique().to_list()),
-            "inputs": labels["input_id"].n_unique(),
-            "groups": {g.name: g.skipped or f"{len(g.datasets)} datasets x {len(g.models)} models"
-                       for g in groups},
-        },
-        "unmatched": unmatched,
-    }
+from benchroute.transforms.ingest import find_cards
 
 
 @task(name="plan-backfill", cache_policy=NO_CACHE, persist_result=False, retries=2,
@@ -116,29 +61,6 @@ def backfill_plan_task(store: str, paths: list[str], selection: Selection, embed
                        kinds, partitions: int, relabel: bool, name: str) -> dict:
     return backfill_plan(store, paths, selection, embedder, kinds=kinds, partitions=partitions,
                          relabel=relabel, name=name)
-
-
-def _plan_markdown(plan: dict) -> str:
-    b = plan["bundle"]
-    lines = [
-        "# backfill: dry run (nothing written)", "",
-        f"- store `{plan['store']}`",
-        f"- ingest: {len(plan['ingest']['new'])} new run dumps of {plan['ingest']['dumps']}"
-        + "".join(f"\n  - `{k}`" for k in plan["ingest"]["new"][:50]),
-        f"- relabel: {plan['relabel']}",
-        *([f"- model cards: {'would change' if plan['cards']['changed'] else 'unchanged'} "
-           f"(card files: {', '.join(plan['cards']['files']) or 'the shipped defaults only'})"]
-          if plan.get("cards") else []),
-        f"- embed with `{plan['embed']['embedder_id']}`: {plan['embed']['inputs_without_vector_now']:,} "
-        f"inputs without a vector now, in {plan['embed']['partitions']} partitions"
-        + (f" ({plan['embed']['note']})" if plan["embed"]["note"] else ""),
-        f"- bundle **{b['name']}** ({b['versions_now']} versions now): {len(b['models'])} models, "
-        f"{len(b['datasets'])} datasets, {b['inputs']:,} inputs (from the store as it is now)",
-        *[f"  - group {g}: {v}" for g, v in sorted(b["groups"].items())],
-    ]
-    if plan["unmatched"]:
-        lines.append(f"- **match nothing**: {plan['unmatched']}")
-    return "\n".join(lines)
 
 
 @flow(name="backfill", task_runner=task_runner(0), log_prints=False)
@@ -152,11 +74,11 @@ def backfill_flow(
     exclude_models: list[str] | None = None,
     embedder: str = DEFAULT_EMBEDDER,
     precision: Precision = "auto",
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64,
+    batch_size: BatchSize = 64,
     k: Positive = 10,
     weights: Weights = "uniform",
     index_dtype: IndexDtype = "float16",
-    partitions: Annotated[int, Field(ge=1, le=1024)] = 4,
+    partitions: Partitions = 4,
     embed_concurrency: Positive = 1,
     embed_threads: Positive | None = None,
     relabel: bool = False,
@@ -181,7 +103,7 @@ def backfill_flow(
     cards = find_cards(paths)
     plan["cards"] = cards_task(store, cards, model_cards, write=False)  # a bad card fails here
     if dry_run:
-        create_markdown_artifact(key="backfill-plan", markdown=_plan_markdown(plan),
+        create_markdown_artifact(key="backfill-plan", markdown=plan_markdown(plan),
                                  description="what the backfill would do")
         log.info("dry run: %s", json.dumps(plan, default=str)[:4000])
         return {"dry_run": True, "plan": plan, "seconds": round(time.perf_counter() - t0, 2)}
@@ -208,8 +130,7 @@ def backfill_flow(
         "plan": plan,
         "ingest": ingest,
         "embed": embed,
-        "evaluation": {s: sorted(g for g, v in refit["groups"].items() if v == s)
-                       for s in ("ran", "cached", "skipped")},
+        "evaluation": evaluation_status(refit),
         "published": refit["published"],
         "bundle": refit["bundle"],
         "seconds": round(time.perf_counter() - t0, 2),
@@ -231,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="*", help="run dumps to ingest (folders, files, fsspec URLs)")
     ap.add_argument("--store", required=True)
     ap.add_argument("--name", default="default")
-    ap.add_argument("--source", action="append", dest="sources", help="only these sources")
+    kind_option(ap, "only these source kinds: their readers ingest, their data is published")
     ap.add_argument("--dataset", action="append", dest="datasets", help="name or glob")
     ap.add_argument("--model", action="append", dest="models", help="name or glob")
     ap.add_argument("--exclude-model", action="append", dest="exclude_models")
     ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
+    ap.add_argument("--aliases", default=None, help="CSV of model aliases (as for ingest)")
+    ap.add_argument("--k", type=int, default=10, help="neighbours of the kNN router (default 10)")
+    ap.add_argument("--weights", choices=WEIGHTS, default="uniform")
     ap.add_argument("--relabel", action="store_true")
     ap.add_argument("--rules", default=None)
     ap.add_argument("--models", dest="model_cards", default=None,
@@ -252,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     r = run(
         store=args.store, paths=args.paths, name=args.name, sources=args.sources,
         datasets=args.datasets, models=args.models, exclude_models=args.exclude_models,
-        embedder=args.embedder, relabel=args.relabel, rules=args.rules, force=args.force,
+        embedder=args.embedder, relabel=args.relabel, rules=args.rules, aliases=args.aliases,
+        k=args.k, weights=args.weights, force=args.force,
         dry_run=args.dry_run, model_cards=args.model_cards,
         **scale_parameters(args.dask_workers, address=args.dask_address),
     )
     if r["dry_run"]:
-        print(_plan_markdown(r["plan"]))
+        print(plan_markdown(r["plan"]))
         return 0
     b = r["bundle"]
     print(("published " if r["published"] else "unchanged, latest stays ")

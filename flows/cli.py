@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import polars as pl
 
+from benchroute.flows.params import INDEX_DTYPES, WEIGHTS, kind_option
+from benchroute.flows.runtime import command_name
+from benchroute.transforms.embed import PRECISIONS
 from benchroute.transforms.predictors import PREDICTORS
 
 PREDICTOR_NAMES = sorted(PREDICTORS)
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ingest", help="ingest benchmark dumps into a store (Prefect flow)")
     p.add_argument("sources", nargs="+", help="files or folders (fsspec URLs) holding run dumps")
     p.add_argument("--store", required=True, help="store root (local path, memory://, s3://…)")
-    p.add_argument("--kind", action="append", dest="kinds", help="only these source kinds")
+    kind_option(p, "only these source kinds (readers)", dest="kinds")
     p.add_argument("--aliases", help="CSV of model aliases (alias,model[,display_name,params_b])")
     p.add_argument("--rules", help="JSON of binarization rules")
     p.add_argument("--models", dest="model_cards",
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("embed", help="embed every input that has no vector yet (Prefect flow)")
     p.add_argument("--store", required=True)
     p.add_argument("--embedder", default=None, help="embedder name (default all-MiniLM-L6-v2)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--batch-size", type=int, default=64)
 
     p = sub.add_parser("evaluate", help="leave-one-dataset-out evaluation with a report (Prefect flow)")
@@ -54,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder (fsspec URL) for the Parquet/Markdown/HTML report")
     p.add_argument("--embedder", default=None, help="embedder id or name (default: the one stored)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
+    p.add_argument("--weights", choices=WEIGHTS, default="uniform")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", action="append", dest="sources", help="only these sources")
+    kind_option(p, "only these source kinds' data")
     p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
     p.add_argument("--predictor", action="append", dest="predictors", default=None, choices=PREDICTOR_NAMES,
                    help="predictors whose cost-aware routers are evaluated (default: knn and the default)")
@@ -69,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("publish", help="fit the router and publish a bundle version (Prefect flow)")
     p.add_argument("--store", required=True)
     p.add_argument("--name", default="default", help="bundle name (default: default)")
-    p.add_argument("--source", action="append", dest="sources", help="only these sources' data")
+    kind_option(p, "only these source kinds' data")
     p.add_argument("--exclude-model", action="append", dest="exclude_models", default=None)
     p.add_argument("--embedder", default=None)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--weights", choices=["uniform", "distance"], default="uniform")
-    p.add_argument("--index-dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--weights", choices=WEIGHTS, default="uniform")
+    p.add_argument("--index-dtype", choices=INDEX_DTYPES, default="float16")
     p.add_argument("--index-search", choices=["auto", "exact", "hnsw"], default="auto",
                    help="nearest-neighbour search of the served router: exact scan, an HNSW graph "
                         "(recall reported in the manifest), or auto (HNSW above 50,000 index rows)")
@@ -219,20 +221,6 @@ def pair_options(p, required: bool = False) -> None:
     p.add_argument("--strong", required=required, help="a strong/weak decision: the strong (costly) model")
     p.add_argument("--weak", required=required, help="the weak (cheap) model")
     p.add_argument("--pair-router", default=None, help="which pair router (default: the bundle's)")
-
-
-def command_name() -> str:
-    """How to call ``benchroute`` from here: the venv's script when it is not on PATH."""
-    import shutil
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("benchroute")
-    if exe.exists() and shutil.which("benchroute") != str(exe):
-        try:
-            return os.path.relpath(exe)
-        except ValueError:
-            return str(exe)
-    return "benchroute"
 
 
 def _publish(args) -> int:

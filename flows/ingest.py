@@ -1,82 +1,20 @@
 """The ``ingest`` Prefect flow: source dumps -> validated canonical tables -> labels.
 
-Thin wiring only: discovery and reading live in ``transforms.ingest``, range checks and labels in
-``transforms.binarize``, storage in ``artifacts.store``.
+Wiring only: discovery, reading, committing and labels are ``artifacts.stages.ingest``; the
+store's model card is ``artifacts.model_cards`` (``flows.pipeline.cards_task``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import polars as pl
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from tqdm.auto import tqdm
 
-from benchroute import code_version
-from benchroute.artifacts.model_cards import sync_cards
-from benchroute.faults import crash_point
-from benchroute.artifacts.store import Appender, Store, concat_tables
-from benchroute.schemas import empty
-from benchroute.transforms import binarize as bz
-from benchroute.transforms.fingerprints import digest
-from benchroute.transforms.ids import ModelNames
-from benchroute.transforms.ingest import (
-    Unit,
-    UnreadableSource,
-    account,
-    discover,
-    find_cards,
-    read_unit,
-)
-
-# Commit after this many outcome rows (or at the end): a crash keeps every committed batch.
-BATCH_OUTCOME_ROWS = 250_000
-# Not a table: the readers' main-metric hints, kept in the ingest commit's info for relabelling.
-MAIN_METRICS = "main_metrics"
-
-
-@dataclass
-class IngestSummary:
-    """What one ingest run did, per source, plus the units it skipped or could not read.
-
-    ``not_benchmark``: files under the sources that no reader took (path -> why); ``ignored``:
-    side files a format documents as not read (path -> rule). With the units and the model
-    cards, they account for every file under the sources.
-    """
-
-    store: str
-    units_found: int = 0
-    units_skipped: int = 0
-    units_failed: dict[str, str] = field(default_factory=dict)
-    not_benchmark: dict[str, str] = field(default_factory=dict)
-    ignored: dict[str, str] = field(default_factory=dict)
-    added: dict[str, dict[str, int]] = field(default_factory=dict)
-    labels: int = 0
-    relabelled: str | None = None  # why the labels were recomputed (None: they were current)
-    cards: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def add(self, source: str, counts: dict[str, int]) -> None:
-        row = self.added.setdefault(source, {})
-        for k, v in counts.items():
-            row[k] = row.get(k, 0) + v
-
-    def to_dict(self) -> dict:
-        return {
-            "store": self.store,
-            "units_found": self.units_found,
-            "units_skipped": self.units_skipped,
-            "units_failed": self.units_failed,
-            "not_benchmark": self.not_benchmark,
-            "ignored": self.ignored,
-            "added": self.added,
-            "labels": self.labels,
-            "relabelled": self.relabelled,
-            "cards": self.cards,
-            "seconds": round(self.seconds, 2),
-        }
+from benchroute.artifacts.stages import ingest as stage
+from benchroute.artifacts.store import Store
+from benchroute.flows.pipeline import cards_task, relabel_task
+from benchroute.transforms.ingest import Unit, discover, find_cards
 
 
 @task(retries=2, retry_delay_seconds=2)
@@ -86,79 +24,9 @@ def discover_task(sources: list[str], kinds: list[str] | None) -> list[Unit]:
 
 @task(retries=2, retry_delay_seconds=2, persist_result=False)
 def read_task(unit: Unit, aliases: str | None, rules: str | None) -> dict[str, pl.DataFrame] | str:
-    """One unit -> canonical frames, with out-of-range values moved to quarantine.
-
-    A unit that cannot be parsed at all is an expected outcome, not a task failure: its error
-    message is returned instead (retries are for I/O errors only).
-    """
-    try:
-        result = read_unit(unit, ModelNames.load(aliases))
-    except UnreadableSource as exc:
-        return str(exc)
-    tables = result.tables()
-    in_range, bad = bz.check_ranges(tables["outcomes"], bz.load_rules(rules), file=unit.url)
-    tables["outcomes"] = in_range
-    tables["quarantine"] = pl.concat([tables["quarantine"], bad], how="vertical_relaxed")
-    hints = getattr(result, "main_metrics", ())  # a reader's main-metric hints (HELM schemas)
-    if hints:
-        tables[MAIN_METRICS] = pl.DataFrame(
-            list(hints), schema=["dataset", "metric", "origin"], orient="row"
-        )
-    return tables
-
-
-@task(retries=2, retry_delay_seconds=2, persist_result=False)
-def relabel_task(store: str, rules: str | None) -> int:
-    """Recompute the labels table from every outcome in the store (replaces the old one)."""
-    s = Store(store)
-    basis = labels_basis(s, rules)  # before reading: a later append makes the labels stale
-    outcomes = s.read("outcomes")
-    hints = bz.main_metric_hints(s.commits())
-    rule_list = bz.effective_rules(outcomes, bz.load_rules(rules), hints)
-    labels = bz.binarize(outcomes, rule_list)
-    s.commit(
-        replace={"labels": labels},
-        info={"kind": "labels", "basis": basis, "rules": bz.rules_to_json(rule_list),
-              "code_version": code_version()},
-    )
-    crash_point("ingest.labelled")
-    return labels.height
-
-
-def labels_basis(store: Store, rules: str | None, commits=None) -> str:
-    """What the labels are derived from: the outcomes' parts (immutable, so their names stand
-    for their content), the rules asked for and the readers' main-metric hints. Recorded in the
-    labels commit (``info["basis"]``) so that any run can tell stale labels from current ones."""
-    commits = store.commits() if commits is None else commits
-    hints = [c.info[MAIN_METRICS] for c in commits if c.info.get(MAIN_METRICS)]
-    return digest(store.parts("outcomes", commits), bz.rules_to_json(bz.load_rules(rules)), hints)
-
-
-def stale_labels(store: Store, rules: str | None) -> str | None:
-    """Why the stored labels are not those of the store's outcomes under ``rules``, or None.
-
-    Labels are a derived table written by a commit of their own after the outcomes' commits; a
-    run killed in between (or a change of rules) leaves them stale, and the next ingest or
-    refresh recomputes them whether or not it has new units."""
-    commits = store.commits()
-    last = next((c for c in reversed(commits) if "labels" in c.replace), None)
-    if last is None:
-        return "no labels yet" if store.parts("outcomes", commits) else None
-    basis = last.info.get("basis")
-    if basis is None:  # labels from before bases were recorded: outcomes committed since?
-        later = any(c.seq > last.seq and ("outcomes" in c.append or "outcomes" in c.replace)
-                    for c in commits)
-        return "outcomes were committed after the labels" if later else None
-    if basis != labels_basis(store, rules, commits):
-        return "the labels are not those of the stored outcomes and these rules"
-    return None
-
-
-@task(cache_policy=NO_CACHE, persist_result=False)
-def cards_task(store: str, found: list[str], models: str | None, write: bool = True) -> dict:
-    """The store's model card from the defaults, ``found`` card files and the ``models`` card
-    (``artifacts.model_cards.sync_cards``); a bad card fails the run, naming file, row and field."""
-    return sync_cards(store, found, models, write=write)
+    """One unit -> canonical frames (``stage.read_tables``); an unparseable unit's message is a
+    result, not a failure (retries are for I/O errors only)."""
+    return stage.read_tables(unit, aliases, rules)
 
 
 @flow(name="ingest", log_prints=False)
@@ -183,97 +51,32 @@ def ingest_flow(
     """
     log = get_run_logger()
     t0 = time.perf_counter()
-    summary = IngestSummary(store=store)
+    summary = stage.IngestSummary(store=store)
     target = Store(store)
     cards = find_cards(sources)
     cards_task(store, cards, model_cards, write=False)
     if units is None:
         units = discover_task(sources, kinds)
-    summary.units_found = len(units)
-    files = account(sources, units, kinds)
-    summary.not_benchmark, summary.ignored = files.not_benchmark, files.ignored
-    for path, why in files.not_benchmark.items():
+    plan = stage.plan_ingest(target, sources, units, kinds)
+    summary.units_found, summary.units_skipped = len(plan.units), plan.skipped
+    summary.not_benchmark, summary.ignored = plan.not_benchmark, plan.ignored
+    for path, why in plan.not_benchmark.items():
         log.warning("not a benchmark layout: %s: %s", path, why)
-    done_prints = set(target.units().values())
-    todo = [u for u in units if u.fingerprint not in done_prints]
-    summary.units_skipped = len(units) - len(todo)
-    log.info("found %d units, %d already ingested, %d to read", len(units), summary.units_skipped, len(todo))
+    log.info("found %d units, %d already ingested, %d to read", len(plan.units), plan.skipped,
+             len(plan.todo))
 
-    if todo:
-        appender = Appender(target)
-        pending: list[tuple[Unit, dict[str, pl.DataFrame]]] = []
-        futures = [(u, read_task.submit(u, aliases, rules)) for u in todo]
-        bar = tqdm(total=len(todo), unit="unit", desc="ingest", disable=not progress)
-        for unit, future in futures:
-            try:
-                tables = future.result()
-            except Exception as exc:  # noqa: BLE001 - retries spent on an I/O error: not committed
-                summary.units_failed[unit.key] = (
-                    f"{unit.url}: {type(exc).__name__}: {exc} (not committed: read again next run)"
-                )
-                log.warning("could not read %s: %r", unit.url, exc)
-                bar.update(1)
-                continue
-            if isinstance(tables, str):
-                summary.units_failed[unit.key] = tables
-                log.warning("could not read %s: %s", unit.url, tables)
-                tables = {"quarantine": _unreadable_row(unit, tables)}
-            pending.append((unit, tables))
-            bar.update(1)
-            if sum(t["outcomes"].height for _, t in pending if "outcomes" in t) >= BATCH_OUTCOME_ROWS:
-                _commit(appender, pending, summary, log)
-                pending = []
-        bar.close()
-        _commit(appender, pending, summary, log)
-    summary.relabelled = stale_labels(target, rules)
+    if plan.todo:
+        futures = [(u, read_task.submit(u, aliases, rules)) for u in plan.todo]
+        stage.commit_reads(target, ((u, f.result) for u, f in futures), summary, log,
+                           progress=progress)
+    summary.relabelled = stage.stale_labels(target, rules)
     if summary.relabelled:
-        if not todo:
+        if not plan.todo:
             log.warning("relabelling: %s (a run killed before its relabel?)", summary.relabelled)
         summary.labels = relabel_task(store, rules)
     else:
-        summary.labels = target.read("labels", columns=["y"]).height
+        summary.labels = stage.label_count(target)
     summary.cards = cards_task(store, cards, model_cards)
     summary.seconds = time.perf_counter() - t0
     log.info("ingest done in %.1f s: %s", summary.seconds, summary.to_dict())
     return summary.to_dict()
-
-
-def _unreadable_row(unit: Unit, message: str) -> pl.DataFrame:
-    """The quarantine record for a unit that could not be parsed at all (kept until it changes)."""
-    row = {
-        "source": unit.kind,
-        "file": unit.url,
-        "record": None,
-        "field": None,
-        "reason": f"unreadable: {message}",
-        "value": None,
-    }
-    return pl.DataFrame([row], schema=empty("quarantine").schema)
-
-
-def _commit(appender: Appender, pending, summary: IngestSummary, log) -> None:
-    if not pending:
-        return
-    t0 = time.perf_counter()
-    rows = sum(t["outcomes"].height for _, t in pending if "outcomes" in t)
-    tables = concat_tables(t for _, t in pending)
-    info = {"kind": "ingest", "units": [u.key for u, _ in pending], "code_version": code_version()}
-    if MAIN_METRICS in tables:
-        hints = tables.pop(MAIN_METRICS).unique(maintain_order=True)
-        info[MAIN_METRICS] = [list(r) for r in hints.rows()]
-    fresh = appender.append(tables, units={u.key: u.fingerprint for u, _ in pending}, info=info)
-    crash_point("ingest.appended")
-    for unit, _ in pending:
-        summary.add(unit.kind, {"units": 1})
-    for name in ("memberships", "outcomes", "quarantine"):
-        for source, n in fresh[name].group_by("source").len().iter_rows():
-            summary.add(source, {f"new_{name}": n})
-    summary.add("_total", {"new_inputs": fresh["inputs"].height, "new_models": fresh["models"].height})
-    log.info(
-        "committed %d units: %d new inputs, %d new outcomes (%d read) in %.1f s",
-        len(pending),
-        fresh["inputs"].height,
-        fresh["outcomes"].height,
-        rows,
-        time.perf_counter() - t0,
-    )

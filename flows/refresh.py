@@ -5,7 +5,7 @@ folders or files, and on each run:
 
 1. finds the dumps whose content fingerprint the store does not hold (``transforms.ingest``);
 2. ingests them (the ``ingest`` flow, as a subflow; labels are recomputed);
-3. embeds only the inputs without a vector, in partitions (``flows.pipeline``);
+3. embeds only the inputs without a vector, in partitions (``flows.pipeline.embed_step``);
 4. evaluates only the source groups whose data changed (the others are cached by fingerprint);
 5. fits and publishes a new bundle version only when the data changed.
 
@@ -18,34 +18,39 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import Field
 
+from benchroute.artifacts.router_build import Selection
+from benchroute.artifacts.stages.ingest import new_units, stale_labels
 from benchroute.artifacts.store import Store
-from benchroute.flows.ingest import cards_task, ingest_flow, stale_labels
+from benchroute.flows.ingest import ingest_flow
+from benchroute.flows.params import (
+    BatchSize,
+    BundleName,
+    IndexDtype,
+    Kind,
+    Partitions,
+    Positive,
+    Precision,
+    Url,
+    Weights,
+    kind_option,
+)
 from benchroute.flows.pipeline import (
-    Selection,
-    cache_storage,
+    cards_task,
     discover_landing_task,
     embed_step,
+    evaluation_status,
     publish_artifacts,
     refit_step,
 )
+from benchroute.flows.runtime import cache_storage, command_name
 from benchroute.flows.scale import task_runner
-from benchroute.transforms.ingest import find_cards
+from benchroute.transforms.embed import PRECISIONS
 from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
-
-# Parameter types: Prefect validates a run's parameters against them before it starts.
-Kind = Literal["helm", "mmlu_pro", "alpaca_eval", "routellm", "mixinstruct", "long_table"]
-BundleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-Precision = Literal["auto", "bf16", "fp32"]
-Weights = Literal["uniform", "distance"]
-IndexDtype = Literal["float16", "float32"]
-Positive = Annotated[int, Field(ge=1)]
-Url = Annotated[str, Field(min_length=1)]
+from benchroute.transforms.ingest import find_cards
 
 
 @flow(name="refresh", task_runner=task_runner(0), log_prints=False)
@@ -55,11 +60,11 @@ def refresh_flow(
     name: BundleName = "default",
     embedder: str = DEFAULT_EMBEDDER,
     precision: Precision = "auto",
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64,
+    batch_size: BatchSize = 64,
     k: Positive = 10,
     weights: Weights = "uniform",
     index_dtype: IndexDtype = "float16",
-    partitions: Annotated[int, Field(ge=1, le=1024)] = 4,
+    partitions: Partitions = 4,
     embed_concurrency: Positive = 1,
     embed_threads: Positive | None = None,
     kinds: list[Kind] | None = None,
@@ -85,8 +90,7 @@ def refresh_flow(
     timings: dict[str, float] = {}
 
     units = discover_landing_task(landing, kinds)
-    known = set(Store(store).units().values())
-    new = [u for u in units if u.fingerprint not in known]
+    new = new_units(Store(store), units)
     timings["discover"] = round(time.perf_counter() - t0, 2)
     if not units:
         log.warning("%s holds no benchmark run dumps yet", landing)
@@ -135,10 +139,7 @@ def refresh_flow(
         "ingest": ingest,
         "cards": ingest["cards"] if ingest else card,
         "embed": embed,
-        "evaluation": {
-            s: sorted(g for g, v in refit["groups"].items() if v == s)
-            for s in ("ran", "cached", "skipped")
-        },
+        "evaluation": evaluation_status(refit),
         "fit_cached": refit.get("fit_cached"),
         "published": refit["published"],
         "bundle": refit["bundle"],
@@ -179,8 +180,6 @@ def print_summary(s: dict, store: str) -> None:
         state = "published new version " if s["published"] else "data unchanged; latest stays "
     print(state + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")
     print(f"bundle: {b['url']}")
-    from benchroute.flows.cli import command_name
-
     cmd = command_name()
     print(f'route a query:  {cmd} route --bundle {store} --name {b["name"]} "your question"')
     print(f"serve over HTTP: {cmd} serve --bundle {store} --name {b['name']}")
@@ -197,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True, help="store root (local path, s3://…)")
     ap.add_argument("--name", default="default", help="bundle name")
     ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    ap.add_argument("--kind", action="append", dest="kinds", help="only these source kinds")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto")
+    kind_option(ap, "only these source kinds (readers)", dest="kinds")
     ap.add_argument("--aliases", help="CSV of model aliases (as for ingest)")
     ap.add_argument("--rules", help="JSON of binarization rules (as for ingest)")
     ap.add_argument("--models", dest="model_cards",

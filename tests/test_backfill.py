@@ -13,7 +13,7 @@ from benchroute.artifacts.bundle import BundleStore, open_bundle
 from benchroute.artifacts.store import Store
 from benchroute.flows.backfill import backfill_flow
 from benchroute.artifacts.router_build import Selection, bundle_content
-from benchroute.flows.pipeline import evaluate_group, refit_plan
+from benchroute.artifacts.stages.evaluate import evaluate_group, refit_plan
 
 from conftest import SAMPLE
 from refresh_support import seed_vectors
@@ -76,9 +76,9 @@ def test_bad_selection_fails_clearly(store_copy):
 
 def test_bundle_builder_equals_publish_build_content(embedded_sample_store):
     """The refresh's bundle (evaluation per group, as its cached tasks compute it) is byte for
-    byte what ``flows.publish.build_content`` builds in one piece."""
+    byte what ``stages.fit.build_content`` (the ``publish`` flow) builds in one piece."""
     from benchroute.artifacts import embeddings as emb
-    from benchroute.flows.publish import build_content
+    from benchroute.artifacts.stages.fit import build_content
 
     eid = emb.embedders(Store(embedded_sample_store))[0]
     plan = refit_plan(embedded_sample_store, eid, Selection(), 10, "uniform")

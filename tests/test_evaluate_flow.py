@@ -10,7 +10,7 @@ import pytest
 
 from benchroute.artifacts.store import Store
 from benchroute.flows.cli import main as cli
-from benchroute.flows.evaluate import EvaluationError, evaluate_store, pick_embedder
+from benchroute.artifacts.stages.evaluate import EvaluationError, evaluate_store, pick_embedder
 from benchroute.transforms.lodo_groups import lodo_groups
 
 

@@ -207,7 +207,7 @@ def test_ingest_with_a_card_puts_it_in_the_store_with_its_fingerprint(carded_sto
 
 def test_a_changed_price_changes_the_fingerprint_and_the_data_key(carded_store, tmp_path):
     from benchroute.artifacts.router_build import Selection
-    from benchroute.flows.pipeline import data_key
+    from benchroute.artifacts.stages.fit import data_key
 
     store, card = carded_store
     store = _copy(store, tmp_path)

@@ -56,7 +56,7 @@ def test_win_data_uses_judge_scores_where_they_exist():
     data = win_data_from_frames(labels_frame())
     assert data.models == ["other", "strong", "weak"]
     assert data.score_datasets == ("mt_bench",)
-    s, w = data.model_index("strong"), data.model_index("weak")
+    s = data.model_index("strong")
     assert data.Q[3, s] == 9.5 and data.Y[3, s] == 1.0  # Q: the judge score, Y: the label
     wins = pair_wins(data, "strong", "weak")
     assert list(wins.rows) == [0, 1, 2, 3]

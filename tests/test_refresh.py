@@ -137,16 +137,16 @@ def test_killed_refresh_resumes_from_cached_results(tmp_path, embedded_sample_st
     child = tmp_path / "child.py"
     child.write_text(textwrap.dedent(f"""
         import os, signal, sys
-        from benchroute.flows import pipeline
+        from benchroute.artifacts.stages import evaluate as stage
         from benchroute.flows.refresh import refresh_flow
         calls = []
-        real = pipeline.evaluate_group
+        real = stage.evaluate_group
         def evaluate_group(*args, **kwargs):
             calls.append(args[2])
             if len(calls) == 2:  # the second group: die mid-way, no cleanup
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
-        pipeline.evaluate_group = evaluate_group
+        stage.evaluate_group = evaluate_group
         refresh_flow(landing={str(landing)!r}, store={store!r})
     """))
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-child")}

@@ -13,7 +13,7 @@ from benchroute.artifacts.bundle import open_bundle
 
 from benchroute.artifacts import embeddings as emb
 from benchroute.artifacts.store import Store
-from benchroute.flows import pipeline
+from benchroute.artifacts.stages import embed as embed_stage
 from benchroute.flows.refresh import refresh_flow
 from benchroute.flows.scale import scale_parameters, task_runner, with_task_runner
 
@@ -24,10 +24,10 @@ LEFT_OUT = 48  # embedded by each run, in two partitions
 
 @pytest.fixture(scope="module")
 def small_partitions():
-    old = pipeline.MIN_PARTITION
-    pipeline.MIN_PARTITION = 16  # two partitions out of a few dozen inputs
+    old = embed_stage.MIN_PARTITION
+    embed_stage.MIN_PARTITION = 16  # two partitions out of a few dozen inputs
     yield
-    pipeline.MIN_PARTITION = old
+    embed_stage.MIN_PARTITION = old
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from benchroute.artifacts.router_build import (
     select_frames,
 )
 from benchroute.artifacts.store import Store
-from benchroute.flows.evaluate import pick_embedder
+from benchroute.artifacts.embeddings import pick_embedder
 from benchroute.transforms import policy
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.model_cards import cards_for

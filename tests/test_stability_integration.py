@@ -111,7 +111,7 @@ def test_cli_inspect_stability(embedded_sample_store, capsys):
 
 
 def test_report_has_the_stability_section(embedded_sample_store, tmp_path):
-    from benchroute.flows.evaluate import evaluate_store
+    from benchroute.artifacts.stages.evaluate import evaluate_store
 
     out = tmp_path / "report"
     evaluate_store(embedded_sample_store, str(out), sources=["mmlu_pro"], routing_splits=(),

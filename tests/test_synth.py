@@ -93,7 +93,7 @@ def test_real_ingest_gives_exactly_the_generated_labels(generated, ingested):
 def test_vectors_written_into_the_store_make_embed_a_no_op(generated, ingested):
     from benchroute.artifacts import embeddings as emb_store
     from benchroute.artifacts.store import Store
-    from benchroute.flows.embed import plan_embedding
+    from benchroute.artifacts.stages.embed import plan_embedding
 
     out, _ = generated
     store, _ = ingested

@@ -3,7 +3,7 @@ precision, and the identity the vectors are stored under.
 
 Nothing here loads a model. The model runner (``benchroute.transforms.embedder``) turns a batch of
 texts into vectors; the store side (``benchroute.artifacts.embeddings``) reads and writes them;
-``benchroute.flows.embed`` wires the three.
+``benchroute.artifacts.stages.embed`` wires the three (the ``embed`` and ``refresh`` flows call it).
 """
 
 from __future__ import annotations

@@ -91,20 +91,6 @@ class PairEvalResult:
 
 
 # ------------------------------------------------------------------------------ data
-def pick_embedder(ids: Sequence[str], embedder: str | None = None) -> str:
-    if not ids:
-        raise PairError("the store has no embeddings (run `benchroute embed` first)")
-    if embedder:
-        slug = embedder.lower().replace("_", "-").replace("/", "-")
-        match = [i for i in ids if i == embedder or i.startswith(slug)]
-        if not match:
-            raise PairError(f"no embeddings of {embedder!r}; stored: {list(ids)}")
-        return sorted(match)[-1]
-    if len(ids) > 1:
-        raise PairError(f"several embedders stored, pick one of {list(ids)}")
-    return ids[0]
-
-
 def load_store_data(url: str, embedder: str | None = None, models: Sequence[str] | None = None,
                     datasets: Sequence[str] | None = None) -> tuple[WinData, np.ndarray]:
     """(WinData, X) of every labelled input with a vector (``datasets``: fnmatch patterns to keep)."""
@@ -112,7 +98,7 @@ def load_store_data(url: str, embedder: str | None = None, models: Sequence[str]
     from benchroute.artifacts.store import Store
 
     store = Store(url)
-    eid = pick_embedder(emb.embedders(store), embedder)
+    eid = emb.pick_embedder(emb.embedders(store), embedder)  # one embedder choice for every caller
     labels = store.read("labels")
     mem = store.read("memberships")
     if datasets:

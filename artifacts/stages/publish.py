@@ -1,0 +1,37 @@
+"""The publish stage: fit the router and publish it as a bundle version, by one path.
+
+``fit_and_publish`` builds the bundle (``stages.fit``, ``artifacts.router_build``) from a given
+evaluation and publishes it (``artifacts.bundle``: no new version when identical content is
+already published). The ``refresh`` and ``backfill`` flows call it with the evaluation of their
+cached per-group tasks; ``publish_store`` (the ``publish`` flow) with one computed here.
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchroute.artifacts.router_build import Selection, bundle_content, publish_content
+from benchroute.artifacts.stages.fit import FitOptions, fit_inputs
+
+
+def fit_and_publish(
+    store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict, *,
+    log=None, started: float | None = None, **router_parameters,
+) -> dict:
+    """Fit, build and publish; returns name, version, url, whether a new version was created,
+    files, bytes, seconds (``publish_content``). ``router_parameters``: ``k``, ``weights``,
+    ``index_dtype``… as ``bundle_content`` takes them (``FitOptions.router_parameters``)."""
+    t0 = time.perf_counter() if started is None else started
+    content = bundle_content(store_url, name, embedder_id, sel, evaluation, **router_parameters,
+                             log=log)
+    return publish_content(store_url, content, started=t0)
+
+
+def publish_store(store_url: str, name: str = "default", *, log=None, **options) -> dict:
+    """Evaluate every group of the selection, then ``fit_and_publish``; ``options``: the fields
+    of ``FitOptions``."""
+    t0 = time.perf_counter()
+    o = FitOptions(**options)
+    f = fit_inputs(store_url, o, log=log)
+    return fit_and_publish(store_url, name, f.embedder_id, f.selection, f.evaluation, log=log,
+                           started=t0, **o.router_parameters())
