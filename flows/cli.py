@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="target strong share (repeatable; default: the bundle's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = sub.add_parser("serve", help="HTTP service: /v1/route, /v1/score-task, /v1/bundle, /healthz")
+    p = sub.add_parser("serve", help="HTTP service: /v1/route, /v1/score-task, /v1/calibrate, /v1/bundle, /healthz")
     p.add_argument("--bundle", required=True, help="store URL")
     p.add_argument("--name", default="default")
     p.add_argument("--version", default="latest", help="'latest' follows new versions")
