@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
+
+from benchroute.io import npy_bytes
 from benchroute.transforms.knn import cosine_topk, normalize_rows
 
 Kind = Literal["auto", "exact", "hnsw"]
@@ -92,10 +94,6 @@ def rows_digest(prepared: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
 
 
 def _faiss():
@@ -147,7 +145,7 @@ class Index:
         """``<prefix>params.json`` and, for HNSW, the graph arrays as ``.npy`` (module doc)."""
         files = {f"{prefix}params.json": json.dumps(asdict(self.params), sort_keys=True).encode()}
         for name, a in graph_arrays(self).items():
-            files[f"{prefix}{name}.npy"] = _npy(a)
+            files[f"{prefix}{name}.npy"] = npy_bytes(a)
         return files
 
     def to_bytes(self) -> bytes:
@@ -159,7 +157,7 @@ class Index:
             for rel, data in sorted(self.to_files().items()):
                 name = "params.npy" if rel == "params.json" else rel
                 if rel == "params.json":
-                    data = _npy(np.frombuffer(data, np.uint8))
+                    data = npy_bytes(np.frombuffer(data, np.uint8))
                 z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
         return buf.getvalue()
 
@@ -336,15 +334,19 @@ def load_index(data: bytes | str | os.PathLike, X: np.ndarray, *, verify: bool =
 
 
 def recall_at_k(index: Index, X: np.ndarray, queries: np.ndarray, k: int = 10, *,
-                ef_search: int | None = None) -> float:
+                ef_search: int | None = None, own_rows: np.ndarray | None = None) -> float:
     """Mean share of each query's exact top-k rows (``transforms.knn.cosine_topk`` over ``X``)
-    that ``index`` returns in its top k."""
+    that ``index`` returns in its top k. ``own_rows``: each query's own index row, left out of
+    both answers (index rows used as queries stand for new queries near the data)."""
     Q = prepare(queries)
-    exact = cosine_topk(Q, prepare(X), k).indices
-    _, got = index.search(Q, k, ef_search=ef_search)
+    extra = 0 if own_rows is None else 1
+    exact = cosine_topk(Q, prepare(X), k + extra).indices
+    _, got = index.search(Q, k + extra, ef_search=ef_search)
+    own = np.full(len(Q), -1) if own_rows is None else np.asarray(own_rows)
     hits = total = 0
-    for e, g in zip(exact, got):
-        e = e[e >= 0]
-        hits += np.intersect1d(e, g[g >= 0]).size
+    for e, g, r in zip(exact, got, own):
+        e = e[(e >= 0) & (e != r)][:k]
+        g = g[(g >= 0) & (g != r)][:k]
+        hits += np.intersect1d(e, g).size
         total += e.size
     return hits / total if total else 1.0

@@ -30,7 +30,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 
 from benchroute.faults import crash_point
-from benchroute.io import atomic_put, exclusive_put, fresh_ls
+from benchroute.io import atomic_put, exclusive_put, fresh_ls, npy_bytes  # noqa: F401 (npy_bytes: the bundle's encoder, re-exported)
 from benchroute.schemas.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -72,10 +72,6 @@ def check_version(version, where: str = "") -> str:
 
 
 # ------------------------------------------------------------------------------ encoding
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 def parquet_bytes(df) -> bytes:

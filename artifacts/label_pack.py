@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchroute.io import npy_bytes
+
 BITORDER = "little"
 SUFFIXES = ("value", "known", "shape")
 EXTRA_SUFFIXES = ("extra_rows", "extra_cols", "extra_values")
@@ -55,10 +57,6 @@ def packed_width(n_models: int) -> int:
     return (int(n_models) + 7) // 8
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
 
 
 def _npy_load(data: bytes) -> np.ndarray:
@@ -255,14 +253,14 @@ class PackedLabels:
     def to_files(self, prefix: str = "") -> dict[str, bytes]:
         """``{prefix + name + ".npy": bytes}``; the exception files only when there are some."""
         files = {
-            f"{prefix}value.npy": _npy_bytes(self.value),
-            f"{prefix}known.npy": _npy_bytes(self.known),
-            f"{prefix}shape.npy": _npy_bytes(np.asarray(self.shape, dtype=np.int64)),
+            f"{prefix}value.npy": npy_bytes(self.value),
+            f"{prefix}known.npy": npy_bytes(self.known),
+            f"{prefix}shape.npy": npy_bytes(np.asarray(self.shape, dtype=np.int64)),
         }
         if self.extra_rows.size:
-            files[f"{prefix}extra_rows.npy"] = _npy_bytes(self.extra_rows)
-            files[f"{prefix}extra_cols.npy"] = _npy_bytes(self.extra_cols)
-            files[f"{prefix}extra_values.npy"] = _npy_bytes(self.extra_values)
+            files[f"{prefix}extra_rows.npy"] = npy_bytes(self.extra_rows)
+            files[f"{prefix}extra_cols.npy"] = npy_bytes(self.extra_cols)
+            files[f"{prefix}extra_values.npy"] = npy_bytes(self.extra_values)
         return files
 
     @classmethod

@@ -257,9 +257,7 @@ class Router:
         from benchroute.artifacts.label_pack import PackedLabels
 
         names = [rel for rel in bundle.files if rel.startswith(LABELS_PREFIX) and rel.endswith(".npy")]
-        for rel in names:
-            bundle.npy(rel)  # refuses object arrays first
-        try:
+        try:  # (open_bundle refused object arrays already; the loader reads allow_pickle=False)
             packed = PackedLabels.from_files({rel: bundle.files[rel] for rel in names}, LABELS_PREFIX)
         except (KeyError, ValueError) as exc:
             raise RouteError(f"{bundle.url}: unreadable index labels: {exc}") from exc
@@ -298,9 +296,6 @@ class Router:
             Q = bundle.npy("pairs/quality.npy")
         else:
             Q = Y.unpack(np.float32) if is_row_source(Y) else Y
-        for rel in names:
-            if rel.endswith(".npy") and rel.startswith("pairs/"):
-                bundle.npy(rel)  # refuses object arrays before the pair code reads the bytes
         settings = bundle.json("pairs/settings.json")
         shared = {n: (self.knn.X_, Q) for n, cls in settings.get("routers", {}).items()
                   if cls == "SWRankingRouter"}

@@ -254,9 +254,8 @@ def index_search_summary(files: dict[str, bytes], *, n_queries: int = 500, k: in
     """How the bundle's router searches its index: ``exact``, or ``hnsw`` with its parameters
     and its recall@k against the exact scan, measured here on ``n_queries`` seeded index rows
     used as queries (their own row left out of both answers: a query is never in the index)."""
-    from benchroute.artifacts.ann_index import load_index_files
+    from benchroute.artifacts.ann_index import load_index_files, recall_at_k
     from benchroute.artifacts.router import ANN_PREFIX
-    from benchroute.transforms.knn import cosine_topk
 
     if f"{ANN_PREFIX}params.json" not in files:
         return {"kind": "exact"}
@@ -264,18 +263,10 @@ def index_search_summary(files: dict[str, bytes], *, n_queries: int = 500, k: in
     index = load_index_files(files, ANN_PREFIX, X)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(X), size=min(n_queries, len(X)), replace=False))
-    Q = index.X[rows]
-    exact = cosine_topk(Q, index.X, k + 1).indices
-    _, got = index.search(Q, k + 1)
-    hits = total = 0
-    for r, e, g in zip(rows, exact, got):
-        e = e[(e >= 0) & (e != r)][:k]
-        g = g[(g >= 0) & (g != r)][:k]
-        hits += np.intersect1d(e, g).size
-        total += e.size
+    recall = recall_at_k(index, index.X, index.X[rows], k, own_rows=rows)
     p = index.params
     out = {"kind": p.kind, "library": p.library, "m": p.m, "ef_construction": p.ef_construction,
-           "ef_search": p.ef_search, "seed": p.seed, f"recall_at_{k}": hits / total if total else 1.0,
+           "ef_search": p.ef_search, "seed": p.seed, f"recall_at_{k}": recall,
            "recall_queries": int(len(rows))}
     if log:
         log.info("HNSW index over %d rows: recall@%d %.4f against the exact scan", len(X), k, out[f"recall_at_{k}"])

@@ -311,3 +311,15 @@ class TolerantJson:
             pos = m.end()
         self._buf = buf[pos:]
         return bytes(out)
+
+
+def npy_bytes(array) -> bytes:
+    """``array`` as ``.npy`` bytes, never pickled (``allow_pickle=False``): how every bundle array
+    is written."""
+    import io as _io
+
+    import numpy as np
+
+    buf = _io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()

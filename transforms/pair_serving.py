@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from benchroute.io import npy_bytes
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -145,10 +147,6 @@ def _json(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode()
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
 
 
 def pair_files(routing: PairRouting, *, shared_index: Sequence[str] = ()) -> dict[str, bytes]:
@@ -159,12 +157,12 @@ def pair_files(routing: PairRouting, *, shared_index: Sequence[str] = ()) -> dic
     if shared_index:
         if routing.fit_rows is None:
             raise ValueError("a shared index needs the routing's fit_rows")
-        files["pairs/fit_rows.npy"] = _npy(np.asarray(routing.fit_rows, np.int64))
+        files["pairs/fit_rows.npy"] = npy_bytes(np.asarray(routing.fit_rows, np.int64))
     for name, r in routing.routers.items():
         params, arrays = r.to_state(include_index=name not in shared_index)
         files[f"pairs/{name}/params.json"] = _json(params)
         for k, v in arrays.items():
-            files[f"pairs/{name}/{k}.npy"] = _npy(v)
+            files[f"pairs/{name}/{k}.npy"] = npy_bytes(v)
     files["pairs/settings.json"] = _json({
         "format": FORMAT,
         "routers": {n: type(r).__name__ for n, r in routing.routers.items()},
