@@ -33,9 +33,9 @@ def raw_data() -> Path:
 @pytest.fixture
 def memory_url(request) -> str:
     """A fresh memory:// root, removed afterwards."""
-    import fsspec
-
     import re
+
+    import fsspec
 
     url = f"memory://benchroute-test/{re.sub(r'[^A-Za-z0-9_-]', '_', request.node.name)}"
     yield url
@@ -82,13 +82,44 @@ def s3_server():
     server.stop()
 
 
+SAMPLE_VECTORS = Path(__file__).resolve().parent / "fixtures" / "sample_vectors" / "vectors.parquet"
+
+
+def seed_sample_vectors(url: str) -> int:
+    """Write the shipped vectors of the sample's inputs (``fixtures/sample_vectors``) into the
+    store at ``url`` when they are the installed default embedder's; returns how many (0 when
+    the embedder differs)."""
+    import polars as pl
+    import pyarrow.parquet as pq
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.artifacts.store import Store
+    from benchroute.schemas.embeddings import EmbedderIdentity
+    from benchroute.transforms.embedder import resolve
+
+    table = pq.read_table(SAMPLE_VECTORS)
+    meta = table.schema.metadata
+    identity = EmbedderIdentity.from_json(meta[b"identity"])
+    if identity != resolve()[1]:
+        return 0
+    store = Store(url)
+    ids = store.read("inputs", columns=["input_id"])["input_id"].unique()
+    frame = pl.from_arrow(table.replace_schema_metadata(None)).filter(pl.col("input_id").is_in(ids.implode()))
+    if frame.height:
+        emb.write_part(store, identity, frame, precision=meta[b"precision"].decode(),
+                       info={"seeded_from": "tests/fixtures/sample_vectors"})
+    return frame.height
+
+
 @pytest.fixture(scope="session")
 def embedded_sample_store(tmp_path_factory) -> str:
-    """The shipped sample, ingested and embedded with the default small embedder (once)."""
+    """The shipped sample, ingested and embedded with the default small embedder (once): the
+    vectors come from ``fixtures/sample_vectors`` where they are the installed embedder's, and
+    whatever they do not cover is embedded here."""
     from benchroute.flows.embed import embed_store
     from benchroute.flows.ingest import ingest_flow
 
     url = str(tmp_path_factory.mktemp("embedded") / "store")
     ingest_flow(sources=[str(SAMPLE)], store=url, progress=False)
+    seed_sample_vectors(url)
     embed_store(url, progress=False)
     return url

@@ -10,7 +10,6 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-
 from benchroute.artifacts import embeddings as ae
 from benchroute.artifacts.store import Store
 from benchroute.schemas import embeddings as E
@@ -559,3 +558,21 @@ def test_precision_probe_is_measured_once_per_machine_and_remembered(tmp_path, m
     assert measured[-1] == "machine-a" and len(measured) == 3
     E.probe_file().write_text("not json")
     assert E.remembered_precision("machine-a") is None
+
+
+def test_shipped_sample_vectors_are_the_installed_embedders(runner, embedded_sample_store):
+    """The session store's vectors are seeded from tests/fixtures/sample_vectors (conftest);
+    re-embedding 24 sample inputs, the longest among them, must give the same vectors, so a
+    stale copy fails here (rebuild it with its build.py)."""
+    from conftest import SAMPLE_VECTORS
+
+    store = Store(embedded_sample_store)
+    assert ae.read_part_identity(store, store.parts(f"embeddings/{ae.embedders(store)[0]}")[0])[0] == \
+        EmbedderIdentity.from_json(pq.read_schema(SAMPLE_VECTORS).metadata[b"identity"])
+    texts = store.read("inputs", columns=["input_id", "text"]).unique("input_id").sort("input_id")
+    chosen = pl.concat([texts.head(16), texts.sort(pl.col("text").str.len_chars()).tail(8)])
+    X, ids = ae.read_matrix(store, ae.embedders(store)[0], chosen["input_id"])
+    fresh, _ = runner.encode(chosen["text"].to_list(), "fp32")
+    assert float(T.row_cosines(fresh, np.asarray(X)).min()) > 0.9999
+    seeded = [c for c in store.commits() if c.info.get("seeded_from")]
+    assert len(seeded) == 1 and seeded[0].info["rows"] == texts.height  # the file covered every input
