@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 
 import polars as pl
-from fsspec.core import url_to_fs
-
 from benchroute.artifacts.store import Store
 from benchroute.transforms.model_cards import (  # noqa: F401 - cards_for, store_cards: here too
     build_cards,
@@ -30,6 +28,7 @@ from benchroute.transforms.model_cards import (  # noqa: F401 - cards_for, store
     rule_counts,
     store_cards,
 )
+from fsspec.core import url_to_fs
 
 UNIT_KEY = "model_cards"
 TABLE = "model_cards"
@@ -68,6 +67,7 @@ def sync_cards(store_url: str, found: list[str], models: str | None = None, *,
         )
     return {
         "changed": changed,
+        "files_changed": files_changed,
         "written": written,
         "fingerprint": fingerprint,
         "files": files,

@@ -7,48 +7,30 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import polars as pl
-
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.bundle import BundleContent, BundleStore, json_bytes, npy_bytes
+from benchroute.artifacts.bundle import (
+    BundleContent,
+    BundleStore,
+    json_bytes,
+    npy_bytes,
+)
 from benchroute.artifacts.router import CURVE_COLUMNS, bundle_files, router_parameters
+from benchroute.artifacts.specs import STABILITY_B, RouterSpec, Selection
 from benchroute.artifacts.store import Store
 from benchroute.transforms import costs as costs_
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.ids import glob_expr
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
-from benchroute.transforms.router_fit import DEFAULT_PREDICTOR, fit_router
-from benchroute.transforms.routing_eval import CostData, NoHeldOutInputs, evaluate_routing
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which part of the store a bundle is built from (``None`` = all of it).
-
-    ``sources``: source names (``helm``, ``mmlu_pro``…); ``datasets`` and ``models``: names or
-    globs (``mmlu_pro/*``); ``exclude_models``: names left out after that.
-    """
-
-    sources: tuple[str, ...] | None = None
-    datasets: tuple[str, ...] | None = None
-    models: tuple[str, ...] | None = None
-    exclude_models: tuple[str, ...] | None = None
-
-    @classmethod
-    def of(cls, sources=None, datasets=None, models=None, exclude_models=None) -> Selection:
-        t = lambda v: tuple(v) if v else None  # noqa: E731
-        return cls(t(sources), t(datasets), t(models), t(exclude_models))
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if v else None for k, v in asdict(self).items()}
-
-    @property
-    def is_all(self) -> bool:
-        return not any(asdict(self).values())
+from benchroute.transforms.router_fit import fit_router
+from benchroute.transforms.routing_eval import (
+    CostData,
+    NoHeldOutInputs,
+    evaluate_routing,
+)
 
 
 def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -168,7 +150,6 @@ def routing_curve(bench: BenchmarkArrays, cost: CostData, predictor: str, *, see
 
 # Bootstrap resamples of a bundle's stability summary (issue 15): computed with the evaluation,
 # on the bundle's own datasets and models.
-STABILITY_B = 200
 
 
 def bundle_stability(store: Store, labels: pl.DataFrame, B: int = STABILITY_B, *,
@@ -221,7 +202,11 @@ def pair_routing_files(fit, labels: pl.DataFrame, memberships: pl.DataFrame,
     ``index/labels.npy``)."""
     from benchroute.transforms.pair_labels import win_data_from_frames
     from benchroute.transforms.pair_routers import SWRankingRouter
-    from benchroute.transforms.pair_serving import DEFAULT_SERVED, build_pair_routing, pair_files
+    from benchroute.transforms.pair_serving import (
+        DEFAULT_SERVED,
+        build_pair_routing,
+        pair_files,
+    )
 
     t0 = time.perf_counter()
     pairs = [tuple(p) for p in pairs]
@@ -295,20 +280,21 @@ def pair_list(models: list[str], pairs=None, pair_models=None, train_acc=None) -
 
 
 def bundle_content(
-    store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict, *,
-    k: int = 10, weights: str = "uniform", index_dtype: str = "float16",
-    predictor: str = DEFAULT_PREDICTOR, stability_B: int = STABILITY_B,
-    pairs: list | None = None, pair_models: list[str] | None = None, index_search: str = "auto", log=None,
+    store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict,
+    router: RouterSpec | None = None, *, log=None,
 ) -> BundleContent:
-    """The bundle of the selected data with the given evaluation (see ``evaluation_entry``).
-    With an evaluation and ``stability_B`` > 0 the manifest also holds ``stability`` (the
-    summary of ``bundle_stability``) and each model entry its ``rank``, ``rank_lo``,
-    ``rank_hi``, ``p_best``, ``rstd`` and ``stability_scope``; with uniform weights also the
-    routing-choice stability (``task_choice_n``, ``task_choice_keep``, ``query_n``,
-    ``query_keep_rate``: ``StabilitySummary.router_fields``) and each evaluated method's
-    ``flip_task`` in the evaluation's Table 1 (``with_flip_task``); all are covered by the
-    content hash like every other manifest field. ``pairs`` / ``pair_models`` (``pair_list``)
-    add the strong/weak pair routers (``pair_routing_files``)."""
+    """The bundle of the selected data, fitted as ``router`` says (default ``RouterSpec()``),
+    with the given evaluation (see ``evaluation_entry``). The manifest records both specs whole
+    (``spec.selection``, ``spec.router``). With an evaluation and ``router.stability_B`` > 0 the
+    manifest also holds ``stability`` (the summary of ``bundle_stability``) and each model entry
+    its ``rank``, ``rank_lo``, ``rank_hi``, ``p_best``, ``rstd`` and ``stability_scope``; with
+    uniform weights also the routing-choice stability (``task_choice_n``, ``task_choice_keep``,
+    ``query_n``, ``query_keep_rate``: ``StabilitySummary.router_fields``) and each evaluated
+    method's ``flip_task`` in the evaluation's Table 1 (``with_flip_task``); all are covered by
+    the content hash like every other manifest field. ``router.pairs`` / ``router.pair_models``
+    (``pair_list``) add the strong/weak pair routers (``pair_routing_files``)."""
+    router = router or RouterSpec()
+    k, weights, index_dtype, predictor = router.k, router.weights, router.index_dtype, router.predictor
     store = Store(store_url)
     labels, memberships, models = select_frames(store, sel)
     if labels.height == 0:
@@ -327,10 +313,10 @@ def bundle_content(
             predictor, len(fit.input_ids), len(fit.models), len(fit.datasets), len(curve),
             time.perf_counter() - t0,
         )
-    files = bundle_files(fit, cards, curve, index_dtype=index_dtype, index_search=index_search)
+    files = bundle_files(fit, cards, curve, index_dtype=index_dtype, index_search=router.index_search)
     search = index_search_summary(files, log=log)
     files["routing/summary.json"] = json_bytes(finite(routing))
-    served_pairs = pair_list(list(fit.models), pairs, pair_models, fit.train_acc)
+    served_pairs = pair_list(list(fit.models), router.pairs, router.pair_models, fit.train_acc)
     pair_params = None
     if served_pairs:
         pfiles, pair_params = pair_routing_files(fit, labels, memberships, served_pairs,
@@ -344,12 +330,13 @@ def bundle_content(
         "parameters": {**router_parameters(fit), "index_dtype": index_dtype, "index_search": search,
                        **({"pairs": pair_params} if pair_params else {})},
         "evaluation": finite(evaluation),
+        "spec": {"selection": sel.to_dict(), "router": router.to_dict()},
     }
-    if evaluation and stability_B > 0:
+    if evaluation and router.stability_B > 0:
         from benchroute.transforms.evaluate import EvalConfig
 
         routing_ok = weights == "uniform"  # the exact kNN bootstrap's condition
-        stability = bundle_stability(store, labels, stability_B,
+        stability = bundle_stability(store, labels, router.stability_B,
                                      embeddings=(X, ids) if routing_ok else None,
                                      eval_config=EvalConfig(k=k, weights=weights))
         per_model = stability.model_fields()

@@ -38,6 +38,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from benchroute.artifacts.specs import RouterSpec
 
 
 def build(store: str, out: str, name: str) -> tuple[dict, dict]:
@@ -49,11 +50,15 @@ def build(store: str, out: str, name: str) -> tuple[dict, dict]:
     from benchroute.artifacts import embeddings as emb
     from benchroute.artifacts.bundle import BundleContent, BundleStore
     from benchroute.artifacts.router import ANN_PREFIX
-    from benchroute.artifacts.router_build import Selection, bundle_content, index_search_summary
+    from benchroute.artifacts.router_build import (
+        Selection,
+        bundle_content,
+        index_search_summary,
+    )
     from benchroute.artifacts.store import Store
 
     eid = emb.embedders(Store(store))[0]
-    content = bundle_content(store, name, eid, Selection(), {}, index_search="exact")
+    content = bundle_content(store, name, eid, Selection(), {}, RouterSpec(index_search="exact"))
     bs = BundleStore(out)
     bs.publish(content, code_version=__version__)
     X = np.load(io.BytesIO(content.files["index/embeddings.npy"]), allow_pickle=False)
@@ -142,7 +147,6 @@ def http_latencies(store_out: str, name: str, texts: list[str], queries: np.ndar
     loopback; returns the two lists of seconds."""
     import httpx
     import uvicorn
-
     from benchroute.artifacts.service import create_app
 
     port = free_port()
@@ -186,7 +190,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import polars as pl
-
     from benchroute.artifacts import embeddings as emb
     from benchroute.artifacts.store import Store
 

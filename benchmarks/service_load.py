@@ -67,9 +67,11 @@ uvicorn.run(create_app(store, name, poll_seconds=poll), host="127.0.0.1", port=p
 PUBLISH = """
 import json, sys
 from benchroute.artifacts.bundle import BundleStore
+from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.flows.publish import publish_store
 store, name, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
-p = publish_store(store, name, k=k, evaluate=False)
+p = publish_store(store, name, FitOptions(router=RouterSpec(k=k), evaluate=False))
 bs = BundleStore(store)
 if bs.resolve(name, "latest") != p["version"]:
     bs.set_ref(name, "latest", p["version"])

@@ -15,31 +15,18 @@ asked for match nothing. ``python -m benchroute.flows.backfill --store URL [PATH
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
-from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-
-from benchroute.artifacts.router_build import Selection
+from benchroute.artifacts.specs import EmbedSpec, RouterSpec, Selection
 from benchroute.artifacts.stages.backfill import backfill_plan, plan_markdown
 from benchroute.flows.ingest import ingest_flow
 from benchroute.flows.params import (
-    WEIGHTS,
-    BatchSize,
     BundleName,
-    IndexDtype,
-    Kind,
     Partitions,
     Positive,
-    Precision,
     Url,
-    Weights,
-    kind_option,
 )
 from benchroute.flows.pipeline import (
     cards_task,
@@ -51,8 +38,11 @@ from benchroute.flows.pipeline import (
 )
 from benchroute.flows.runtime import cache_storage, transient_io
 from benchroute.flows.scale import task_runner
-from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
 from benchroute.transforms.ingest import find_cards
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 
 @task(name="plan-backfill", cache_policy=NO_CACHE, persist_result=False, retries=2,
@@ -68,16 +58,9 @@ def backfill_flow(
     store: Url,
     paths: list[Url] | None = None,
     name: BundleName = "default",
-    sources: list[Kind] | None = None,
-    datasets: list[str] | None = None,
-    models: list[str] | None = None,
-    exclude_models: list[str] | None = None,
-    embedder: str = DEFAULT_EMBEDDER,
-    precision: Precision = "auto",
-    batch_size: BatchSize = 64,
-    k: Positive = 10,
-    weights: Weights = "uniform",
-    index_dtype: IndexDtype = "float16",
+    selection: Selection = Selection(),
+    embed: EmbedSpec = EmbedSpec(),
+    router: RouterSpec = RouterSpec(),
     partitions: Partitions = 4,
     embed_concurrency: Positive = 1,
     embed_threads: Positive | None = None,
@@ -89,15 +72,16 @@ def backfill_flow(
     cache: str | None = None,
     model_cards: str | None = None,
 ) -> dict:
-    """Ingest ``paths`` (only ``sources``' readers when given), relabel if asked, embed the
-    inputs without an ``embedder`` vector, evaluate and publish bundle ``name`` from the
-    selected datasets and models. ``dry_run``: only report (artifact ``backfill-plan``)."""
+    """Ingest ``paths`` (only the readers of ``selection.sources`` when given), relabel if asked,
+    embed the selected inputs without a vector (as ``embed`` says), evaluate and publish bundle
+    ``name`` from the selected datasets and models, fitted as ``router`` says. ``dry_run``: only
+    report (artifact ``backfill-plan``)."""
     log = get_run_logger()
     t0 = time.perf_counter()
     paths = list(paths or [])
-    sel = Selection.of(sources, datasets, models, exclude_models)
-    kinds = list(sources) if sources else None
-    plan = backfill_plan_task(store, paths, sel, embedder, kinds, partitions, relabel, name)
+    sel = selection
+    kinds = list(sel.sources) if sel.sources else None
+    plan = backfill_plan_task(store, paths, sel, embed.embedder, kinds, partitions, relabel, name)
     if plan["unmatched"]:
         log.warning("these match nothing in the store now: %s", plan["unmatched"])
     cards = find_cards(paths)
@@ -116,11 +100,10 @@ def backfill_flow(
     elif relabel:
         log.info("relabel: %d labels", relabel_task(store, rules))
     cards_task(store, cards, model_cards)
-    embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
-                       partitions=partitions, concurrency=embed_concurrency,
-                       threads=embed_threads, storage=storage, log=log, selection=sel)
-    refit = refit_step(store, name, embed["embedder_id"], sel, k=k, weights=weights,
-                       index_dtype=index_dtype, storage=storage, log=log, force=force)
+    embedded = embed_step(store, embed, partitions=partitions, concurrency=embed_concurrency,
+                          threads=embed_threads, storage=storage, log=log, selection=sel)
+    refit = refit_step(store, name, embedded["embedder_id"], sel, router, storage=storage, log=log,
+                       force=force)
     if refit["bundle"] is None:
         raise ValueError(f"{store}: the selection {sel.to_dict()} holds no labels; nothing to publish "
                          f"(what it matches: run with dry_run=True)")
@@ -129,7 +112,7 @@ def backfill_flow(
         "dry_run": False,
         "plan": plan,
         "ingest": ingest,
-        "embed": embed,
+        "embed": embedded,
         "evaluation": evaluation_status(refit),
         "published": refit["published"],
         "bundle": refit["bundle"],
@@ -137,7 +120,7 @@ def backfill_flow(
     }
     publish_artifacts("backfill", store, refit, [
         f"- selection: {sel.to_dict()}",
-        f"- ingested {len(plan['ingest']['new'])} run dumps; embedded {embed['new']:,} inputs",
+        f"- ingested {len(plan['ingest']['new'])} run dumps; embedded {embedded['new']:,} inputs",
         f"- evaluation groups: ran {summary['evaluation']['ran'] or '-'}, cached "
         f"{summary['evaluation']['cached'] or '-'}",
     ])
@@ -145,49 +128,10 @@ def backfill_flow(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchroute import settings
+    """``benchroute backfill …`` (``python -m benchroute.flows.backfill …``): the options are the CLI's."""
+    from benchroute.flows.cli import main as cli
 
-    settings.process_defaults()
-    ap = argparse.ArgumentParser(prog="benchroute backfill", description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="*", help="run dumps to ingest (folders, files, fsspec URLs)")
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--name", default="default")
-    kind_option(ap, "only these source kinds: their readers ingest, their data is published")
-    ap.add_argument("--dataset", action="append", dest="datasets", help="name or glob")
-    ap.add_argument("--model", action="append", dest="models", help="name or glob")
-    ap.add_argument("--exclude-model", action="append", dest="exclude_models")
-    ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
-    ap.add_argument("--aliases", default=None, help="CSV of model aliases (as for ingest)")
-    ap.add_argument("--k", type=int, default=10, help="neighbours of the kNN router (default 10)")
-    ap.add_argument("--weights", choices=WEIGHTS, default="uniform")
-    ap.add_argument("--relabel", action="store_true")
-    ap.add_argument("--rules", default=None)
-    ap.add_argument("--models", dest="model_cards", default=None,
-                    help="model card file (CSV or YAML: sizes, prices); --model selects models")
-    ap.add_argument("--force", action="store_true", help="recompute cached evaluations and fit")
-    ap.add_argument("--dry-run", action="store_true")
-    ap.add_argument("--dask-workers", type=int, default=0)
-    ap.add_argument("--dask-address", default=None)
-    args = ap.parse_args(argv)
-
-    from benchroute.flows.scale import scale_parameters, with_task_runner
-
-    run = with_task_runner(backfill_flow, args.dask_workers, address=args.dask_address)
-    r = run(
-        store=args.store, paths=args.paths, name=args.name, sources=args.sources,
-        datasets=args.datasets, models=args.models, exclude_models=args.exclude_models,
-        embedder=args.embedder, relabel=args.relabel, rules=args.rules, aliases=args.aliases,
-        k=args.k, weights=args.weights, force=args.force,
-        dry_run=args.dry_run, model_cards=args.model_cards,
-        **scale_parameters(args.dask_workers, address=args.dask_address),
-    )
-    if r["dry_run"]:
-        print(plan_markdown(r["plan"]))
-        return 0
-    b = r["bundle"]
-    print(("published " if r["published"] else "unchanged, latest stays ")
-          + f"{b['name']} {b['version']} ({b['models']} models) at {b['url']}")
-    return 0
+    return cli(["backfill", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ it, it serves against that server. Ctrl-C stops serving (schedules are paused on
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -38,11 +37,10 @@ def deployments(
 ) -> list:
     """The two deployments: ``refresh/scheduled`` (cron, one run at a time) and
     ``backfill/manual`` (no schedule; its dumps default to the landing location)."""
-    from prefect.client.schemas.schedules import CronSchedule
-
     from benchroute.flows.backfill import backfill_flow
     from benchroute.flows.refresh import refresh_flow
     from benchroute.flows.scale import scale_parameters, with_task_runner
+    from prefect.client.schemas.schedules import CronSchedule
 
     scale = scale_parameters(workers, address=address)
     refresh = with_task_runner(refresh_flow, workers, address=address)
@@ -100,32 +98,36 @@ def start_server(host: str, port: int, home: str, timeout: float = 180.0) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchroute import settings
+    """``benchroute deploy …`` (``python -m benchroute.flows.deploy …``): the options are the CLI's."""
+    from benchroute.flows.cli import main as cli
 
-    settings.process_defaults()
-    ap = argparse.ArgumentParser(prog="benchroute deploy", description=__doc__.splitlines()[0])
-    ap.add_argument("--landing", required=True, help="landing location (folder or fsspec URL)")
-    ap.add_argument("--store", required=True, help="store root (folder or fsspec URL)")
-    ap.add_argument("--name", default="default", help="bundle name")
-    ap.add_argument("--cron", default=DEFAULT_CRON, help=f"refresh schedule (default {DEFAULT_CRON!r})")
-    ap.add_argument("--timezone", default=None)
-    ap.add_argument("--rules", default=None, help="JSON of binarization rules for every run")
-    ap.add_argument("--aliases", default=None, help="CSV of model aliases for every run")
-    ap.add_argument("--models", dest="model_cards", default=None,
-                    help="model card (CSV or YAML: sizes, prices) for every run")
-    ap.add_argument("--dask-workers", type=int, default=0)
-    ap.add_argument("--dask-address", default=None)
-    ap.add_argument("--host", default="127.0.0.1", help="where a started server listens")
-    ap.add_argument("--port", type=int, default=4200)
-    ap.add_argument("--run-now", action="store_true", help="also trigger one refresh right away")
-    args = ap.parse_args(argv)
+    return cli(["deploy", *(sys.argv[1:] if argv is None else argv)])
 
+
+def serve_deployments(
+    landing: str,
+    store: str,
+    *,
+    name: str = "default",
+    cron: str = DEFAULT_CRON,
+    timezone: str | None = None,
+    rules: str | None = None,
+    aliases: str | None = None,
+    model_cards: str | None = None,
+    workers: int = 0,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    run_now: bool = False,
+) -> int:
+    """Serve ``deployments(…)`` until Ctrl-C, against ``PREFECT_API_URL`` or a Prefect server
+    started here on ``host:port`` (stopped on exit); then leave the process (``os._exit``)."""
     server = None
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         home = os.environ.get("PREFECT_HOME", str(Path(".prefect").resolve()))
-        print(f"starting a Prefect server on {args.host}:{args.port} (PREFECT_HOME={home}) …", flush=True)
-        server, api = start_server(args.host, args.port, home)
+        print(f"starting a Prefect server on {host}:{port} (PREFECT_HOME={home}) …", flush=True)
+        server, api = start_server(host, port, home)
         os.environ["PREFECT_HOME"] = home
         os.environ["PREFECT_API_URL"] = api
     elif not _healthy(api):
@@ -137,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            deps = deployments(args.landing, args.store, name=args.name, cron=args.cron,
-                               workers=args.dask_workers, address=args.dask_address,
-                               timezone=args.timezone, rules=args.rules, aliases=args.aliases,
-                               model_cards=args.model_cards)
+            deps = deployments(landing, store, name=name, cron=cron,
+                               workers=workers, address=address,
+                               timezone=timezone, rules=rules, aliases=aliases,
+                               model_cards=model_cards)
             ui = api[: -len("/api")] if api.endswith("/api") else api
             print(f"Prefect UI: {ui}  (runs: {ui}/runs, deployments: {ui}/deployments)", flush=True)
-            if args.run_now:
+            if run_now:
                 _trigger_after_start("refresh/scheduled")
             serve(*deps)
     except KeyboardInterrupt:

@@ -9,27 +9,27 @@ for scripts.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
-
-from benchroute.artifacts.stages.embed import check_options, embed_store, format_summary, plan_embedding
+from benchroute.artifacts.specs import EmbedSpec
+from benchroute.artifacts.stages.embed import (
+    embed_store,
+    format_summary,
+    plan_embedding,
+)
 from benchroute.flows.pipeline import embed_step
 from benchroute.flows.runtime import cache_storage
-from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
+from prefect import flow, get_run_logger
 
 __all__ = ["embed_flow", "embed_store", "format_summary", "plan_embedding"]
 
 
 @flow(name="embed", log_prints=False)
-def embed_flow(
-    store: str, embedder: str = DEFAULT_EMBEDDER, precision: str = "auto", batch_size: int = 64
-) -> dict:
-    """Embed every input of the store at ``store`` that has no vector for ``embedder`` yet;
+def embed_flow(store: str, embed: EmbedSpec = EmbedSpec()) -> dict:
+    """Embed every input of the store at ``store`` that has no vector for ``embed.embedder`` yet;
     returns ``{new, already_present, total, skipped, seconds, embedder_id, precision, truncated,
     inputs_per_s}`` (``precision`` is ``None`` when nothing needed embedding)."""
-    check_options(precision, batch_size)
     log = get_run_logger()
-    step = embed_step(store, embedder, precision=precision, batch_size=batch_size, partitions=1,
-                      concurrency=1, threads=None, storage=cache_storage(store), log=log)
+    step = embed_step(store, embed, partitions=1, concurrency=1, threads=None,
+                      storage=cache_storage(store), log=log)
     summary = {
         "new": step["new"], "already_present": step["already_present"], "total": step["total"],
         "skipped": step["invalid"], "seconds": step["seconds"], "embedder_id": step["embedder_id"],

@@ -11,17 +11,17 @@ What the Prefect cache holds, and under which key (results persist under
 store and is shared by every machine that can reach the store):
 
 - ``embed-partition``: the summary of embedding one partition of the inputs that had no vector;
-  key = store, embedder, the partition's input ids (a digest), precision, batch size. The
-  vectors themselves are in the store, which is the real cache: a rerun plans only what is still
-  missing, so a finished partition is never even submitted again.
+  key = store, the ``EmbedSpec`` (embedder, precision, batch size), the partition's input ids
+  (a digest). The vectors themselves are in the store, which is the real cache: a rerun plans
+  only what is still missing, so a finished partition is never even submitted again.
 - ``evaluate-group``: one source group's leave-one-dataset-out evaluation (the bundle's small
   summary of it); key = a fingerprint of everything it reads (the group's labels, the
   memberships of its inputs, its models' sizes, the embedder id, k, weights, code version). A
   group whose data did not change is not evaluated again, whatever else changed in the store.
 - ``fit-and-publish``: the published version; key = the store's data key (the parts of labels,
   memberships, models and the embedder's vectors, the ingested units' fingerprints), the
-  selection and parameters, and the evaluation. Unchanged data → a cached state → nothing is
-  fitted or published.
+  ``Selection`` and ``RouterSpec`` whole, and the evaluation. Unchanged data → a cached state →
+  nothing is fitted or published.
 
 Partitions run wherever the flow's task runner sends them: in the flow's process, or on a Dask
 cluster (``flows.scale``). Partitioning is by a stable hash of the input id, so a sequential
@@ -32,21 +32,27 @@ from __future__ import annotations
 
 import time
 
-import polars as pl
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
-from prefect.futures import wait
-
 from benchroute.artifacts.bundle import BundleStore
 from benchroute.artifacts.model_cards import sync_cards
-from benchroute.artifacts.router_build import Selection, finite
+from benchroute.artifacts.router_build import finite
+from benchroute.artifacts.specs import EmbedSpec, RouterSpec, Selection
 from benchroute.artifacts.stages import embed as embed_stage
 from benchroute.artifacts.stages import evaluate as evaluate_stage
 from benchroute.artifacts.stages import ingest as ingest_stage
 from benchroute.artifacts.stages import publish as publish_stage
-from benchroute.flows.runtime import EMBED_LIMIT, PipelineError, cores, ensure_limit, transient_io
+from benchroute.flows.runtime import (
+    EMBED_LIMIT,
+    PipelineError,
+    cores,
+    ensure_limit,
+    transient_io,
+)
+from benchroute.transforms.fingerprints import digest
 from benchroute.transforms.ingest import Unit
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
+from prefect.futures import wait
 
 
 # ============================================================================ Prefect tasks
@@ -76,62 +82,77 @@ def plan_partitions_task(store: str, embedder: str, partitions: int,
     return embed_stage.plan_partitions(store, embedder, partitions, selection)
 
 
-@task(name="embed-partition", cache_policy=INPUTS - "pending" - "threads" + TASK_SOURCE,
+def _partition_key(context, p: dict) -> str:
+    """A partition's cache key: the store, the ``EmbedSpec`` and the partition's ids (a digest)."""
+    return digest("embed-partition", p["store"], p["spec"].key, p["part"].digest)
+
+
+@task(name="embed-partition", cache_policy=CacheKeyFnPolicy(cache_key_fn=_partition_key) + TASK_SOURCE,
       persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=5,
       retry_condition_fn=transient_io)
-def embed_partition_task(
-    store: str, embedder: str, part_digest: str, pending: pl.DataFrame, precision: str,
-    batch_size: int, threads: int | None,
-) -> dict:
-    """One partition (``part_digest`` names it in the cache key); holds a slot of the
-    ``benchroute-embed`` concurrency limit, on ``threads`` cores, while it runs."""
+def embed_partition_task(store: str, spec: EmbedSpec, part: embed_stage.Partition,
+                         threads: int | None) -> dict:
+    """One partition; holds a slot of the ``benchroute-embed`` concurrency limit, on
+    ``threads`` cores, while it runs."""
     from prefect.concurrency.sync import concurrency
 
     with concurrency(EMBED_LIMIT, occupy=1), cores(threads):
         return embed_stage.embed_partition(
-            store, embedder, pending, precision=precision, batch_size=batch_size,
-            logger=get_run_logger(),
+            store, spec.embedder, part.pending, precision=spec.precision,
+            batch_size=spec.batch_size, logger=get_run_logger(),
         )
 
 
 @task(name="plan-refit", cache_policy=NO_CACHE, persist_result=False, retries=2,
       retry_delay_seconds=2, retry_condition_fn=transient_io)
-def refit_plan_task(store: str, embedder_id: str, selection: Selection, k: int, weights: str):
-    return evaluate_stage.refit_plan(store, embedder_id, selection, k, weights)
+def refit_plan_task(store: str, embedder_id: str, selection: Selection,
+                    router: RouterSpec) -> evaluate_stage.RefitPlan | None:
+    return evaluate_stage.refit_plan(store, embedder_id, selection, router)
 
 
-@task(name="evaluate-group", cache_policy=INPUTS - "store" + TASK_SOURCE, persist_result=True,
-      result_serializer="json", retries=1, retry_delay_seconds=2, retry_condition_fn=transient_io)
-def evaluate_group_task(
-    store: str, embedder_id: str, group: str, fingerprint: str, selection: Selection,
-    k: int, weights: str,
-) -> dict:
-    """Keyed by the group's fingerprint, not the store: equal data, equal result."""
-    return evaluate_stage.evaluate_group(store, embedder_id, group, fingerprint, selection, k,
-                                         weights, log=get_run_logger())
+def _group_key(context, p: dict) -> str:
+    """A group's evaluation is keyed by its fingerprint (its data, the embedder, k, weights and
+    the code version), not by the store: equal data, equal result."""
+    return digest("evaluate-group", p["group"], p["fingerprint"])
 
 
-@task(name="fit-and-publish", cache_policy=INPUTS + TASK_SOURCE, persist_result=True,
-      result_serializer="json", retries=1, retry_delay_seconds=2, retry_condition_fn=transient_io)
-def fit_publish_task(
-    store: str, name: str, embedder_id: str, key: str, evaluation: dict, selection: Selection,
-    k: int, weights: str, index_dtype: str,
-) -> dict:
-    """``key`` (the store's data key) is only there for the cache key."""
-    return publish_stage.fit_and_publish(store, name, embedder_id, selection, evaluation, k=k,
-                                         weights=weights, index_dtype=index_dtype,
+@task(name="evaluate-group", cache_policy=CacheKeyFnPolicy(cache_key_fn=_group_key) + TASK_SOURCE,
+      persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=2,
+      retry_condition_fn=transient_io)
+def evaluate_group_task(store: str, embedder_id: str, group: str, fingerprint: str,
+                        selection: Selection, router: RouterSpec) -> dict:
+    return evaluate_stage.evaluate_group(store, embedder_id, group, fingerprint, selection, router,
+                                         log=get_run_logger())
+
+
+def _publish_key(context, p: dict) -> str:
+    """The bundle's cache key: the store's data key (``stages.fit.data_key``: the commit log's
+    parts, the ingested units, both specs, the code version), the name and the evaluation."""
+    from benchroute.artifacts.stages.fit import data_key
+    from benchroute.artifacts.store import Store
+
+    key = data_key(Store(p["store"]), p["embedder_id"], p["selection"], p["router"])
+    return digest("fit-and-publish", p["store"], p["name"], key, p["evaluation"])
+
+
+@task(name="fit-and-publish", cache_policy=CacheKeyFnPolicy(cache_key_fn=_publish_key) + TASK_SOURCE,
+      persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=2,
+      retry_condition_fn=transient_io)
+def fit_publish_task(store: str, name: str, embedder_id: str, evaluation: dict,
+                     selection: Selection, router: RouterSpec) -> dict:
+    return publish_stage.fit_and_publish(store, name, embedder_id, selection, evaluation, router,
                                          log=get_run_logger())
 
 
 # ============================================================================ steps (in a flow)
 def embed_step(
-    store: str, embedder: str, *, precision: str, batch_size: int, partitions: int,
-    concurrency: int, threads: int | None, storage, log, selection: Selection | None = None,
+    store: str, spec: EmbedSpec, *, partitions: int, concurrency: int, threads: int | None,
+    storage, log, selection: Selection | None = None,
 ) -> dict:
     """Embed every input (of ``selection``, if given) without a vector, partitioned; invalid
     texts are skipped with a warning naming them. Returns counts, seconds and rate."""
     t0 = time.perf_counter()
-    plan = plan_partitions_task(store, embedder, partitions, selection)
+    plan = plan_partitions_task(store, spec.embedder, partitions, selection)
     out = {
         "embedder_id": plan.embedder_id, "total": plan.total,
         "already_present": plan.already_present, "new": 0, "invalid": plan.invalid,
@@ -152,10 +173,7 @@ def embed_step(
         len(plan.parts), ", ".join(str(p.size) for p in plan.parts), concurrency,
     )
     run = embed_partition_task.with_options(result_storage=storage)
-    futures = [
-        run.submit(store, embedder, p.digest, p.pending, precision, batch_size, threads)
-        for p in plan.parts
-    ]
+    futures = [run.submit(store, spec, p, threads) for p in plan.parts]
     wait(futures)
     failed = []
     for p, f in zip(plan.parts, futures):
@@ -185,13 +203,13 @@ def embed_step(
 
 
 def refit_step(
-    store: str, name: str, embedder_id: str, sel: Selection, *, k: int, weights: str,
-    index_dtype: str, storage, log, force: bool = False,
+    store: str, name: str, embedder_id: str, sel: Selection, router: RouterSpec, *, storage, log,
+    force: bool = False,
 ) -> dict:
     """Evaluate the groups whose data changed (the others come from the cache), then fit and
     publish if the data changed. ``force`` recomputes everything (no cache reads)."""
     t0 = time.perf_counter()
-    plan = refit_plan_task(store, embedder_id, sel, k, weights)
+    plan = refit_plan_task(store, embedder_id, sel, router)
     if plan is None:
         log.warning("%s: no labels%s yet; nothing to fit or publish", store,
                     "" if sel.is_all else f" in the selection {sel.to_dict()}")
@@ -199,11 +217,11 @@ def refit_step(
                 "reason": "no labels"}
     evaluate = evaluate_group_task.with_options(result_storage=storage, refresh_cache=force)
     futures = {
-        g["name"]: evaluate.submit(store, embedder_id, g["name"], g["fingerprint"], sel, k, weights)
-        for g in plan["groups"] if not g["skipped"]
+        g.name: evaluate.submit(store, embedder_id, g.name, g.fingerprint, sel, router)
+        for g in plan.groups if not g.skipped
     }
     wait(list(futures.values()))
-    evaluation = {g["name"]: {"skipped": g["skipped"]} for g in plan["groups"] if g["skipped"]}
+    evaluation = {g.name: {"skipped": g.skipped} for g in plan.groups if g.skipped}
     status = {g: "skipped" for g in evaluation}
     failed = []
     for group, f in futures.items():
@@ -226,7 +244,7 @@ def refit_step(
              sum(s == "skipped" for s in status.values()), t_eval)
 
     publish = fit_publish_task.with_options(result_storage=storage, refresh_cache=force)
-    args = (store, name, embedder_id, plan["data_key"], evaluation, sel, k, weights, index_dtype)
+    args = (store, name, embedder_id, evaluation, sel, router)
     state = publish(*args, return_state=True)
     bundle = state.result()  # raises with the task's error when it failed
     cached = state.name == "Cached"
@@ -251,7 +269,7 @@ def refit_step(
         "evaluation": evaluation,
         "groups": status,
         "fit_cached": cached,
-        "inputs": plan["inputs"], "models": plan["models"], "datasets": plan["datasets"],
+        "inputs": plan.inputs, "models": plan.models, "datasets": plan.datasets,
         "evaluate_seconds": round(t_eval, 2),
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -7,64 +7,41 @@ path). ``build_content`` and ``publish_store`` are re-exported here for scripts.
 
 from __future__ import annotations
 
+from benchroute.artifacts.specs import RouterSpec, Selection
+from benchroute.artifacts.stages.fit import FitOptions, build_content
+from benchroute.artifacts.stages.publish import publish_store
+from benchroute.flows.pipeline import cards_task
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-
-from benchroute.artifacts.stages.fit import build_content
-from benchroute.artifacts.stages.publish import publish_store
-from benchroute.flows.pipeline import cards_task
-from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
 
 __all__ = ["build_content", "publish_flow", "publish_store"]
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def publish_task(store: str, name: str, options: dict) -> dict:
-    return publish_store(store, name, log=get_run_logger(), **options)
+def publish_task(store: str, name: str, options: FitOptions) -> dict:
+    return publish_store(store, name, options, log=get_run_logger())
 
 
 @flow(name="publish")
 def publish_flow(
     store: str,
     name: str = "default",
-    sources: list[str] | None = None,
-    exclude_models: list[str] | None = None,
+    selection: Selection = Selection(),
     embedder: str | None = None,
-    k: int = 10,
-    weights: str = "uniform",
-    index_dtype: str = "float16",
+    router: RouterSpec = RouterSpec(),
     evaluate: bool = True,
-    predictor: str = DEFAULT_PREDICTOR,
     model_cards: str | None = None,
-    pairs: list[str] | None = None,
-    pair_models: list[str] | None = None,
-    index_search: str = "auto",
 ) -> dict:
-    """Fit and publish the router bundle; the bundle summary becomes a Prefect artifact.
+    """Fit the router on the ``selection`` of the store, as ``router`` says, and publish the
+    bundle; the bundle summary becomes a Prefect artifact.
 
-    ``model_cards``: a card file over the defaults and the landing-zone card files the store
-    recorded (it replaces a card an earlier run gave); the store's card is brought up to date
-    first either way. ``pairs`` ("strong,weak") and ``pair_models`` (every pair among them)
-    add strong/weak pair routers to the bundle."""
+    ``embedder``: the stored embedder's id or name (default: the only one stored);
+    ``evaluate``: evaluate every source group into the manifest; ``model_cards``: a card file
+    over the defaults and the landing-zone card files the store recorded (it replaces a card an
+    earlier run gave); the store's card is brought up to date first either way."""
     cards_task(store, [], model_cards)
-    result = publish_task(
-        store,
-        name,
-        {
-            "sources": sources,
-            "exclude_models": exclude_models,
-            "embedder": embedder,
-            "k": k,
-            "weights": weights,
-            "index_dtype": index_dtype,
-            "evaluate": evaluate,
-            "predictor": predictor,
-            "pairs": pairs,
-            "pair_models": pair_models,
-            "index_search": index_search,
-        },
-    )
+    result = publish_task(store, name, FitOptions(selection, embedder, router, evaluate))
     if result["created"]:
         state = "published new version"
     elif result["version"] in result.get("recovered", []):

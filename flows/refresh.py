@@ -15,28 +15,20 @@ publishes nothing. ``python -m benchroute.flows.refresh LANDING --store URL`` ru
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-
-from benchroute.artifacts.router_build import Selection
+from benchroute.artifacts.specs import EmbedSpec, RouterSpec, Selection
+from benchroute.artifacts.stages import refresh as refresh_stage
 from benchroute.artifacts.stages.ingest import new_units, stale_labels
 from benchroute.artifacts.store import Store
 from benchroute.flows.ingest import ingest_flow
 from benchroute.flows.params import (
-    BatchSize,
     BundleName,
-    IndexDtype,
     Kind,
     Partitions,
     Positive,
-    Precision,
     Url,
-    Weights,
-    kind_option,
 )
 from benchroute.flows.pipeline import (
     cards_task,
@@ -46,11 +38,12 @@ from benchroute.flows.pipeline import (
     publish_artifacts,
     refit_step,
 )
-from benchroute.flows.runtime import cache_storage, command_name
+from benchroute.flows.runtime import cache_storage, command_name, transient_io
 from benchroute.flows.scale import task_runner
-from benchroute.transforms.embed import PRECISIONS
-from benchroute.transforms.embedder_packages import DEFAULT_EMBEDDER
 from benchroute.transforms.ingest import find_cards
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 
 @flow(name="refresh", task_runner=task_runner(0), log_prints=False)
@@ -58,12 +51,8 @@ def refresh_flow(
     landing: Url,
     store: Url,
     name: BundleName = "default",
-    embedder: str = DEFAULT_EMBEDDER,
-    precision: Precision = "auto",
-    batch_size: BatchSize = 64,
-    k: Positive = 10,
-    weights: Weights = "uniform",
-    index_dtype: IndexDtype = "float16",
+    embed: EmbedSpec = EmbedSpec(),
+    router: RouterSpec = RouterSpec(),
     partitions: Partitions = 4,
     embed_concurrency: Positive = 1,
     embed_threads: Positive | None = None,
@@ -72,20 +61,31 @@ def refresh_flow(
     rules: str | None = None,
     cache: str | None = None,
     model_cards: str | None = None,
+    full: bool = False,
 ) -> dict:
-    """Ingest what is new under ``landing`` into ``store``, embed new inputs, refit what changed
-    and publish bundle ``name`` if the data changed.
+    """Ingest what is new under ``landing`` into ``store``, embed new inputs (as ``embed``
+    says), refit what changed and publish bundle ``name`` (fitted as ``router`` says) if the data
+    or the specs changed.
 
     ``partitions``: embedding partitions (run in parallel on a Dask task runner);
     ``embed_concurrency``: partitions embedding at once (a global concurrency limit);
     ``embed_threads``: cores per partition (default: all the worker may use); ``kinds``,
     ``aliases``, ``rules``: as for ``ingest``; ``cache``: where task results persist (default
     ``<store>/_cache/prefect``); ``model_cards``: a card file over the defaults and the landing
-    zone's ``model_cards.*`` (a changed card refits and publishes). Returns what it did (also a
-    ``refresh-bundle`` artifact).
+    zone's ``model_cards.*`` (a changed card refits and publishes). Unless ``full``, a run that
+    finds nothing new (``artifacts.stages.refresh.check``) stops there, before any other task.
+    Returns what it did (also a ``refresh-bundle`` artifact).
     """
     log = get_run_logger()
     t0 = time.perf_counter()
+    if not full:
+        checked = refresh_check_task(landing, store, name, embed, router, kinds, rules, model_cards)
+        if checked.noop:
+            log.info("refresh: %s (%d run dumps, none new): nothing to run", checked.reason,
+                     checked.units)
+            return refresh_stage.noop_summary(landing, store, name, checked,
+                                              round(time.perf_counter() - t0, 2), str(flow_run.id))
+        log.info("refresh: %s", checked.reason)
     storage = cache_storage(store, cache)
     timings: dict[str, float] = {}
 
@@ -121,12 +121,14 @@ def refresh_flow(
     if card["written"]:
         log.info("model cards changed: %s", card["rules"])
 
-    embed = embed_step(store, embedder, precision=precision, batch_size=batch_size,
-                       partitions=partitions, concurrency=embed_concurrency,
-                       threads=embed_threads, storage=storage, log=log)
-    timings["embed"] = embed["seconds"]
-    refit = refit_step(store, name, embed["embedder_id"], Selection(), k=k, weights=weights,
-                       index_dtype=index_dtype, storage=storage, log=log)
+    embedded = embed_step(store, embed, partitions=partitions, concurrency=embed_concurrency,
+                          threads=embed_threads, storage=storage, log=log)
+    timings["embed"] = embedded["seconds"]
+    key = refresh_stage.data_key_now(store, embed, router)  # before the refit: see stages.refresh
+    refit = refit_step(store, name, embedded["embedder_id"], Selection(), router, storage=storage,
+                       log=log)
+    if refit["bundle"] is not None:
+        refresh_stage.record(store, name, key, refit["bundle"]["version"])
     timings["evaluate"] = refit.get("evaluate_seconds", 0.0)
     timings["refit_total"] = refit.get("seconds", 0.0)
     timings["total"] = round(time.perf_counter() - t0, 2)
@@ -138,7 +140,7 @@ def refresh_flow(
         "units": {"found": len(units), "new": len(new), "new_keys": [u.key for u in new]},
         "ingest": ingest,
         "cards": ingest["cards"] if ingest else card,
-        "embed": embed,
+        "embed": embedded,
         "evaluation": evaluation_status(refit),
         "fit_cached": refit.get("fit_cached"),
         "published": refit["published"],
@@ -148,8 +150,8 @@ def refresh_flow(
     }
     publish_artifacts("refresh", store, refit, [
         f"- landing `{landing}`: {len(units)} run dumps, {len(new)} new",
-        f"- embedded {embed['new']:,} new inputs ({embed['already_present']:,} already had a "
-        f"vector) in {embed['seconds']} s",
+        f"- embedded {embedded['new']:,} new inputs ({embedded['already_present']:,} already had "
+        f"a vector) in {embedded['seconds']} s",
         f"- evaluation groups: ran {summary['evaluation']['ran'] or '-'}, cached "
         f"{summary['evaluation']['cached'] or '-'}",
         f"- timings (s): {timings}",
@@ -159,8 +161,19 @@ def refresh_flow(
     return summary
 
 
+@task(name="check-refresh", cache_policy=NO_CACHE, persist_result=False, retries=2,
+      retry_delay_seconds=2, retry_condition_fn=transient_io)
+def refresh_check_task(landing: str, store: str, name: str, embed: EmbedSpec, router: RouterSpec,
+                       kinds, rules, model_cards) -> refresh_stage.RefreshCheck:
+    return refresh_stage.check(landing, store, name, embed, router, kinds=kinds, rules=rules,
+                               model_cards=model_cards)
+
+
 def print_summary(s: dict, store: str) -> None:
     """What a person wants to know after a run: what happened, where the bundle is, how to use it."""
+    if s.get("noop"):
+        print("\n".join(refresh_stage.noop_lines(s)))
+        return
     e, ev = s["embed"], s["evaluation"]
     names = lambda groups: ", ".join(groups) or "-"  # noqa: E731
     print(f"refresh: {s['units']['found']} run dumps in the landing zone, {s['units']['new']} new; "
@@ -188,43 +201,10 @@ def print_summary(s: dict, store: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchroute import settings
+    """``benchroute refresh …`` (``python -m benchroute.flows.refresh …``): the options are the CLI's."""
+    from benchroute.flows.cli import main as cli
 
-    settings.process_defaults()
-    ap = argparse.ArgumentParser(prog="benchroute refresh", description=__doc__.splitlines()[0])
-    ap.add_argument("landing", help="landing location (folder or fsspec URL) holding run dumps")
-    ap.add_argument("--store", required=True, help="store root (local path, s3://…)")
-    ap.add_argument("--name", default="default", help="bundle name")
-    ap.add_argument("--embedder", default=DEFAULT_EMBEDDER)
-    ap.add_argument("--precision", choices=PRECISIONS, default="auto")
-    kind_option(ap, "only these source kinds (readers)", dest="kinds")
-    ap.add_argument("--aliases", help="CSV of model aliases (as for ingest)")
-    ap.add_argument("--rules", help="JSON of binarization rules (as for ingest)")
-    ap.add_argument("--models", dest="model_cards",
-                    help="model card (CSV or YAML: sizes, prices), as for ingest")
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--dask-workers", type=int, default=0,
-                    help="run partitions on a local Dask cluster of this many workers")
-    ap.add_argument("--dask-address", default=None, help="or on the Dask scheduler at this address")
-    ap.add_argument("--json", action="store_true", help="print the run's summary as JSON")
-    args = ap.parse_args(argv)
-
-    from benchroute.flows.scale import scale_parameters, with_task_runner
-
-    run = with_task_runner(refresh_flow, args.dask_workers, address=args.dask_address)
-    summary = run(
-        landing=args.landing, store=args.store, name=args.name, embedder=args.embedder,
-        precision=args.precision, partitions=args.partitions, kinds=args.kinds,
-        aliases=args.aliases, rules=args.rules, model_cards=args.model_cards,
-        **scale_parameters(args.dask_workers, address=args.dask_address),
-    )
-    if args.json:
-        import json
-
-        print(json.dumps(summary, indent=1, default=str))
-    else:
-        print_summary(summary, args.store)
-    return 0
+    return cli(["refresh", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,15 +7,14 @@ import shutil
 
 import polars as pl
 import pytest
-from prefect.exceptions import ParameterTypeError
-
 from benchroute.artifacts.bundle import BundleStore, open_bundle
+from benchroute.artifacts.router_build import bundle_content
+from benchroute.artifacts.specs import RouterSpec, Selection
+from benchroute.artifacts.stages.evaluate import evaluate_group, refit_plan
 from benchroute.artifacts.store import Store
 from benchroute.flows.backfill import backfill_flow
-from benchroute.artifacts.router_build import Selection, bundle_content
-from benchroute.artifacts.stages.evaluate import evaluate_group, refit_plan
-
 from conftest import SAMPLE
+from prefect.exceptions import ParameterTypeError
 from refresh_support import seed_vectors
 
 
@@ -31,8 +30,8 @@ def test_dry_run_reports_and_writes_nothing(store_copy):
     st = Store(store_copy)
     commits = len(st.commits())
     r = backfill_flow(
-        store=store_copy, paths=[str(SAMPLE / "mmlu_pro")], datasets=["mmlu_pro/*"],
-        models=["openai/*", "nobody/*"], dry_run=True,
+        store=store_copy, paths=[str(SAMPLE / "mmlu_pro")],
+        selection=Selection(datasets=["mmlu_pro/*"], models=["openai/*", "nobody/*"]), dry_run=True,
     )
     plan = r["plan"]
     assert r["dry_run"] and plan["ingest"]["new"] == [] and plan["ingest"]["already_in_store"] == 1
@@ -48,20 +47,22 @@ def test_selection_is_published_as_its_own_bundle(store_copy):
     labels = Store(store_copy).read("labels")
     mmlu_pro_models = sorted(labels.filter(pl.col("dataset").str.starts_with("mmlu_pro/"))["model"].unique())
     chosen = mmlu_pro_models[:6]
-    r = backfill_flow(store=store_copy, name="mmlu-pro-six", datasets=["mmlu_pro/*"], models=chosen)
+    r = backfill_flow(store=store_copy, name="mmlu-pro-six",
+                      selection=Selection(datasets=["mmlu_pro/*"], models=chosen))
     assert r["published"] and r["evaluation"]["ran"] == ["mmlu_pro"]
     manifest = open_bundle(store_copy, "mmlu-pro-six").manifest
     assert sorted(m["model"] for m in manifest["models"]) == chosen
     assert set(manifest["evaluation"]) == {"mmlu_pro"}
     assert BundleStore(store_copy).versions("default") == []  # other bundles untouched
-    again = backfill_flow(store=store_copy, name="mmlu-pro-six", datasets=["mmlu_pro/*"], models=chosen)
+    again = backfill_flow(store=store_copy, name="mmlu-pro-six",
+                      selection=Selection(datasets=["mmlu_pro/*"], models=chosen))
     assert not again["published"] and again["bundle"]["version"] == r["bundle"]["version"]
 
 
 def test_backfill_rebuilds_a_fresh_store_from_dumps(embedded_sample_store, tmp_path):
     store = str(tmp_path / "fresh")
     seed_vectors(embedded_sample_store, store, 0)
-    r = backfill_flow(store=store, paths=[str(SAMPLE)], sources=["mmlu_pro", "routellm"])
+    r = backfill_flow(store=store, paths=[str(SAMPLE)], selection=Selection(sources=["mmlu_pro", "routellm"]))
     assert r["ingest"]["units_found"] >= 2 and set(r["ingest"]["added"]) - {"_total"} == {"mmlu_pro", "routellm"}
     assert r["embed"]["new"] == 0 and r["published"]
     assert set(open_bundle(store, "default").manifest["evaluation"]) == {"mmlu_pro", "routellm"}
@@ -69,9 +70,9 @@ def test_backfill_rebuilds_a_fresh_store_from_dumps(embedded_sample_store, tmp_p
 
 def test_bad_selection_fails_clearly(store_copy):
     with pytest.raises(ValueError, match="holds no labels"):
-        backfill_flow(store=store_copy, datasets=["no_such_dataset/*"])
+        backfill_flow(store=store_copy, selection=Selection(datasets=["no_such_dataset/*"]))
     with pytest.raises(ParameterTypeError):
-        backfill_flow(store=store_copy, sources=["not-a-source"])
+        backfill_flow(store=store_copy, selection={"sources": ["not-a-source"]})
 
 
 def test_bundle_builder_equals_publish_build_content(embedded_sample_store):
@@ -81,11 +82,11 @@ def test_bundle_builder_equals_publish_build_content(embedded_sample_store):
     from benchroute.artifacts.stages.fit import build_content
 
     eid = emb.embedders(Store(embedded_sample_store))[0]
-    plan = refit_plan(embedded_sample_store, eid, Selection(), 10, "uniform")
+    plan = refit_plan(embedded_sample_store, eid, Selection(), RouterSpec())
     evaluation = {
-        g["name"]: {"skipped": g["skipped"]} if g["skipped"] else
-        evaluate_group(embedded_sample_store, eid, g["name"], g["fingerprint"], Selection(), 10, "uniform")
-        for g in plan["groups"]
+        g.name: {"skipped": g.skipped} if g.skipped else
+        evaluate_group(embedded_sample_store, eid, g.name, g.fingerprint, Selection(), RouterSpec())
+        for g in plan.groups
     }
     ours = bundle_content(embedded_sample_store, "default", eid, Selection(), evaluation)
     theirs = build_content(embedded_sample_store, "default")
@@ -98,14 +99,13 @@ def test_bundle_builder_equals_publish_build_content(embedded_sample_store):
 def test_backfill_of_a_selection_embeds_only_its_inputs(embedded_sample_store, tmp_path):
     """Inputs without a vector outside the selection are left for a later run."""
     from benchroute.artifacts import embeddings as emb
-
     from benchroute.flows.ingest import ingest_flow
 
     store = str(tmp_path / "partial")
     _, left_out = seed_vectors(embedded_sample_store, store, 40)
     ingest_flow(sources=[str(SAMPLE / "mmlu_pro"), str(SAMPLE / "routellm")], store=store,
                 progress=False)
-    r = backfill_flow(store=store, sources=["routellm"], name="routellm-only")
+    r = backfill_flow(store=store, selection=Selection(sources=["routellm"]), name="routellm-only")
     members = Store(store).read("memberships")
     routellm_ids = set(members.filter(pl.col("source") == "routellm")["input_id"])
     wanted = [i for i in left_out if i in routellm_ids]

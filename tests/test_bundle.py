@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import polars as pl
 import pytest
-
 from benchroute.artifacts import registry
 from benchroute.artifacts.bundle import (
     BundleContent,
@@ -23,6 +22,7 @@ from benchroute.artifacts.bundle import (
     open_bundle,
     parquet_bytes,
 )
+from benchroute.artifacts.stages.fit import FitOptions
 
 
 def _content(seed: int = 0, name: str = "demo") -> BundleContent:
@@ -371,7 +371,7 @@ def test_cli_route_follows_a_legit_ref_and_refuses_an_escaping_one(embedded_samp
     from benchroute.flows.publish import publish_store
 
     store = embedded_sample_store
-    v = publish_store(store, "refs-escape", evaluate=False)["version"]
+    v = publish_store(store, "refs-escape", FitOptions(evaluate=False))["version"]
     registry.pin(store, "refs-escape", v, "prod")
     assert load_router(store, "refs-escape", "prod").version == v
     for version in ("latest", "prod"):

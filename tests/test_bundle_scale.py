@@ -9,11 +9,17 @@ import io
 
 import numpy as np
 import pytest
-
 from benchroute.artifacts import router as router_mod
-from benchroute.artifacts.bundle import BundleContent, BundleStore, npy_bytes, open_bundle
+from benchroute.artifacts.bundle import (
+    BundleContent,
+    BundleStore,
+    npy_bytes,
+    open_bundle,
+)
 from benchroute.artifacts.label_pack import PackedLabels
 from benchroute.artifacts.router import LABELS_PREFIX, Router, load_router
+from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.flows.publish import build_content, publish_store
 from benchroute.transforms.knn import is_row_source
 
@@ -21,9 +27,10 @@ from benchroute.transforms.knn import is_row_source
 @pytest.fixture(scope="module")
 def bundles(embedded_sample_store):
     store = embedded_sample_store
-    publish_store(store, "exact-scan", evaluate=False, index_search="exact")
-    publish_store(store, "hnsw", evaluate=False, index_search="hnsw")
-    publish_store(store, "knn", evaluate=False, index_search="exact", predictor="knn_shrunk")
+    publish_store(store, "exact-scan", FitOptions(router=RouterSpec(index_search="exact"), evaluate=False))
+    publish_store(store, "hnsw", FitOptions(router=RouterSpec(index_search="hnsw"), evaluate=False))
+    publish_store(store, "knn", FitOptions(router=RouterSpec(index_search="exact", predictor="knn_shrunk"),
+                                          evaluate=False))
     return store
 
 
@@ -70,7 +77,7 @@ def test_hnsw_bundle_searches_its_graph_with_reported_recall(bundles):
 
 
 def test_bundle_written_before_labels_were_packed_still_loads(bundles):
-    content = build_content(bundles, "old-format", evaluate=False, index_search="exact")
+    content = build_content(bundles, "old-format", FitOptions(router=RouterSpec(index_search="exact"), evaluate=False))
     router = load_router(bundles, "exact-scan")
     files = {r: v for r, v in content.files.items() if not r.startswith(LABELS_PREFIX)}
     files["index/labels.npy"] = npy_bytes(router.knn.Y_.astype(np.float32))

@@ -19,12 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from benchroute.artifacts.bundle import BundleStore, open_bundle
 from benchroute.flows import cache_records
 from benchroute.flows.cache_records import UntrustedRecord, open_record, seal
 from benchroute.flows.refresh import refresh_flow
-
 from refresh_support import make_landing, seed_vectors
 
 
@@ -114,7 +112,7 @@ def _rerun(c):
     for lg in loggers:
         lg.addHandler(handler)
     try:
-        return refresh_flow(landing=str(c.landing), store=c.store), handler.messages
+        return refresh_flow(landing=str(c.landing), store=c.store, full=True), handler.messages
     finally:
         for lg in loggers:
             lg.removeHandler(handler)

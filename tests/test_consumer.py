@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 
+from benchroute.artifacts.stages.fit import FitOptions
+
 
 def test_router_import_is_light(embedded_sample_store, tmp_path):
     from benchroute.flows.publish import publish_store
 
-    publish_store(embedded_sample_store, "light", evaluate=False)
+    publish_store(embedded_sample_store, "light", FitOptions(evaluate=False))
     code = f"""
 import json, sys
 import numpy as np

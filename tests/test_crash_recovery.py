@@ -24,8 +24,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from polars.testing import assert_frame_equal
-
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts import registry
 from benchroute.artifacts.bundle import (
@@ -36,10 +34,12 @@ from benchroute.artifacts.bundle import (
     npy_bytes,
     open_bundle,
 )
+from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.artifacts.store import Store
 from benchroute.io import fresh_ls
-
 from conftest import SAMPLE
+from polars.testing import assert_frame_equal
 
 CLI = str(Path(sys.executable).with_name("benchroute"))
 KEYS = ["input_id", "dataset", "model"]
@@ -179,10 +179,11 @@ def with_vectors(stores):
     return url
 
 
-def _publish_in_process(url: str, **options) -> str:
+def _publish_in_process(url: str, **router) -> str:
     from benchroute.flows.publish import publish_store
 
-    return publish_store(url, "default", evaluate=False, predictor="knn", **options)["version"]
+    options = FitOptions(router=RouterSpec(predictor="knn", **router), evaluate=False)
+    return publish_store(url, "default", options)["version"]
 
 
 def _killed_after_manifest_then_rerun(cmd, tmp_path, api, url, old):
@@ -212,7 +213,7 @@ def test_cli_publish_killed_after_its_manifest_moves_latest_on_the_rerun(with_ve
     cmd = [CLI, "publish", "--store", url, "--no-evaluate", "--predictor", "knn", "--k", "5"]
     new, out = _killed_after_manifest_then_rerun(cmd, tmp_path, prefect_api, url, old)
     assert "unchanged, latest stays" not in out
-    clean = build_content(url, "default", evaluate=False, predictor="knn", k=5)
+    clean = build_content(url, "default", FitOptions(router=RouterSpec(predictor="knn", k=5), evaluate=False))
     assert BundleStore(url).manifest("default", new)["content_hash"] == clean.content_hash()
     assert open_bundle(url, "default").manifest["version"] == new
 

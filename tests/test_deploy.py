@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from benchroute.artifacts.specs import EmbedSpec, RouterSpec
 from benchroute.flows.deploy import DEFAULT_CRON, deployments
 
 
@@ -14,8 +15,13 @@ def test_deployments_schedule_the_refresh_and_offer_the_backfill(tmp_path):
     assert (backfill.flow_name, backfill.name) == ("backfill", "manual")
     assert not backfill.schedules and backfill.parameters["paths"] == [str(tmp_path / "landing")]
     # the parameter schemas carry the flows' types (the UI validates runs against them)
-    props = refresh._parameter_openapi_schema.properties
-    assert props["precision"]["enum"] == ["auto", "bf16", "fp32"] and props["k"]["minimum"] == 1
+    # and the specs whole, field by field
+    schema = refresh._parameter_openapi_schema
+    assert schema.properties["embed"]["$ref"] == "#/definitions/EmbedSpec"
+    assert schema.properties["router"]["$ref"] == "#/definitions/RouterSpec"
+    embed, router = (schema.definitions[d]["properties"] for d in ("EmbedSpec", "RouterSpec"))
+    assert embed["precision"]["enum"] == ["auto", "bf16", "fp32"] and router["k"]["minimum"] == 1
+    assert set(router) == set(RouterSpec.model_fields) and set(embed) == set(EmbedSpec.model_fields)
 
 
 def test_deployments_on_dask(tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from benchroute.artifacts.model_cards import UNIT_KEY, build_store_cards, sync_cards
+from benchroute.artifacts.specs import RouterSpec
 from benchroute.artifacts.store import Store
 from benchroute.flows.cli import main as cli
 from benchroute.transforms import binarize as bz
@@ -26,7 +26,6 @@ from benchroute.transforms.model_cards import (
     read_card,
     read_prices,
 )
-
 from conftest import FIXTURES, REPO, SAMPLE
 
 PRICES = REPO.parent / "shared" / "data" / "prices"
@@ -206,14 +205,14 @@ def test_ingest_with_a_card_puts_it_in_the_store_with_its_fingerprint(carded_sto
 
 
 def test_a_changed_price_changes_the_fingerprint_and_the_data_key(carded_store, tmp_path):
-    from benchroute.artifacts.router_build import Selection
+    from benchroute.artifacts.specs import Selection
     from benchroute.artifacts.stages.fit import data_key
 
     store, card = carded_store
     store = _copy(store, tmp_path)
     s = Store(store)
     eid = "all-minilm-l6-v2-384d-0123456789ab"
-    key = lambda: data_key(s, eid, Selection(), {"k": 10})  # noqa: E731
+    key = lambda: data_key(s, eid, Selection(), RouterSpec())  # noqa: E731
     before, fp, n = key(), s.units()[UNIT_KEY], len(s.commits())
     same = sync_cards(store, [], card)  # the same card again: nothing changes, nothing written
     assert not same["changed"] and not same["written"] and len(s.commits()) == n and key() == before

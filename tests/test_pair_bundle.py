@@ -9,10 +9,11 @@ import json
 
 import numpy as np
 import pytest
-
 from benchroute.artifacts.bundle import open_bundle
 from benchroute.artifacts.router import RouteError, load_router
 from benchroute.artifacts.router_build import pair_list, served_index
+from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.flows.cli import main as cli
 from benchroute.flows.publish import publish_store
 from benchroute.transforms.pair_calibration import share_at
@@ -24,7 +25,8 @@ MIXTRAL = "mistralai/mixtral-8x7b-instruct-v0.1"
 
 @pytest.fixture(scope="module")
 def pair_bundle(embedded_sample_store):
-    result = publish_store(embedded_sample_store, "pairs", pairs=[f"{GPT4},{MIXTRAL}"], evaluate=False)
+    result = publish_store(embedded_sample_store, "pairs",
+                           FitOptions(router=RouterSpec(pairs=[f"{GPT4},{MIXTRAL}"]), evaluate=False))
     return embedded_sample_store, result
 
 
@@ -95,7 +97,7 @@ def test_pair_requests_are_checked(pair_bundle):
 
 
 def test_bundle_without_pairs_says_so(embedded_sample_store):
-    result = publish_store(embedded_sample_store, "nopairs", evaluate=False)
+    result = publish_store(embedded_sample_store, "nopairs", FitOptions(evaluate=False))
     router = load_router(embedded_sample_store, "nopairs")
     assert router.pairs is None and "pairs" not in open_bundle(embedded_sample_store, "nopairs").manifest[
         "parameters"]
@@ -137,9 +139,8 @@ def test_cli_routes_a_pair_and_recalibrates_on_a_users_queries(pair_bundle, tmp_
 
 
 def test_http_route_and_calibrate_a_pair(pair_bundle):
-    from fastapi.testclient import TestClient
-
     from benchroute.artifacts.service import create_app
+    from fastapi.testclient import TestClient
 
     store, _ = pair_bundle
     router = load_router(store, "pairs")

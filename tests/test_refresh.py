@@ -16,12 +16,10 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-from prefect.exceptions import ParameterTypeError
-
 from benchroute.artifacts.bundle import BundleStore, open_bundle
 from benchroute.artifacts.store import Store
 from benchroute.flows.refresh import refresh_flow
-
+from prefect.exceptions import ParameterTypeError
 from refresh_support import land_held_back, make_landing, seed_vectors
 
 LEFT_OUT = 24  # inputs the first refresh embeds itself
@@ -29,17 +27,19 @@ LEFT_OUT = 24  # inputs the first refresh embeds itself
 
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory, embedded_sample_store):
-    """Three refreshes: first, nothing new, the held-back models' results land."""
+    """Refreshes: first, nothing new (stopped by the check), nothing new run in full (every step
+    cached), the held-back models' results land."""
     root = tmp_path_factory.mktemp("refresh")
     landing, held, results = make_landing(root)
     store = str(root / "store")
     _, left_out = seed_vectors(embedded_sample_store, store, LEFT_OUT)
     first = refresh_flow(landing=str(landing), store=store)
     second = refresh_flow(landing=str(landing), store=store)
+    second_full = refresh_flow(landing=str(landing), store=store, full=True)
     land_held_back(landing, results)
     third = refresh_flow(landing=str(landing), store=store)
     return SimpleNamespace(root=root, landing=landing, store=store, held=held, left_out=left_out,
-                           first=first, second=second, third=third)
+                           first=first, second=second, second_full=second_full, third=third)
 
 
 def _canonical(store: str, source_models: list[str]) -> set[str]:
@@ -61,9 +61,16 @@ def test_first_refresh_ingests_embeds_new_inputs_and_publishes_version_1(lifecyc
     assert set(manifest["evaluation"]) == {"mmlu_pro", "routellm"}
 
 
-def test_second_refresh_with_nothing_new_publishes_nothing_from_cache(lifecycle):
+def test_second_refresh_with_nothing_new_stops_at_the_check(lifecycle):
     s, first = lifecycle.second, lifecycle.first
-    assert s["units"]["new"] == 0 and s["ingest"] is None
+    assert s["noop"] and s["units"] == {"found": first["units"]["found"], "new": 0, "new_keys": []}
+    assert not s["published"] and s["bundle"]["version"] == first["bundle"]["version"]
+    assert s["bundle"]["bytes"] == first["bundle"]["bytes"] and s["bundle"]["models"] == first["bundle"]["models"]
+
+
+def test_second_refresh_run_in_full_publishes_nothing_from_cache(lifecycle):
+    s, first = lifecycle.second_full, lifecycle.first
+    assert "noop" not in s and s["units"]["new"] == 0 and s["ingest"] is None
     assert s["embed"]["new"] == 0 and s["embed"]["partitions"] == 0
     assert s["evaluation"] == {"ran": [], "cached": ["mmlu_pro", "routellm"], "skipped": []}
     assert s["fit_cached"] is True
@@ -84,6 +91,36 @@ def test_new_models_results_land_and_publish_version_2_without_embedding(lifecyc
     models = {m["model"] for m in open_bundle(lifecycle.store, "default").manifest["models"]}
     assert _canonical(lifecycle.store, lifecycle.held) <= models
     assert s["bundle"]["models"] == first["bundle"]["models"] + len(lifecycle.held)
+
+
+def test_the_noop_check_trusts_its_record_only_while_it_matches(lifecycle):
+    """After the third refresh nothing is new: the check says so. Other specs, a record naming
+    another version (same size), a record that is not JSON or none at all: the refresh runs."""
+    from pathlib import Path
+
+    from benchroute.artifacts.specs import EmbedSpec, RouterSpec
+    from benchroute.artifacts.stages import refresh as stage
+
+    def check(**router):
+        return stage.check(str(lifecycle.landing), lifecycle.store, "default", EmbedSpec(),
+                           RouterSpec(**router))
+
+    ok = check()
+    assert ok.noop and ok.version == lifecycle.third["bundle"]["version"]
+    assert not check(k=5).noop and "specs" in check(k=5).reason
+    record = Path(lifecycle.store) / stage.RECORD_DIR / "default.json"
+    good = record.read_bytes()
+    first = lifecycle.first["bundle"]["version"]
+    try:
+        record.write_bytes(good.replace(ok.version.encode(), first.encode()))
+        assert len(record.read_bytes()) == len(good) and not check().noop
+        record.write_bytes(b"{not json" + good[9:])
+        assert not check().noop
+        record.unlink()
+        assert not check().noop and "no refresh recorded" in check().reason
+    finally:
+        record.write_bytes(good)
+    assert check().noop
 
 
 def test_incremental_refresh_equals_a_full_rebuild(lifecycle, tmp_path):
@@ -191,7 +228,6 @@ def test_missing_landing_fails_clearly_and_empty_landing_is_not_an_error(tmp_pat
 def test_refresh_on_s3(s3_server, embedded_sample_store, tmp_path):
     """Landing zone and store on a real S3 API (moto on loopback); results cached in the store."""
     import fsspec
-
     from conftest import SAMPLE
 
     fs = fsspec.filesystem("s3")
@@ -202,6 +238,7 @@ def test_refresh_on_s3(s3_server, embedded_sample_store, tmp_path):
     first = refresh_flow(landing=landing, store=store)
     second = refresh_flow(landing=landing, store=store)
     assert first["published"] and first["bundle"]["url"].startswith("s3://")
-    assert not second["published"] and second["evaluation"]["cached"] == ["mmlu_pro"]
+    assert not second["published"] and second["noop"]
+    assert refresh_flow(landing=landing, store=store, full=True)["evaluation"]["cached"] == ["mmlu_pro"]
     assert fs.ls(f"{store}/_cache/prefect")
     assert open_bundle(store, "default").manifest["version"] == first["bundle"]["version"]

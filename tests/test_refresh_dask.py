@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from benchroute.artifacts.bundle import open_bundle
-
 from benchroute.artifacts import embeddings as emb
-from benchroute.artifacts.store import Store
+from benchroute.artifacts.bundle import open_bundle
+from benchroute.artifacts.specs import EmbedSpec
 from benchroute.artifacts.stages import embed as embed_stage
+from benchroute.artifacts.store import Store
 from benchroute.flows.refresh import refresh_flow
 from benchroute.flows.scale import scale_parameters, task_runner, with_task_runner
-
 from refresh_support import land_held_back, make_landing, seed_vectors
 
 LEFT_OUT = 48  # embedded by each run, in two partitions
@@ -37,7 +35,7 @@ def sequential(tmp_path_factory, embedded_sample_store, small_partitions):
     land_held_back(landing, results)
     store = str(root / "sequential")
     seed_vectors(embedded_sample_store, store, LEFT_OUT)
-    summary = refresh_flow(landing=str(landing), store=store, precision="fp32", partitions=2)
+    summary = refresh_flow(landing=str(landing), store=store, embed=EmbedSpec(precision="fp32"), partitions=2)
     return root, landing, store, summary
 
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
 from benchroute.artifacts.bundle import BundleStore, VerifiedBundle, open_bundle
 from benchroute.artifacts.router import (
     RouteError,
@@ -16,6 +15,8 @@ from benchroute.artifacts.router import (
     load_router,
     router_parameters,
 )
+from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.flows.cli import main as cli
 from benchroute.flows.publish import publish_store
 from benchroute.transforms.evaluate import BenchmarkArrays
@@ -161,8 +162,8 @@ def test_route_raw_text_uses_the_bundle_embedder(published):
 
 
 def test_float16_index_keeps_routing_decisions(embedded_sample_store):
-    r16 = publish_store(embedded_sample_store, "f16", index_dtype="float16", evaluate=False)
-    r32 = publish_store(embedded_sample_store, "f32", index_dtype="float32", evaluate=False)
+    r16 = publish_store(embedded_sample_store, "f16", FitOptions(router=RouterSpec(index_dtype="float16"), evaluate=False))
+    r32 = publish_store(embedded_sample_store, "f32", FitOptions(router=RouterSpec(index_dtype="float32"), evaluate=False))
     a, b = load_router(embedded_sample_store, "f16"), load_router(embedded_sample_store, "f32")
     X = b.knn.X_[::7]
     same = np.mean([a.route(x)["model"] == b.route(x)["model"] for x in X])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
 from benchroute.artifacts import embeddings as emb_store
+from benchroute.artifacts.embeddings import pick_embedder
 from benchroute.artifacts.router import load_router
 from benchroute.artifacts.router_build import (
     Selection,
@@ -16,8 +16,8 @@ from benchroute.artifacts.router_build import (
     publish_content,
     select_frames,
 )
+from benchroute.artifacts.specs import RouterSpec
 from benchroute.artifacts.store import Store
-from benchroute.artifacts.embeddings import pick_embedder
 from benchroute.transforms import policy
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.model_cards import cards_for
@@ -53,8 +53,8 @@ def test_bundle_picks_equal_evaluation_picks(embedded_sample_store, tmp_path, pr
 
     # The bundle: the same data without the held-out dataset, float32 index (no rounding).
     sel = Selection.of(datasets=[d for d in datasets if d != held])
-    content = bundle_content(store_url, f"heldout-{predictor}", eid, sel, {}, index_dtype="float32",
-                             predictor=predictor)
+    content = bundle_content(store_url, f"heldout-{predictor}", eid, sel, {},
+                             RouterSpec(index_dtype="float32", predictor=predictor))
     published = publish_content(store_url, content)
     router = load_router(store_url, published["name"])
     assert router.model_names == list(bench.models)

@@ -14,8 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
-
 from benchroute.artifacts.bundle import BundleStore
 from benchroute.artifacts.service import (
     MAX_BODY_BYTES,
@@ -24,12 +22,15 @@ from benchroute.artifacts.service import (
     ServiceLimits,
     create_app,
 )
+from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.flows.publish import publish_store
+from fastapi.testclient import TestClient
 
 
 @pytest.fixture(scope="module")
 def served(embedded_sample_store):
-    publish_store(embedded_sample_store, "svc", evaluate=False)
+    publish_store(embedded_sample_store, "svc", FitOptions(evaluate=False))
     app = create_app(embedded_sample_store, "svc", poll_seconds=0.2)
     with TestClient(app) as client:
         yield embedded_sample_store, app, client
@@ -114,7 +115,7 @@ def _uvicorn(app):
 
 def test_swaps_to_a_new_latest_without_dropping_requests(embedded_sample_store):
     store = embedded_sample_store
-    first = publish_store(store, "swap", evaluate=False)
+    first = publish_store(store, "swap", FitOptions(evaluate=False))
     app = create_app(store, "swap", poll_seconds=0.1)
     x = app.state.holder.router.knn.X_[0].tolist()
     seen, failures = set(), 0
@@ -128,7 +129,7 @@ def test_swaps_to_a_new_latest_without_dropping_requests(embedded_sample_store):
             seen.add(r.json().get("bundle_version"))
             i += 1
             if i == 20:  # a new version lands while requests keep coming
-                published_second = publish_store(store, "swap", k=5, evaluate=False)
+                published_second = publish_store(store, "swap", FitOptions(router=RouterSpec(k=5), evaluate=False))
             if published_second and published_second["version"] in seen and i > 40:
                 break
     assert failures == 0
@@ -248,8 +249,8 @@ def _wait_for(client, pred, seconds: float = 60) -> dict:
 
 def test_failed_swap_reports_degraded_until_a_good_one(embedded_sample_store):
     store, bs = embedded_sample_store, BundleStore(embedded_sample_store)
-    first = publish_store(store, "degrade", evaluate=False)["version"]
-    second = publish_store(store, "degrade", k=5, evaluate=False)["version"]
+    first = publish_store(store, "degrade", FitOptions(evaluate=False))["version"]
+    second = publish_store(store, "degrade", FitOptions(router=RouterSpec(k=5), evaluate=False))["version"]
     bs.set_ref("degrade", "latest", first)
     rel = sorted(bs.manifest("degrade", second)["files"])[0]
     path = bs.path("degrade", second, rel)

@@ -11,12 +11,12 @@ import json
 import math
 
 import pytest
+from benchroute.artifacts.service import MAX_TEXT_CHARS, create_app
+from benchroute.artifacts.stages.fit import FitOptions
+from benchroute.flows.publish import publish_store
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from benchroute.artifacts.service import MAX_TEXT_CHARS, create_app
-from benchroute.flows.publish import publish_store
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -25,7 +25,7 @@ PATHS = ("/v1/route", "/v1/score-task")
 
 @pytest.fixture(scope="module")
 def svc(embedded_sample_store):
-    publish_store(embedded_sample_store, "props", evaluate=False)
+    publish_store(embedded_sample_store, "props", FitOptions(evaluate=False))
     app = create_app(embedded_sample_store, "props", poll_seconds=60)
     router = app.state.holder.router
     with TestClient(app, raise_server_exceptions=False) as client:

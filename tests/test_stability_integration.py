@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
+from benchroute.artifacts.specs import Selection
+from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.artifacts.store import Store
 from benchroute.flows.cli import main as cli
 from benchroute.transforms.binarize import POSITION_METRICS
@@ -132,7 +133,7 @@ def test_bundle_manifest_holds_the_stability_summary(embedded_sample_store, tmp_
     from benchroute.artifacts.bundle import BundleError, BundleStore, open_bundle
     from benchroute.flows.publish import build_content
 
-    content = build_content(embedded_sample_store, "stab", sources=["mmlu_pro"])
+    content = build_content(embedded_sample_store, "stab", FitOptions(Selection(sources=["mmlu_pro"])))
     st = content.meta["stability"]
     assert set(st["groups"]) == {"mmlu_pro"} and st["most_biased"]
     models = {m["model"]: m for m in content.meta["models"]}
@@ -162,7 +163,7 @@ def test_bundle_models_hold_their_routing_stability(embedded_sample_store, tmp_p
     from benchroute.artifacts.bundle import BundleError, BundleStore, open_bundle
     from benchroute.flows.publish import build_content
 
-    content = build_content(embedded_sample_store, "rstab", sources=["mmlu_pro"])
+    content = build_content(embedded_sample_store, "rstab", FitOptions(Selection(sources=["mmlu_pro"])))
     models = {m["model"]: m for m in content.meta["models"]}
     routing = {r["method"]: r for r in content.meta["stability"]["routing"]
                if r["group"] == "mmlu_pro"}

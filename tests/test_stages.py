@@ -44,8 +44,6 @@ def test_one_partition_formula():
 
 
 def test_backfill_cli_spells_kind_once_and_passes_aliases_and_k(monkeypatch, capsys):
-    import pytest
-
     from benchroute.flows import backfill
 
     seen = {}
@@ -61,9 +59,10 @@ def test_backfill_cli_spells_kind_once_and_passes_aliases_and_k(monkeypatch, cap
     monkeypatch.setattr(backfill, "backfill_flow", Recorder())
     monkeypatch.setattr(backfill, "plan_markdown", lambda plan: "planned")
     assert backfill.main(["--store", "s", "--kind", "mmlu_pro", "--source", "routellm",
-                          "--aliases", "a.csv", "--k", "5", "--dry-run"]) == 0
-    assert seen["sources"] == ["mmlu_pro", "routellm"]  # --source: the hidden old spelling
-    assert seen["aliases"] == "a.csv" and seen["k"] == 5 and seen["dry_run"]
-    with pytest.raises(SystemExit):
-        backfill.main(["--store", "s", "--kind", "not-a-reader"])
-    assert "invalid choice" in capsys.readouterr().err
+                          "--aliases", "a.csv", "--k", "5", "--index-dtype", "float32", "--dry-run"]) == 0
+    assert seen["selection"].sources == ("mmlu_pro", "routellm")  # --source: the hidden old spelling
+    assert seen["aliases"] == "a.csv" and seen["dry_run"]
+    assert seen["router"].k == 5 and seen["router"].index_dtype == "float32"
+    seen.clear()
+    assert backfill.main(["--store", "s", "--kind", "not-a-reader"]) == 2
+    assert "Invalid value for '--kind'" in capsys.readouterr().err and not seen

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.bundle import BundleStore
-from benchroute.artifacts.router_build import Selection, select_frames
+from benchroute.artifacts.router_build import select_frames
+from benchroute.artifacts.specs import Selection
 from benchroute.artifacts.stages.embed import n_partitions, selected_ids
 from benchroute.artifacts.store import Store
 from benchroute.transforms.ids import glob_expr

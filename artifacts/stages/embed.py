@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 
 import polars as pl
-
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.router_build import Selection, select_frames
+from benchroute.artifacts.router_build import select_frames
+from benchroute.artifacts.specs import Selection
 from benchroute.artifacts.store import Store
 from benchroute.schemas.embeddings import EmbedderIdentity
 from benchroute.transforms.embed import (

@@ -11,31 +11,39 @@ metrics from ``transforms.evaluate``, vectors from ``artifacts.embeddings``, fil
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import polars as pl
-
 from benchroute import code_version
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.report import write_report
 from benchroute.artifacts.embeddings import EmbedderChoiceError, pick_embedder
-from benchroute.artifacts.router_build import Selection, cost_data, evaluation_entry, select_frames, token_frames
+from benchroute.artifacts.report import write_report
+from benchroute.artifacts.router_build import (
+    cost_data,
+    evaluation_entry,
+    select_frames,
+    token_frames,
+)
+from benchroute.artifacts.specs import STABILITY_B, RouterSpec, Selection
 from benchroute.artifacts.stages import PipelineError
-from benchroute.artifacts.stages.fit import data_key
 from benchroute.artifacts.store import Store
-from benchroute.transforms.evaluate import BenchmarkArrays, EvalConfig, Evaluation, evaluate_lodo
+from benchroute.transforms.evaluate import (
+    BenchmarkArrays,
+    EvalConfig,
+    Evaluation,
+    evaluate_lodo,
+)
 from benchroute.transforms.fingerprints import group_fingerprint
 from benchroute.transforms.lodo_groups import lodo_groups
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
-from benchroute.transforms.routing_eval import NoHeldOutInputs, RoutingResult, evaluate_routing
+from benchroute.transforms.routing_eval import (
+    NoHeldOutInputs,
+    RoutingResult,
+    evaluate_routing,
+)
 from benchroute.transforms.stability_summary import StoreView, stability_summary
-
-# Bootstrap resamples of the report's stability section (a few seconds on the shipped sample;
-# 1000 for tighter interval ends: ``benchmarks/stability.py``).
-STABILITY_B = 200
-
 
 # What ``pick_embedder`` raises when no stored embedder fits (kept under its old name).
 EvaluationError = EmbedderChoiceError
@@ -211,36 +219,49 @@ def eval_params(embedder_id: str, k: int, weights: str) -> dict:
             "config": asdict(EvalConfig(k=k, weights=weights))}
 
 
-def refit_plan(store_url: str, embedder_id: str, sel: Selection, k: int, weights: str) -> dict | None:
-    """The evaluation groups with their fingerprints, and the data key; ``None`` without labels."""
+@dataclass(frozen=True)
+class GroupPlan:
+    """One source group of a refit: its size, and either why leave-one-dataset-out skips it or
+    the ``fingerprint`` (its data and the evaluation parameters) its cached evaluation is keyed by."""
+
+    name: str
+    datasets: int
+    models: int
+    inputs: int
+    skipped: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class RefitPlan:
+    """What a refit reads: the groups to evaluate and the selection's size."""
+
+    groups: tuple[GroupPlan, ...]
+    inputs: int
+    models: int
+    datasets: int
+
+
+def refit_plan(store_url: str, embedder_id: str, sel: Selection, router: RouterSpec) -> RefitPlan | None:
+    """The evaluation groups with their fingerprints; ``None`` without labels."""
     store = Store(store_url)
     labels, memberships, models = select_frames(store, sel)
     if labels.height == 0:
         return None
-    params = eval_params(embedder_id, k, weights)
+    params = eval_params(embedder_id, router.k, router.weights)
     groups = []
     for g in lodo_groups(labels, memberships, exclude_models=list(sel.exclude_models or [])):
-        row = {"name": g.name, "skipped": g.skipped, "fingerprint": None,
-               "datasets": len(g.datasets), "models": len(g.models),
-               "inputs": g.labels["input_id"].n_unique()}
-        if not g.skipped:
-            row["fingerprint"] = group_fingerprint(
-                g.labels, memberships, models, datasets=g.datasets, model_names=g.models,
-                params=params,
-            )
-        groups.append(row)
-    return {
-        "groups": groups,
-        "data_key": data_key(store, embedder_id, sel, {"k": k, "weights": weights}),
-        "inputs": labels["input_id"].n_unique(),
-        "models": labels["model"].n_unique(),
-        "datasets": labels["dataset"].n_unique(),
-    }
+        fingerprint = None if g.skipped else group_fingerprint(
+            g.labels, memberships, models, datasets=g.datasets, model_names=g.models, params=params)
+        groups.append(GroupPlan(g.name, len(g.datasets), len(g.models), g.labels["input_id"].n_unique(),
+                                g.skipped or None, fingerprint))
+    return RefitPlan(tuple(groups), labels["input_id"].n_unique(), labels["model"].n_unique(),
+                     labels["dataset"].n_unique())
 
 
 def evaluate_group(
     store_url: str, embedder_id: str, group: str, fingerprint: str, sel: Selection,
-    k: int, weights: str, *, log=None,
+    router: RouterSpec, *, log=None,
 ) -> dict:
     """Evaluate one source group (its ``evaluation_entry``, or ``{"skipped": why}``); refuses
     when the store no longer matches ``fingerprint`` (it changed since the plan: a cached result
@@ -251,7 +272,7 @@ def evaluate_group(
     found = [g for g in lodo_groups(labels, memberships, exclude_models=exclude) if g.name == group]
     now = found and group_fingerprint(
         found[0].labels, memberships, models, datasets=found[0].datasets,
-        model_names=found[0].models, params=eval_params(embedder_id, k, weights),
+        model_names=found[0].models, params=eval_params(embedder_id, router.k, router.weights),
     )
     if now != fingerprint:
         raise PipelineError(
@@ -259,7 +280,7 @@ def evaluate_group(
             "(another writer?); run again"
         )
     results, skipped = evaluate_groups(
-        store, embedder_id, labels, memberships, models, EvalConfig(k=k, weights=weights),
+        store, embedder_id, labels, memberships, models, EvalConfig(k=router.k, weights=router.weights),
         sources=[group], exclude_models=exclude, log=log,
     )
     if group in results:
@@ -268,7 +289,7 @@ def evaluate_group(
 
 
 def evaluate_all(
-    store: Store, embedder_id: str, sel: Selection, k: int, weights: str, *, log=None,
+    store: Store, embedder_id: str, sel: Selection, router: RouterSpec, *, log=None,
     frames: tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame] | None = None,
 ) -> dict:
     """Every source group of the selection evaluated here and now (no cache): the evaluation a
@@ -276,7 +297,7 @@ def evaluate_all(
     selection's ``select_frames`` when the caller has read them already."""
     labels, memberships, models = frames if frames is not None else select_frames(store, sel)
     results, skipped = evaluate_groups(
-        store, embedder_id, labels, memberships, models, EvalConfig(k=k, weights=weights),
+        store, embedder_id, labels, memberships, models, EvalConfig(k=router.k, weights=router.weights),
         exclude_models=list(sel.exclude_models) if sel.exclude_models else None, log=log,
     )
     evaluation = {g: {"skipped": why} for g, why in skipped.items()}

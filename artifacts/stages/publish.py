@@ -10,28 +10,28 @@ from __future__ import annotations
 
 import time
 
-from benchroute.artifacts.router_build import Selection, bundle_content, publish_content
+from benchroute.artifacts.router_build import bundle_content, publish_content
+from benchroute.artifacts.specs import RouterSpec, Selection
 from benchroute.artifacts.stages.fit import FitOptions, fit_inputs
 
 
 def fit_and_publish(
-    store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict, *,
-    log=None, started: float | None = None, **router_parameters,
+    store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict,
+    router: RouterSpec | None = None, *, log=None, started: float | None = None,
 ) -> dict:
     """Fit, build and publish; returns name, version, url, whether a new version was created,
-    files, bytes, seconds (``publish_content``). ``router_parameters``: ``k``, ``weights``,
-    ``index_dtype``… as ``bundle_content`` takes them (``FitOptions.router_parameters``)."""
+    files, bytes, seconds (``publish_content``)."""
     t0 = time.perf_counter() if started is None else started
-    content = bundle_content(store_url, name, embedder_id, sel, evaluation, **router_parameters,
-                             log=log)
+    content = bundle_content(store_url, name, embedder_id, sel, evaluation, router, log=log)
     return publish_content(store_url, content, started=t0)
 
 
-def publish_store(store_url: str, name: str = "default", *, log=None, **options) -> dict:
-    """Evaluate every group of the selection, then ``fit_and_publish``; ``options``: the fields
-    of ``FitOptions``."""
+def publish_store(store_url: str, name: str = "default", options: FitOptions | None = None, *,
+                  log=None) -> dict:
+    """Evaluate every group of the selection (unless ``options.evaluate`` is false), then
+    ``fit_and_publish``."""
     t0 = time.perf_counter()
-    o = FitOptions(**options)
+    o = options or FitOptions()
     f = fit_inputs(store_url, o, log=log)
-    return fit_and_publish(store_url, name, f.embedder_id, f.selection, f.evaluation, log=log,
-                           started=t0, **o.router_parameters())
+    return fit_and_publish(store_url, name, f.embedder_id, f.selection, f.evaluation, o.router,
+                           log=log, started=t0)
