@@ -54,9 +54,10 @@ Kind = Literal["auto", "exact", "hnsw"]
 # Exact search up to this many index rows. benchmarks/scale.py, d = 384, one thread on a busy
 # 2-core machine: one exact query takes 1.5-4 ms at 10k rows, 2-8 ms at 20k, ~50 ms at 100k
 # (linear in n); HNSW 0.2-0.3 ms at recall@10 >= 0.999 but ~0.35-0.9 s of single-thread build per
-# 1k rows. Today's 28.5k-row bundles stay exact (no build, no change in answers); from 50k rows
-# (~20 ms a query) the graph pays for itself.
-EXACT_MAX_ROWS = 50_000
+# 1k rows. On the full-data bundle (28.5k rows; benchmarks/bundle.py) the exact scan routes an
+# embedding in 6.6 / 9.4 ms p50 / p99 and the graph in 1.1 / 1.5 ms at recall@10 .998: above
+# 20k rows the graph is the default (issue 13's p99 <= 2 ms), with its recall in the manifest.
+EXACT_MAX_ROWS = 20_000
 DEFAULT_M = 32  # graph degree (level 0 keeps 2M links: ~256 bytes a row at M=32)
 DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_EF_SEARCH = 128
@@ -174,6 +175,15 @@ class Index:
         return len(self.to_bytes())
 
 
+def chosen_kind(n_rows: int, kind: Kind = "auto", exact_max_rows: int = EXACT_MAX_ROWS) -> str:
+    """``exact`` or ``hnsw``: what ``kind`` means for an index of ``n_rows`` rows."""
+    if kind not in ("auto", "exact", "hnsw"):
+        raise ValueError(f"kind must be 'auto', 'exact' or 'hnsw', got {kind!r}")
+    if kind == "auto":
+        return "exact" if n_rows <= exact_max_rows else "hnsw"
+    return kind
+
+
 def build_index(
     X: np.ndarray,
     kind: Kind = "auto",
@@ -188,12 +198,9 @@ def build_index(
     """An index over the rows of ``X`` (n × d; normalised here). ``kind="auto"``: exact when
     n <= ``exact_max_rows``, else HNSW with degree ``m``, ``ef_construction`` and a default
     ``ef_search`` (overridable per search), built on ``threads`` threads (1: reproducible)."""
-    if kind not in ("auto", "exact", "hnsw"):
-        raise ValueError(f"kind must be 'auto', 'exact' or 'hnsw', got {kind!r}")
     P = prepare(X)
     n, d = P.shape
-    if kind == "auto":
-        kind = "exact" if n <= exact_max_rows else "hnsw"
+    kind = chosen_kind(n, kind, exact_max_rows)
     digest = rows_digest(P)
     if kind == "exact":
         return Index(IndexParams("exact", n, d, digest), P)

@@ -144,9 +144,8 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
     }
     for name, arr in arrays.items():
         files[f"predictor/{name}.npy"] = npy_bytes(arr)
-    index = ann_index.build_index(X_stored, index_search)
-    if index.kind != "exact":
-        files.update(index.to_files(ANN_PREFIX))
+    if ann_index.chosen_kind(len(X_stored), index_search) == "hnsw":  # the exact scan needs no file
+        files.update(ann_index.build_index(X_stored, "hnsw").to_files(ANN_PREFIX))
     return files
 
 
@@ -271,8 +270,8 @@ class Router:
             return None
         from benchroute.artifacts.ann_index import load_index_files
 
-        try:
-            return load_index_files(bundle.files, ANN_PREFIX, X)
+        try:  # no digest of the rows: the verified manifest binds the graph to these embeddings
+            return load_index_files(bundle.files, ANN_PREFIX, X, verify=False)
         except ValueError as exc:
             raise RouteError(f"{bundle.url}: unusable nearest-neighbour index: {exc}") from exc
 

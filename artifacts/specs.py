@@ -116,7 +116,7 @@ class RouterSpec(Spec):
     index_dtype: IndexDtype = Field("float16", description="how the bundle stores its index")
     index_search: IndexSearch = Field(
         "auto", description="exact scan, an HNSW graph (recall in the manifest), or auto (HNSW above "
-                            "50,000 index rows)")
+                            "20,000 index rows)")
     pairs: tuple[tuple[str, str], ...] = Field(
         (), description="strong/weak pair routers to serve, each 'STRONG,WEAK'")
     pair_models: tuple[str, ...] = Field(

@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     landing = args.work / "landing"
     held, results = make_landing(args.data / "raw", landing)
     print(f"landing {landing}: all raw dumps, MMLU-Pro without {held}", flush=True)
-    common = {"landing": str(landing), "precision": args.precision, "partitions": args.partitions}
+    from benchroute.artifacts.specs import EmbedSpec
+
+    common = {"landing": str(landing), "embed": EmbedSpec(precision=args.precision),
+              "partitions": args.partitions}
     rows, out = [], {"held_back_model": held, "workers": args.workers}
 
     def run(label: str, flow, store: Path, **extra) -> dict:

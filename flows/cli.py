@@ -431,39 +431,16 @@ def pairs_report(
     n_boot: Annotated[int, _opt("--n-boot")] = 1000,
     seed: Annotated[int, _opt("--seed")] = 0,
 ) -> int:
-    import re
-
     from benchroute.artifacts.router_build import pair_list
-    from benchroute.transforms.pair_eval import (
-        DEFAULT_ROUTERS,
-        evaluate_pair,
-        load_store_data,
-        write_pair_report,
-    )
+    from benchroute.transforms.pair_eval import chosen_routers, evaluate_pairs, load_store_data, write_pair_report
     from benchroute.transforms.pair_labels import PairError
 
-    chosen = None
-    if routers:
-        unknown = sorted(set(routers) - set(DEFAULT_ROUTERS))
-        if unknown:
-            print(f"unknown routers {unknown}; choose from {sorted(DEFAULT_ROUTERS)}", file=sys.stderr)
-            return 2
-        chosen = {r: DEFAULT_ROUTERS[r] for r in routers}
     try:
+        chosen_routers(routers)  # an unknown name fails before the store is read
         pair_tuples = pair_list([], pairs)
         data, X = load_store_data(store, embedder)
-        results, reference = [], {}
-        for held in heldout:
-            patterns = [x.strip() for x in held.split(",") if x.strip()]
-            for strong, weak in pair_tuples:
-                label = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{patterns[0].split('/')[0]}-{strong.split('/')[-1]}"
-                                                           f"-vs-{weak.split('/')[-1]}")
-                res = evaluate_pair(data, X, strong, weak, patterns, name=label, routers=chosen,
-                                    n_boot=n_boot, seed=seed)
-                results.append(res)
-                ref = patterns[0].split("/")[0]
-                if ref in ("mmlu", "gsm8k", "mt_bench"):  # RouteLLM's published benchmarks
-                    reference[label] = ref
+        results, reference = evaluate_pairs(data, X, pair_tuples, heldout, routers=routers,
+                                            n_boot=n_boot, seed=seed)
     except (PairError, ValueError) as exc:
         print(f"benchroute pairs-report: {exc}", file=sys.stderr)
         return 2

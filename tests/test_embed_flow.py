@@ -20,8 +20,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "embed" / "prompts.csv"
 SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from benchroute.artifacts.specs import EmbedSpec
     from benchroute.flows.embed import embed_flow
-    first = embed_flow(sys.argv[1], precision="fp32", batch_size=16)
+    first = embed_flow(sys.argv[1], EmbedSpec(precision="fp32", batch_size=16))
     second = embed_flow(store=sys.argv[1])
     print("RESULT " + json.dumps([first, second]))
     """

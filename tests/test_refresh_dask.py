@@ -52,7 +52,7 @@ def test_dask_run_equals_the_sequential_run(processes, sequential, embedded_samp
     store = str(root / f"dask-{'processes' if processes else 'threads'}")
     seed_vectors(embedded_sample_store, store, LEFT_OUT)
     flow = with_task_runner(refresh_flow, 2, processes=processes)
-    s = flow(landing=str(landing), store=store, precision="fp32", partitions=2,
+    s = flow(landing=str(landing), store=store, embed=EmbedSpec(precision="fp32"), partitions=2,
              **scale_parameters(2))
     assert s["embed"]["new"] == LEFT_OUT and s["embed"]["partitions"] == 2
     assert s["embed"]["threads"] == [1]  # each worker embeds on its own core

@@ -15,7 +15,7 @@ from benchroute.artifacts.router import (
     load_router,
     router_parameters,
 )
-from benchroute.artifacts.specs import RouterSpec
+from benchroute.artifacts.specs import RouterSpec, Selection
 from benchroute.artifacts.stages.fit import FitOptions
 from benchroute.flows.cli import main as cli
 from benchroute.flows.publish import publish_store
@@ -41,6 +41,9 @@ def test_publish_is_self_describing_and_idempotent(published):
     assert m["parameters"]["k"] == 10 and m["parameters"]["bandwidth"] > 0
     assert "mmlu_pro" in m["evaluation"]
     assert {f.rsplit(".", 1)[1] for f in m["files"]} <= {"npy", "parquet", "json"}
+    # the specs it was built from, whole, and valid as specs again
+    assert m["spec"] == {"selection": Selection().to_dict(), "router": RouterSpec().to_dict()}
+    assert RouterSpec.model_validate(m["spec"]["router"]) == RouterSpec()
 
 
 def test_route_and_score_task_from_embeddings(published):

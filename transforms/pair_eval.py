@@ -271,6 +271,44 @@ def evaluate_pair(
                           pl.DataFrame(curves), pl.DataFrame(operating), pl.DataFrame(cal_tab), info, all_scores)
 
 
+PUBLISHED_BENCHMARKS = ("mmlu", "gsm8k", "mt_bench")  # RouteLLM's reference numbers exist for these
+
+
+def chosen_routers(names: Sequence[str] | None) -> dict[str, tuple[str, dict]] | None:
+    """The routers of ``DEFAULT_ROUTERS`` named (``None``: all); ``ValueError`` for an unknown one."""
+    if not names:
+        return None
+    unknown = sorted(set(names) - set(DEFAULT_ROUTERS))
+    if unknown:
+        raise ValueError(f"unknown routers {unknown}; choose from {sorted(DEFAULT_ROUTERS)}")
+    return {r: DEFAULT_ROUTERS[r] for r in names}
+
+
+def evaluate_pairs(data: WinData, X: np.ndarray, pairs: Sequence[tuple[str, str]], heldout: Sequence[str],
+                   *, routers: Sequence[str] | None = None, n_boot: int = 1000,
+                   seed: int = 0) -> tuple[list[PairEvalResult], dict[str, str]]:
+    """``evaluate_pair`` for every pair and every held-out option (comma-separated dataset names
+    or globs, e.g. ``"mmlu/*"``); returns the results, each named ``<benchmark>-<strong>-vs-<weak>``,
+    and the names whose benchmark has RouteLLM's published reference numbers (name → benchmark)."""
+    import re
+
+    chosen = chosen_routers(routers)
+    results, reference = [], {}
+    for held in heldout:
+        patterns = [x.strip() for x in held.split(",") if x.strip()]
+        if not patterns:
+            raise ValueError(f"held-out option {held!r} names no dataset")
+        benchmark = patterns[0].split("/")[0]
+        for strong, weak in pairs:
+            name = re.sub(r"[^A-Za-z0-9_.+-]+", "-",
+                          f"{benchmark}-{strong.split('/')[-1]}-vs-{weak.split('/')[-1]}")
+            results.append(evaluate_pair(data, X, strong, weak, patterns, name=name, routers=chosen,
+                                         n_boot=n_boot, seed=seed))
+            if benchmark in PUBLISHED_BENCHMARKS:
+                reference[name] = benchmark
+    return results, reference
+
+
 def _datasets_of(data: WinData, rows: np.ndarray) -> list[str]:
     hit = data.member[rows].any(axis=0)
     return [d for d, h in zip(data.datasets, hit) if h]
