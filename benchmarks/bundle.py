@@ -38,7 +38,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from benchroute.artifacts.specs import RouterSpec
 
 
 def build(store: str, out: str, name: str) -> tuple[dict, dict]:
@@ -50,11 +49,8 @@ def build(store: str, out: str, name: str) -> tuple[dict, dict]:
     from benchroute.artifacts import embeddings as emb
     from benchroute.artifacts.bundle import BundleContent, BundleStore
     from benchroute.artifacts.router import ANN_PREFIX
-    from benchroute.artifacts.router_build import (
-        Selection,
-        bundle_content,
-        index_search_summary,
-    )
+    from benchroute.artifacts.router_build import bundle_content, index_search_summary
+    from benchroute.artifacts.specs import RouterSpec, Selection
     from benchroute.artifacts.store import Store
 
     eid = emb.embedders(Store(store))[0]
