@@ -210,8 +210,9 @@ def test_killed_refresh_resumes_from_cached_results(tmp_path, embedded_sample_st
 
 
 def test_parameters_are_validated_before_the_run(tmp_path):
-    for bad in ({"k": 0}, {"precision": "fp16"}, {"name": "no spaces"}, {"partitions": 0},
-                {"kinds": ["csv"]}, {"weights": "cosine"}):
+    for bad in ({"router": {"k": 0}}, {"embed": {"precision": "fp16"}}, {"name": "no spaces"},
+                {"partitions": 0}, {"kinds": ["csv"]}, {"router": {"weights": "cosine"}},
+                {"router": {"k": 10, "unknown": 1}}):
         with pytest.raises(ParameterTypeError):
             refresh_flow(landing=str(tmp_path), store=str(tmp_path / "s"), **bad)
     assert not (tmp_path / "s").exists()
