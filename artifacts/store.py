@@ -102,6 +102,13 @@ class Store:
             parts.extend(c.append.get(table, []))
         return parts
 
+    def iter_batches(self, rel: str, columns: list[str], batch_size: int = 1_000_000):
+        """One part's ``columns`` as polars frames of at most ``batch_size`` rows (memory: one
+        batch, not the part)."""
+        with self.fs.open(self.path(rel), "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+                yield pl.from_arrow(batch)
+
     def tables(self) -> list[str]:
         names: set[str] = set()
         for c in self.commits():
@@ -121,8 +128,13 @@ class Store:
         """The whole table as one frame (empty, with the declared columns, if never written): the
         rows of its parts concatenated as stored. Rows are not de-duplicated by key here; writers
         keep keys unique (``Appender``, ``new_rows``)."""
+        return self.read_parts(table, self.parts(table), columns)
+
+    def read_parts(self, table: str, parts: list[str], columns: list[str] | None = None) -> pl.DataFrame:
+        """The rows of the given parts of ``table`` (relative paths as ``parts`` returns them;
+        e.g. only the parts committed since some commit), concatenated as ``read`` does."""
         frames = []
-        for rel in self.parts(table):
+        for rel in parts:
             with self.fs.open(self.path(rel), "rb") as f:
                 frames.append(pl.read_parquet(f, columns=columns))
         if not frames:

@@ -71,7 +71,8 @@ def cards_task(store: str, found: list[str], models: str | None, write: bool = T
 
 @task(retries=2, retry_delay_seconds=2, persist_result=False)
 def relabel_task(store: str, rules: str | None) -> int:
-    """Recompute the labels table from every outcome in the store (replaces the old one)."""
+    """Bring the labels up to date with the store's outcomes: append the new outcome parts'
+    labels when the rules allow it, else recompute them all (``stages.ingest.relabel``)."""
     return ingest_stage.relabel(store, rules)
 
 

@@ -288,7 +288,13 @@ def binarize(
     The rules are first completed with the datasets' main metrics (``effective_rules``).
     """
     rules = effective_rules(outcomes, rules, main_metrics)
-    primary = primary_metrics(outcomes, rules)
+    return labels_of(outcomes, rules, primary_metrics(outcomes, rules))
+
+
+def labels_of(outcomes: pl.DataFrame, rules: tuple[Rule, ...], primary: pl.DataFrame) -> pl.DataFrame:
+    """``binarize``'s labels of ``outcomes`` given the effective ``rules`` and each dataset's
+    primary metric (``primary_metrics``' frame, possibly chosen from more outcomes than these:
+    an incremental relabel labels new outcomes under the choices the whole store makes)."""
     if primary.height == 0:
         return empty("labels")
     values = (
@@ -306,11 +312,32 @@ def binarize(
                     y=_label_expr(rule).cast(pl.Int8), rule=pl.lit(rule.describe())
                 )
             )
+    if not frames:
+        return empty("labels")
     labels = pl.concat(frames).drop("rule_index").sort("dataset", "input_id", "model")
     valid, bad = validate("labels", labels, source="binarize")
     if bad.height:  # cannot happen for validated outcomes; fail loudly if it does
         raise AssertionError(f"binarize produced invalid labels: {bad.head(3)}")
     return valid
+
+
+def metric_pairs(outcomes: pl.DataFrame) -> dict[str, list[str]]:
+    """Dataset -> its sorted metrics that could make labels (usage and position measures left
+    out): all that ``effective_rules`` and ``primary_metrics`` look at in the outcomes."""
+    pairs = (
+        outcomes.lazy().select("dataset", "metric").unique()
+        .filter(~pl.col("metric").is_in(NOT_LABEL_METRICS))
+        .group_by("dataset").agg(pl.col("metric").sort())
+        .sort("dataset").collect()
+    )
+    return {d: list(ms) for d, ms in pairs.iter_rows()}
+
+
+def pairs_frame(pairs: dict[str, Iterable[str]]) -> pl.DataFrame:
+    """``metric_pairs``' mapping back as a ``dataset, metric`` frame (what ``effective_rules``
+    and ``primary_metrics`` accept in place of the outcomes)."""
+    rows = [(d, m) for d, ms in pairs.items() for m in ms]
+    return pl.DataFrame(rows, schema={"dataset": pl.String, "metric": pl.String}, orient="row")
 
 
 def _label_expr(rule: Rule) -> pl.Expr:

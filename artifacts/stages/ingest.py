@@ -3,24 +3,28 @@
 ``plan_ingest`` says which of the discovered units the store does not hold yet (and accounts for
 every other file); ``read_tables`` reads one unit into canonical frames with out-of-range values
 quarantined; ``commit_reads`` commits what was read in batches (a crash keeps every committed
-batch); ``relabel`` recomputes the labels, ``stale_labels`` says when they must be. Discovery and
+batch); ``relabel`` brings the labels up to date (appending those of new outcome parts when
+that equals a full recompute, else recomputing them), ``stale_labels`` says when they must be. Discovery and
 reading live in ``transforms.ingest``, range checks and labels in ``transforms.binarize``,
 storage in ``artifacts.store``; the ``ingest`` flow only sequences these.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 from tqdm.auto import tqdm
 
 from benchroute import code_version
-from benchroute.artifacts.store import Appender, Store, concat_tables
+from benchroute.artifacts.store import Appender, Commit, Store, concat_tables
 from benchroute.faults import crash_point
-from benchroute.schemas import empty
+from benchroute.schemas import KEYS, empty
 from benchroute.transforms import binarize as bz
 from benchroute.transforms.fingerprints import digest
 from benchroute.transforms.ids import ModelNames
@@ -32,6 +36,8 @@ from benchroute.transforms.ingest import (
     discover,
     read_unit,
 )
+
+log = logging.getLogger(__name__)
 
 # Commit after this many outcome rows (or at the end): a crash keeps every committed batch.
 BATCH_OUTCOME_ROWS = 250_000
@@ -222,25 +228,200 @@ def commit_batch(appender: Appender, pending, summary: IngestSummary, log) -> No
 
 
 # --------------------------------------------------------------------------- labels
+LABELS = "labels"
+
+
+@functools.cache
+def labels_code() -> str:
+    """What the labels' computation reads besides the data: the binarization module and its
+    shipped main-metric table. Labels appended under other code would differ from a full
+    relabel's, so an append needs the same (``append_plan``)."""
+    return digest(Path(bz.__file__).read_bytes().decode(), bz.HELM_MAIN_METRICS_CSV.read_text())
+
+
+@dataclass(frozen=True)
+class AppendPlan:
+    """New outcome parts whose labels can be computed alone and appended (``append_plan``)."""
+
+    last: Commit  # the labels commit the append extends
+    new_parts: tuple[str, ...]  # outcome parts committed since that commit's basis
+    fresh_models: frozenset[str]  # models first committed with those parts (no older outcome)
+
+
 def relabel(store_url: str, rules: str | None) -> int:
-    """Recompute the labels table from every outcome in the store (replaces the old one);
-    returns the number of labels."""
+    """Bring the labels up to the store's outcomes; returns the number of labels.
+
+    Appends the labels of the outcome parts committed since the last labels commit when
+    ``append_plan`` and ``append_labels`` show they are exactly what a full relabel would add;
+    otherwise recomputes the whole table from every outcome (``full_relabel``)."""
     s = Store(store_url)
-    basis = labels_basis(s, rules)  # before reading: a later append makes the labels stale
-    outcomes = s.read("outcomes")
-    hints = bz.main_metric_hints(s.commits())
+    commits = s.commits()  # one snapshot: basis, parts read and hints all come from it
+    plan = append_plan(s, rules, commits)
+    if isinstance(plan, AppendPlan):
+        n = append_labels(s, rules, commits, plan)
+        if isinstance(n, int):
+            return n
+        plan = n
+    log.info("full relabel: %s", plan)
+    return full_relabel(s, rules, commits)
+
+
+def full_relabel(s: Store, rules: str | None, commits: list[Commit]) -> int:
+    """Recompute the labels table from every outcome of ``commits`` (replaces the old one)."""
+    basis = labels_basis(s, rules, commits)
+    outcomes = s.read_parts("outcomes", s.parts("outcomes", commits))
+    hints = bz.main_metric_hints(commits)
     rule_list = bz.effective_rules(outcomes, bz.load_rules(rules), hints)
     labels = bz.binarize(outcomes, rule_list)
-    s.commit(
-        replace={"labels": labels},
-        info={"kind": "labels", "basis": basis, "rules": bz.rules_to_json(rule_list),
-              "code_version": code_version()},
-    )
+    pairs = bz.metric_pairs(outcomes)
+    del outcomes
+    s.commit(replace={LABELS: labels},
+             info=_labels_info(basis, rule_list, commits, pairs, labels.height, None))
     crash_point("ingest.labelled")
     return labels.height
 
 
+def _labels_info(basis: str, rule_list, commits: list[Commit], pairs: dict, n: int,
+                 extends: int | None) -> dict:
+    """A labels commit's info: what ``stale_labels`` checks (``basis``) and what the next
+    ``append_plan`` needs (the last commit of the basis, every dataset's label-capable metrics,
+    the label count, the labels code, and for an append the labels commit it extends)."""
+    info = {"kind": LABELS, "basis": basis, "rules": bz.rules_to_json(rule_list),
+            "code_version": code_version(), "labels_code": labels_code(),
+            "outcomes_seq": commits[-1].seq if commits else 0, "metrics": pairs, "n_labels": n}
+    if extends is not None:
+        info["mode"], info["extends"] = "append", extends
+    return info
+
+
+def _labels_commits(commits: list[Commit]) -> list[Commit]:
+    """The labels commits since (and with) the last one that replaced the table."""
+    out: list[Commit] = []
+    for c in commits:
+        if LABELS in c.replace:
+            out = [c]
+        elif LABELS in c.append:
+            out.append(c)
+    return out
+
+
+def _broken_chain(chain: list[Commit]) -> str | None:
+    """Why the appends since the last full relabel do not each extend the labels commit before
+    them (two runs appending at once would hold the same rows twice), or None."""
+    for prev, c in zip(chain, chain[1:]):
+        if c.info.get("extends") != prev.seq:
+            return f"labels commit {c.seq} does not extend {prev.seq} (concurrent relabels?)"
+    return None
+
+
+def append_plan(s: Store, rules: str | None, commits: list[Commit]) -> AppendPlan | str:
+    """Whether the labels can be brought up to date by appending those of the new outcome parts
+    alone, as far as the commit log tells (the data's part is ``append_labels``); else why not.
+
+    Needs: a labels commit with an incremental record, made by the same labels code, whose basis
+    is the basis of the commits up to its ``outcomes_seq`` under these ``rules`` (so the stored
+    labels are exactly those of the outcome parts then, under the same rules file and hints);
+    outcomes only appended since, and at least one part new."""
+    chain = _labels_commits(commits)
+    if not chain:
+        return "no labels yet"
+    last = chain[-1]
+    info = last.info
+    if any(k not in info for k in ("basis", "outcomes_seq", "metrics", "rules", "n_labels")):
+        return "the last labels commit has no incremental record"
+    if info.get("labels_code") != labels_code():
+        return "the binarization code changed"
+    if broken := _broken_chain(chain):
+        return broken
+    prefix = [c for c in commits if c.seq <= info["outcomes_seq"]]
+    if labels_basis(s, rules, prefix) != info["basis"]:
+        return "the rules asked for, the hints or the outcomes the labels came from changed"
+    old_parts, all_parts = s.parts("outcomes", prefix), s.parts("outcomes", commits)
+    if all_parts[: len(old_parts)] != old_parts:
+        return "outcome parts were replaced"
+    new_parts = tuple(all_parts[len(old_parts):])
+    if not new_parts:
+        return "no new outcomes (a recompute was asked for)"
+    old_models, all_models = s.parts("models", prefix), s.parts("models", commits)
+    fresh: frozenset[str] = frozenset()
+    if all_models[: len(old_models)] == old_models:
+        # Readers commit a models row with a model's first outcomes (``from_frames``), and
+        # models keys are unique: a model first committed after the prefix has no older outcome.
+        fresh = frozenset(s.read_parts("models", all_models[len(old_models):], ["model"])["model"])
+    return AppendPlan(last, new_parts, fresh)
+
+
+def append_labels(s: Store, rules: str | None, commits: list[Commit], plan: AppendPlan) -> int | str:
+    """Append the labels of ``plan.new_parts`` (reading only them) if they are exactly the rows
+    a full relabel would add to the stored labels, changing none; returns the label count, or
+    why not (the caller then recomputes everything).
+
+    The rows are the same when: the effective rules of all (dataset, metric) pairs (recorded
+    pairs and new ones) and the hints are the recorded rules; no dataset that had outcomes
+    changes its primary metric (a new metric can outrank the old one; a dataset without one can
+    gain one, whose older outcomes would then need labels); and the new labels' groups are new:
+    no (input, dataset, model) already labelled (a second run of a model on an input is averaged
+    with the first), and for ``relative_to_best``/``top_k`` datasets no (input, dataset) already
+    labelled (a new model moves the others' labels)."""
+    info = plan.last.info
+    outcomes = s.read_parts("outcomes", list(plan.new_parts))
+    new_pairs = bz.metric_pairs(outcomes)
+    old_pairs: dict[str, list[str]] = info["metrics"]
+    pairs = {d: sorted(set(old_pairs.get(d, ())) | set(new_pairs.get(d, ())))
+             for d in sorted(set(old_pairs) | set(new_pairs))}
+    hints = bz.main_metric_hints(commits)
+    rule_list = bz.effective_rules(bz.pairs_frame(pairs), bz.load_rules(rules), hints)
+    if bz.rules_to_json(rule_list) != info["rules"]:
+        return "the effective rules changed (a new dataset's or hint's main metric?)"
+    touched = {d: pairs[d] for d in new_pairs}
+    primary = bz.primary_metrics(bz.pairs_frame(touched), rule_list)
+    before = bz.primary_metrics(bz.pairs_frame({d: old_pairs[d] for d in touched if d in old_pairs}),
+                                rule_list)
+    now = {d: (m, i) for d, m, i in primary.iter_rows()}
+    then = {d: (m, i) for d, m, i in before.iter_rows()}
+    for d in touched:
+        if d in old_pairs and then.get(d) != now.get(d):
+            return f"dataset {d}'s primary metric changes ({then.get(d)} -> {now.get(d)})"
+    labels = bz.labels_of(outcomes, rule_list, primary)
+    del outcomes
+    if why := _overlap(s, commits, labels, rule_list, primary, plan):
+        return why
+    basis = labels_basis(s, rules, commits)
+    n = int(info["n_labels"]) + labels.height
+    s.commit(append={LABELS: labels},
+             info=_labels_info(basis, rule_list, commits, pairs, n, plan.last.seq))
+    crash_point("ingest.labelled")
+    log.info("appended %d labels of %d new outcome parts", labels.height, len(plan.new_parts))
+    return n
+
+
+def _overlap(s: Store, commits: list[Commit], labels: pl.DataFrame, rule_list, primary: pl.DataFrame,
+             plan: AppendPlan) -> str | None:
+    """Why ``labels`` (of new parts) are not all new groups of the stored labels, or None.
+
+    Rows of models first committed with the new parts cannot repeat a stored key; the others
+    (and every row of a dataset whose rule compares models) are looked up in the stored labels,
+    one batch of their key columns at a time."""
+    relative = [d for d, _, i in primary.iter_rows() if rule_list[i].kind != "threshold"]
+    by_key = labels.filter(~pl.col("model").is_in(list(plan.fresh_models))).select(KEYS[LABELS])
+    by_group = labels.filter(pl.col("dataset").is_in(relative)).select("input_id", "dataset").unique()
+    if by_key.height == 0 and by_group.height == 0:
+        return None
+    datasets = pl.concat([by_key["dataset"], by_group["dataset"]]).unique()
+    for rel in s.parts(LABELS, commits):
+        for batch in s.iter_batches(rel, KEYS[LABELS]):
+            batch = batch.filter(pl.col("dataset").is_in(datasets.implode()))
+            if by_key.height and batch.join(by_key, on=KEYS[LABELS], how="semi").height:
+                return "new outcomes re-state labelled (input, dataset, model) keys"
+            if by_group.height and batch.join(by_group, on=["input_id", "dataset"], how="semi").height:
+                return "a dataset whose rule compares models gains a model on labelled inputs"
+    return None
+
+
 def label_count(store: Store) -> int:
+    chain = _labels_commits(store.commits())
+    if chain and "n_labels" in chain[-1].info:
+        return int(chain[-1].info["n_labels"])
     return store.read("labels", columns=["y"]).height
 
 
@@ -260,7 +441,8 @@ def stale_labels(store: Store, rules: str | None) -> str | None:
     run killed in between (or a change of rules) leaves them stale, and the next ingest or
     refresh recomputes them whether or not it has new units."""
     commits = store.commits()
-    last = next((c for c in reversed(commits) if "labels" in c.replace), None)
+    chain = _labels_commits(commits)
+    last = chain[-1] if chain else None
     if last is None:
         return "no labels yet" if store.parts("outcomes", commits) else None
     basis = last.info.get("basis")
@@ -268,6 +450,8 @@ def stale_labels(store: Store, rules: str | None) -> str | None:
         later = any(c.seq > last.seq and ("outcomes" in c.append or "outcomes" in c.replace)
                     for c in commits)
         return "outcomes were committed after the labels" if later else None
+    if broken := _broken_chain(chain):
+        return broken
     if basis != labels_basis(store, rules, commits):
         return "the labels are not those of the stored outcomes and these rules"
     return None
