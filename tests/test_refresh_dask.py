@@ -45,7 +45,8 @@ def _vectors(url: str):
     return table["input_id"].to_list(), table["vector"].to_numpy()
 
 
-@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+@pytest.mark.parametrize("processes", [pytest.param(True, marks=pytest.mark.heavy), False],
+                         ids=["processes", "threads"])
 def test_dask_run_equals_the_sequential_run(processes, sequential, embedded_sample_store):
     root, landing, seq_store, seq = sequential
     assert seq["embed"]["partitions"] == 2 and seq["embed"]["new"] == LEFT_OUT
