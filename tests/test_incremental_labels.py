@@ -77,6 +77,18 @@ def long_table(path: Path, rows: list[tuple]) -> Path:
 
 
 # ------------------------------------------------------------------------------ grown stores
+def grown(tmp_path: Path, parts: list[Path], *, label_all: bool = False) -> str:
+    """A store that ingested ``parts`` one by one, each from a landing folder of its own; only
+    the first ingest labels unless ``label_all`` (the later outcomes wait for a relabel)."""
+    url = str(tmp_path / "store")
+    for i, part in enumerate(parts):
+        step = tmp_path / f"src{i}"
+        step.mkdir()
+        shutil.copy(part, step / part.name)
+        ingest(url, [step], label=label_all or i == 0)
+    return url
+
+
 @pytest.fixture(scope="module")
 def synth_parts(tmp_path_factory) -> list[Path]:
     """A small synthetic leaderboard, one file per block of models (each a new-models step)."""
@@ -193,12 +205,7 @@ def test_new_hint_changing_effective_rules_falls_back(tmp_path):
 def test_a_killed_relabel_is_repaired_by_an_append(synth_parts, tmp_path):
     """Outcomes committed, labels not (a run killed in between): stale; the next relabel
     appends the missing parts' labels, two steps at once."""
-    url = str(tmp_path / "store")
-    for i, part in enumerate(synth_parts[:3]):
-        step = tmp_path / f"src{i}"
-        step.mkdir()
-        shutil.copy(part, step / part.name)
-        ingest(url, [step], label=(i == 0))
+    url = grown(tmp_path, synth_parts[:3])
     s = Store(url)
     assert stage.stale_labels(s, None)
     stage.relabel(url, None)
@@ -209,15 +216,7 @@ def test_a_killed_relabel_is_repaired_by_an_append(synth_parts, tmp_path):
 def test_concurrent_appends_are_stale_and_repaired(synth_parts, tmp_path):
     """Two appends extending the same labels commit (two relabels at once) would hold rows
     twice: stale, and the next relabel recomputes everything."""
-    url = str(tmp_path / "store")
-    step = tmp_path / "a"
-    step.mkdir()
-    shutil.copy(synth_parts[0], step / synth_parts[0].name)
-    ingest(url, [step])
-    step = tmp_path / "b"
-    step.mkdir()
-    shutil.copy(synth_parts[1], step / synth_parts[1].name)
-    ingest(url, [step], label=False)
+    url = grown(tmp_path, synth_parts[:2])
     s = Store(url)
     commits = s.commits()
     plan = stage.append_plan(s, None, commits)
@@ -232,12 +231,7 @@ def test_concurrent_appends_are_stale_and_repaired(synth_parts, tmp_path):
 
 
 def test_other_binarization_code_falls_back(synth_parts, tmp_path, monkeypatch):
-    url = str(tmp_path / "store")
-    for i, part in enumerate(synth_parts[:2]):
-        step = tmp_path / f"src{i}"
-        step.mkdir()
-        shutil.copy(part, step / part.name)
-        ingest(url, [step], label=(i == 0))
+    url = grown(tmp_path, synth_parts[:2])
     monkeypatch.setattr(stage, "labels_code", lambda: "other")
     assert stage.append_plan(Store(url), None, Store(url).commits()) == "the binarization code changed"
     stage.relabel(url, None)
@@ -246,12 +240,7 @@ def test_other_binarization_code_falls_back(synth_parts, tmp_path, monkeypatch):
 
 
 def test_the_incremental_path_reads_only_the_new_outcome_parts(synth_parts, tmp_path, monkeypatch):
-    url = str(tmp_path / "store")
-    for i, part in enumerate(synth_parts[:2]):
-        step = tmp_path / f"src{i}"
-        step.mkdir()
-        shutil.copy(part, step / part.name)
-        ingest(url, [step], label=(i == 0))
+    url = grown(tmp_path, synth_parts[:2])
     s = Store(url)
     labelled = [c for c in s.commits() if "labels" in c.replace][-1].seq
     new = set(s.parts("outcomes")) - set(s.parts("outcomes", [c for c in s.commits()
