@@ -52,6 +52,7 @@ def make_landing(raw: Path, landing: Path):
 
 
 def row(label: str, seconds: float, s: dict) -> dict:
+    """One table row of a refresh's summary (a no-op one has zero counts and ``noop``)."""
     e, t = s["embed"], s["timings"]
     return {
         "run": label,

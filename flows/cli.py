@@ -567,7 +567,8 @@ def refresh(
     run = with_task_runner(mod.refresh_flow, dask_workers, address=dask_address)
     summary = run(landing=landing, store=store, name=name, embed=embed, router=router,
                   partitions=partitions, kinds=_kinds(selection), aliases=aliases, rules=rules,
-                  model_cards=model_cards, full=full, **scale_parameters(dask_workers, address=dask_address))
+                  # checked above already (or --full): the flow skips its own check
+                  model_cards=model_cards, full=True, **scale_parameters(dask_workers, address=dask_address))
     if as_json:
         print(json.dumps(summary, indent=1, default=str))
     else:

@@ -73,8 +73,9 @@ def refresh_flow(
     ``aliases``, ``rules``: as for ``ingest``; ``cache``: where task results persist (default
     ``<store>/_cache/prefect``); ``model_cards``: a card file over the defaults and the landing
     zone's ``model_cards.*`` (a changed card refits and publishes). Unless ``full``, a run that
-    finds nothing new (``artifacts.stages.refresh.check``) stops there, before any other task.
-    Returns what it did (also a ``refresh-bundle`` artifact).
+    finds nothing new (``artifacts.stages.refresh.check``) stops there, before any other task
+    (its summary has ``noop`` and ``reason``, zero counts, and makes no artifact). Returns what it
+    did (also a ``refresh-bundle`` artifact).
     """
     log = get_run_logger()
     t0 = time.perf_counter()

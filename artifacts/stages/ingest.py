@@ -345,9 +345,12 @@ def append_plan(s: Store, rules: str | None, commits: list[Commit]) -> AppendPla
     old_models, all_models = s.parts("models", prefix), s.parts("models", commits)
     fresh: frozenset[str] = frozenset()
     if all_models[: len(old_models)] == old_models:
-        # Readers commit a models row with a model's first outcomes (``from_frames``), and
-        # models keys are unique: a model first committed after the prefix has no older outcome.
-        fresh = frozenset(s.read_parts("models", all_models[len(old_models):], ["model"])["model"])
+        # Readers commit a models row with a model's first outcomes (``from_frames``): a model
+        # whose first row came after the prefix has no older outcome. Rows of models the prefix
+        # already holds (two writers adding the same model at once) are not fresh.
+        added = set(s.read_parts("models", all_models[len(old_models):], ["model"])["model"])
+        before = set(s.read_parts("models", old_models, ["model"])["model"]) if old_models else set()
+        fresh = frozenset(added - before)
     return AppendPlan(last, new_parts, fresh)
 
 

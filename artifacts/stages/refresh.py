@@ -127,8 +127,12 @@ def noop_summary(landing: str, store_url: str, name: str, checked: RefreshCheck,
     return {
         "flow_run_id": flow_run_id, "noop": True, "reason": checked.reason, "landing": landing,
         "store": store_url, "units": {"found": checked.units, "new": 0, "new_keys": []},
+        "ingest": None, "cards": None,
+        "embed": {"new": 0, "already_present": None, "partitions": 0, "seconds": 0.0,
+                  "inputs_per_s": 0.0, "threads": [], "precision": []},
+        "evaluation": {"ran": [], "cached": [], "skipped": []}, "fit_cached": None,
         "published": False, "bundle": bundle_info(store_url, name, checked.version),
-        "seconds": seconds,
+        "seconds": seconds, "timings": {"check": seconds, "total": seconds},
     }
 
 
