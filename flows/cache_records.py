@@ -9,33 +9,25 @@ plain ``json`` is refused *before* Prefect parses it. Prefect's cache lookup
 (``ResultStore.exists``) treats any read error as "no record", so a refused record is a cache
 miss: the task runs again and writes a good record in its place.
 
-The key never lives in the store: ``BENCHROUTE_CACHE_KEY`` (set the same value on every machine
-that shares a cache), else a key file created once (mode 0600) at
-``$XDG_CONFIG_HOME/benchroute/cache.key`` (``~/.config/...``), else under ``PREFECT_HOME``.
-Records written under another key (another machine, an older benchroute) are recomputed once.
+The key never lives in the store (``benchroute.sealing``: ``BENCHROUTE_CACHE_KEY``, else a key
+file); records written under another key (another machine, an older benchroute) are recomputed
+once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
 import posixpath
-import secrets
-import threading
-from pathlib import Path
 
-import fsspec
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
-from benchroute import settings
-from benchroute.io import exclusive_put
+from benchroute import sealing
 
 MAGIC = b"benchroute-cache-record/1 hmac-sha256="
-KEY_ENV = settings.CACHE_KEY
+KEY_ENV = sealing.KEY_ENV
 _JSON_DECODER = "prefect.serializers.prefect_json_object_decoder"
 
 log = logging.getLogger("benchroute.cache")
@@ -45,60 +37,8 @@ class UntrustedRecord(ValueError):
     """A cache record that is not ours or not plain JSON; Prefect treats it as missing."""
 
 
-# ============================================================================ the key
-_keys: dict[str, bytes] = {}
-_key_lock = threading.Lock()
-
-
-def key_dirs() -> list[Path]:
-    """Where the key file may live, in order of preference."""
-    dirs = [settings.config_home() / "benchroute"]
-    try:
-        from prefect.settings import get_current_settings
-
-        dirs.append(Path(get_current_settings().home))
-    except Exception:  # noqa: BLE001 - no Prefect settings: the config dir alone
-        pass
-    return dirs
-
-
-def cache_key() -> bytes:
-    """The HMAC key: ``$BENCHROUTE_CACHE_KEY``, else the key file (created once, 0600)."""
-    if env := settings.cache_key():
-        return env.encode()
-    errors = []
-    for d in key_dirs():
-        path = d / "cache.key"
-        with _key_lock:
-            if str(path) in _keys:
-                return _keys[str(path)]
-            try:
-                key = _read_or_create(path)
-            except OSError as exc:
-                errors.append(f"{path}: {exc}")
-                continue
-            _keys[str(path)] = key
-            return key
-    raise RuntimeError(f"no cache key: set {KEY_ENV} ({'; '.join(errors)})")
-
-
-def _read_or_create(path: Path) -> bytes:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:  # atomic create-if-absent (mode 0600): a concurrent creator's key wins
-            exclusive_put(fsspec.filesystem("file"), str(path), secrets.token_hex(32).encode(),
-                          mode=0o600)
-        except FileExistsError:
-            pass
-    key = path.read_bytes().strip()
-    if len(key) < 32:
-        raise OSError(f"key file {path} is too short")
-    return key
-
-
-# ============================================================================ records
 def _tag(name: str, body: bytes) -> bytes:
-    return hmac.new(cache_key(), name.encode() + b"\0" + body, hashlib.sha256).hexdigest().encode()
+    return sealing.tag(name, body)
 
 
 def seal(name: str, body: bytes) -> bytes:
@@ -111,7 +51,7 @@ def open_record(name: str, data: bytes) -> bytes:
     header, newline, body = data.partition(b"\n")
     if not newline or not header.startswith(MAGIC):
         raise UntrustedRecord("no authentication tag")
-    if not hmac.compare_digest(header[len(MAGIC):], _tag(name, body)):
+    if not sealing.verifies(name, body, header[len(MAGIC):]):
         raise UntrustedRecord("authentication tag does not verify")
     try:
         record = json.loads(body)

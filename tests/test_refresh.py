@@ -8,6 +8,7 @@ with the real model instead of all 1,388.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -116,6 +117,10 @@ def test_the_noop_check_trusts_its_record_only_while_it_matches(lifecycle):
         assert len(record.read_bytes()) == len(good) and not check().noop
         record.write_bytes(b"{not json" + good[9:])
         assert not check().noop
+        forged = json.loads(good)  # the current key and version, untagged or tagged by someone else
+        for tag in (None, "0" * 64):
+            record.write_text(json.dumps({k: v for k, v in {**forged, "tag": tag}.items() if v}))
+            assert not check().noop
         record.unlink()
         assert not check().noop and "no refresh recorded" in check().reason
     finally:

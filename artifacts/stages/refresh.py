@@ -5,8 +5,10 @@ server, run every task and find each cached: ~17 s for nothing. ``check`` decide
 is cheap to read: the landing zone's fingerprints, the labels' basis, the model card, and the
 store's data key (``stages.fit.data_key``: the commit log's parts, the ingested units, both specs,
 the code version) against the key the last refresh recorded with the bundle version it left
-``latest``. ``record`` writes that key after a refresh; the record is a hint read back from the
-store, so it counts only when the bundle version it names is still the bundle's ``latest``.
+``latest``. ``record`` writes that key after a refresh; the record is read back from the store, so
+it counts only when its HMAC tag verifies under this machine's key (``benchroute.sealing``, the
+key of the Prefect cache records) and the bundle version it names is still the bundle's
+``latest``.
 
 The key is taken before the refit (``data_key_now``) and recorded after it: a store that changed
 in between leaves an older key, so the next refresh runs (never the reverse).
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from benchroute.artifacts.specs import EmbedSpec, RouterSpec, Selection
 from benchroute.artifacts.store import Store
+from benchroute import sealing
 from benchroute.io import atomic_put
 from fsspec.core import url_to_fs
 
@@ -49,23 +52,34 @@ def data_key_now(store_url: str, embed: EmbedSpec, router: RouterSpec) -> str:
     return data_key(Store(store_url), identity.id, Selection(), router)
 
 
+def _body(name: str, key: str, version: str) -> bytes:
+    return json.dumps({"name": name, "data_key": key, "version": version}, sort_keys=True).encode()
+
+
 def record(store_url: str, name: str, key: str, version: str) -> None:
-    """Remember that bundle ``name`` ``version`` holds the data under ``key``."""
+    """Remember that bundle ``name`` ``version`` holds the data under ``key``, tagged
+    (``benchroute.sealing``: an HMAC under a key that is not in the store)."""
     fs, path = url_to_fs(_record_path(store_url, name))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    atomic_put(fs, path, json.dumps({"name": name, "data_key": key, "version": version}).encode())
+    tag = sealing.tag(f"refresh/{name}", _body(name, key, version)).decode()
+    atomic_put(fs, path, json.dumps({"name": name, "data_key": key, "version": version,
+                                     "tag": tag}).encode())
 
 
 def _recorded(store_url: str, name: str) -> dict | None:
-    """The last record, or ``None`` when absent or not the shape ``record`` writes."""
+    """The last record, or ``None`` when absent, not the shape ``record`` writes, or not tagged
+    under this machine's key (written by someone else: the refresh then runs)."""
     fs, path = url_to_fs(_record_path(store_url, name))
     try:
         rec = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
         return None
     ok = (isinstance(rec, dict) and rec.get("name") == name
-          and all(isinstance(rec.get(k), str) for k in ("data_key", "version")))
-    return rec if ok else None
+          and all(isinstance(rec.get(k), str) for k in ("data_key", "version", "tag")))
+    if not ok or not sealing.verifies(f"refresh/{name}", _body(name, rec["data_key"], rec["version"]),
+                                      rec["tag"].encode()):
+        return None
+    return rec
 
 
 def check(
