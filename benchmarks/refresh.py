@@ -11,7 +11,8 @@ Then, each a real ``refresh`` flow run (ephemeral Prefect server):
   C. one new model lands (the held-back model's results, over inputs already embedded);
   D. full rebuild on a local Dask cluster of ``--workers`` single-threaded workers, on the data
      after C, into a second empty store; its bundle is compared with C's (same data, built
-     incrementally vs from scratch, sequential vs parallel).
+     incrementally vs from scratch, sequential vs parallel). ``--workers 1,2,4`` runs D once per
+     worker count: the scaling curve against A.
 
 Each row prints wall seconds of the flow call and the flow's own step timings; precision is
 fixed (``--precision``, fp32 by default; bf16 only on CPUs with native bf16, it is 5-7x slower
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--work", type=Path, default=Path("/tmp/benchroute-refresh-bench"))
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="2",
+                    help="Dask workers of run D; a comma list (1,2,4) runs D once per count: the scaling curve")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     ap.add_argument("--skip-dask", action="store_true")
@@ -112,20 +114,20 @@ def main(argv: list[str] | None = None) -> dict:
     results.write_parquet(landing / "mmlu_pro" / "results.parquet")  # the held-back model lands
     c = run("C one new model lands", refresh_flow, seq_store)
 
-    if not args.skip_dask:
-        dask_store = args.work / "store-dask"
+    for workers in ([] if args.skip_dask else [int(w) for w in str(args.workers).split(",")]):
+        dask_store = args.work / f"store-dask-{workers}"
         shutil.rmtree(dask_store, ignore_errors=True)
-        flow = with_task_runner(refresh_flow, args.workers)
-        d = run(f"D full rebuild (Dask, {args.workers} workers)", flow, dask_store,
-                **scale_parameters(args.workers))
+        flow = with_task_runner(refresh_flow, workers)
+        d = run(f"D full rebuild (Dask, {workers} workers)", flow, dask_store,
+                **scale_parameters(workers))
         mc, md = open_bundle(c["bundle"]["url"]).manifest, open_bundle(d["bundle"]["url"]).manifest
-        out["bundle_C_equals_D"] = {
+        out[f"bundle_C_equals_D{workers}"] = {
             "content_hash": mc["content_hash"] == md["content_hash"],
             "files": all(mc["files"][f]["sha256"] == md["files"][f]["sha256"] for f in mc["files"]),
             "evaluation": json.dumps(mc["evaluation"], sort_keys=True)
             == json.dumps(md["evaluation"], sort_keys=True),
         }
-        print("bundle C vs D:", out["bundle_C_equals_D"], flush=True)
+        print(f"bundle C vs D ({workers} workers):", out[f"bundle_C_equals_D{workers}"], flush=True)
 
     out["rows"] = rows
     a = rows[0]["wall_s"]
