@@ -10,15 +10,14 @@ valid judgement) are missing labels. The input text is the instruction.
 
 from __future__ import annotations
 
-import hashlib
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from benchroute.transforms.ids import input_id
-from mmlu_pro_data import CACHE, embed_texts
+import mmlu_pro_data
+from mmlu_pro_data import CACHE
 
 RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw" / "alpaca_eval"
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -56,14 +55,6 @@ def canonical_tables(raw: Path = RAW) -> tuple[pl.DataFrame, pl.DataFrame, pl.Da
 
 
 def cached_embeddings(inputs: pl.DataFrame, cache: Path = CACHE) -> np.ndarray:
-    """MiniLM embeddings of ``inputs.text`` in row order, cached by the ids' hash."""
-    key = hashlib.sha256("\n".join(inputs["input_id"].to_list()).encode()).hexdigest()[:16]
-    path = cache / f"alpaca_eval-minilm-{key}.npy"
-    if path.exists():
-        return np.load(path)
-    cache.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    emb = embed_texts(inputs["text"].to_list())
-    print(f"embedded {len(emb)} texts in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
-    np.save(path, emb)
-    return emb
+    """MiniLM embeddings of ``inputs.text`` in row order, cached by the ids' hash (the MMLU-Pro
+    loader's cache, under an ``alpaca_eval`` prefix)."""
+    return mmlu_pro_data.cached_embeddings(inputs, cache, prefix="alpaca_eval")

@@ -94,12 +94,13 @@ def embed_texts(texts: list[str], *, batch_size: int = 64, threads: int | None =
     return np.asarray(out, dtype=np.float32)
 
 
-def cached_embeddings(inputs: pl.DataFrame, cache: Path = CACHE) -> np.ndarray:
-    """Embeddings of ``inputs.text`` in row order, cached under ``cache`` by the ids' hash."""
+def cached_embeddings(inputs: pl.DataFrame, cache: Path = CACHE, prefix: str = "mmlu_pro") -> np.ndarray:
+    """Embeddings of ``inputs.text`` in row order, cached under ``cache`` by the ids' hash
+    (``<prefix>-minilm-<hash>.npy``)."""
     import hashlib
 
     key = hashlib.sha256("\n".join(inputs["input_id"].to_list()).encode()).hexdigest()[:16]
-    path = cache / f"mmlu_pro-minilm-{key}.npy"
+    path = cache / f"{prefix}-minilm-{key}.npy"
     if path.exists():
         return np.load(path)
     cache.mkdir(parents=True, exist_ok=True)
