@@ -28,16 +28,16 @@ _keys: dict[str, bytes] = {}
 _key_lock = threading.Lock()
 
 
-def key_dirs() -> list[Path]:
-    """Where the key file may live, in order of preference."""
-    dirs = [settings.config_home() / "benchroute"]
+def key_dirs():
+    """Where the key file may live, in order of preference (Prefect's home is looked up only
+    when the config dir cannot hold it: importing Prefect costs a no-op refresh a second)."""
+    yield settings.config_home() / "benchroute"
     try:
         from prefect.settings import get_current_settings
 
-        dirs.append(Path(get_current_settings().home))
+        yield Path(get_current_settings().home)
     except Exception:  # noqa: BLE001 - no Prefect settings: the config dir alone
         pass
-    return dirs
 
 
 def cache_key() -> bytes:
