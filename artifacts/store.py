@@ -155,18 +155,32 @@ class Store:
 
         Empty appended frames write nothing; an empty replacement empties the table.
         """
-        batch = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        batch = new_batch()
         written_append: dict[str, list[str]] = {}
         written_replace: dict[str, list[str]] = {}
         for table, df in (append or {}).items():
             if df.height:
-                written_append[table] = [self._write_part(table, batch, df)]
+                written_append[table] = [self.write_part(table, df, batch)]
         for table, df in (replace or {}).items():
-            written_replace[table] = [self._write_part(table, batch, df)] if df.height else []
+            written_replace[table] = [self.write_part(table, df, batch)] if df.height else []
+        return self.commit_parts(batch, append=written_append, replace=written_replace,
+                                 units=units, info=info)
+
+    def commit_parts(
+        self,
+        batch: str,
+        *,
+        append: Mapping[str, list[str]] | None = None,
+        replace: Mapping[str, list[str]] | None = None,
+        units: Mapping[str, str] | None = None,
+        info: Mapping | None = None,
+    ) -> Commit:
+        """Make parts already written with ``write_part`` (under ``batch``) visible in one commit:
+        for a table written a part at a time (memory: one part), e.g. an out-of-core relabel."""
         return self._write_commit(
             batch,
-            append=written_append,
-            replace=written_replace,
+            append={t: list(v) for t, v in (append or {}).items() if v},
+            replace={t: list(v) for t, v in (replace or {}).items()},
             units=dict(units or {}),
             info=dict(info or {}),
         )
@@ -179,7 +193,7 @@ class Store:
         ``commit``, the part is invisible until its commit lands."""
         if data.num_rows == 0:
             raise StoreError(f"{self.url}: append_arrow({table!r}) with no rows")
-        batch = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        batch = new_batch()
         rel = self._part_path(table, batch)
         with self.fs.open(self.path(rel), "wb") as f:
             pq.write_table(data, f, **parquet_options)
@@ -190,13 +204,25 @@ class Store:
         if not _TABLE_NAME.match(table) or ".." in table:
             raise StoreError(f"invalid table name {table!r}")
         self.fs.makedirs(self.path("tables", table), exist_ok=True)
-        return f"tables/{table}/part-{batch}.parquet"
+        rel = f"tables/{table}/part-{batch}.parquet"
+        n = 1
+        while self.fs.exists(self.path(rel)):  # a second part of the table in this batch
+            rel = f"tables/{table}/part-{batch}-{n:05d}.parquet"
+            n += 1
+        return rel
 
-    def _write_part(self, table: str, batch: str, df: pl.DataFrame) -> str:
+    def write_part(self, table: str, df: pl.DataFrame, batch: str) -> str:
+        """Write ``df`` as a new part of ``table`` under ``batch`` (``new_batch()``); it stays
+        invisible until a commit names it (``commit_parts``). Returns its relative path."""
         rel = self._part_path(table, batch)
         with self.fs.open(self.path(rel), "wb") as f:
             df.write_parquet(f, compression="zstd", statistics=True)
         return rel
+
+    def part_rows(self, rel: str) -> int:
+        """A part's row count, from its Parquet footer (no data read)."""
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
 
     def _write_commit(self, batch: str, **fields) -> Commit:
         log = self.path(LOG_DIR)
@@ -242,6 +268,11 @@ class Store:
         return removed
 
 
+def new_batch() -> str:
+    """A fresh batch id: the name stem of the parts one commit writes (time-ordered, unique)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
 def new_rows(existing: pl.DataFrame, incoming: pl.DataFrame, table: str) -> pl.DataFrame:
     """Rows of ``incoming`` whose key is not in ``existing`` (and not repeated in incoming)."""
     key = KEYS[table]
@@ -266,17 +297,24 @@ def concat_tables(results: Iterable[Mapping[str, pl.DataFrame]]) -> dict[str, pl
 class Appender:
     """Appends ingested frames to a store, keeping only rows whose key is new.
 
-    Loads the key columns of the existing tables once, so appending many batches costs one read
-    of the store, not one per batch. Not safe against a second writer appending the same rows at
-    the same time (the commit itself is): both would commit them, and ``Store.read`` returns such
-    repeated keys as stored (it does not de-duplicate).
+    The key columns of the tables with a row per input or per model (inputs, memberships,
+    models, quarantine) are loaded once, so appending many batches costs one read of them. The
+    outcomes' keys (a row per input × model × metric: hundreds of millions on a leaderboard) are
+    never all loaded: an incoming batch is checked only against the stored parts that hold one
+    of its models, one batch of their key columns at a time, so a batch of new models reads
+    nothing but each part's model column, once. Not safe against a second writer appending the
+    same rows at the same time (the commit itself is): both would commit them, and
+    ``Store.read`` returns such repeated keys as stored (it does not de-duplicate).
     """
 
     TABLES = ("inputs", "memberships", "outcomes", "models", "quarantine")
+    IN_MEMORY = ("inputs", "memberships", "models", "quarantine")
 
     def __init__(self, store: Store):
         self.store = store
-        self._keys = {t: store.read(t, columns=KEYS[t]) for t in self.TABLES}
+        self._keys = {t: store.read(t, columns=KEYS[t]) for t in self.IN_MEMORY}
+        self._outcome_parts = store.parts("outcomes")
+        self._models_of: dict[str, frozenset[str]] = {}
 
     def append(
         self, tables: Mapping[str, pl.DataFrame], units: Mapping[str, str], info: Mapping
@@ -285,11 +323,42 @@ class Appender:
         fresh = {}
         for name in self.TABLES:
             df = tables.get(name)
-            fresh[name] = new_rows(self._keys[name], empty(name) if df is None else df, name)
-        self.store.commit(append=fresh, units=units, info=info)
-        for name, df in fresh.items():
-            if df.height:
+            df = empty(name) if df is None else df
+            fresh[name] = (self._new_outcomes(df) if name == "outcomes"
+                           else new_rows(self._keys[name], df, name))
+        commit = self.store.commit(append=fresh, units=units, info=info)
+        for name in self.IN_MEMORY:
+            if fresh[name].height:
                 self._keys[name] = pl.concat(
-                    [self._keys[name], df.select(KEYS[name])], how="vertical_relaxed"
+                    [self._keys[name], fresh[name].select(KEYS[name])], how="vertical_relaxed"
                 )
+        for rel in commit.append.get("outcomes", []):
+            self._outcome_parts.append(rel)
+            self._models_of[rel] = frozenset(fresh["outcomes"]["model"].unique())
         return fresh
+
+    def _part_models(self, rel: str) -> frozenset[str]:
+        """The models with an outcome in one stored part (its model column, read once)."""
+        if rel not in self._models_of:
+            models: set[str] = set()
+            for batch in self.store.iter_batches(rel, ["model"]):
+                models.update(batch["model"].unique().to_list())
+            self._models_of[rel] = frozenset(models)
+        return self._models_of[rel]
+
+    def _new_outcomes(self, incoming: pl.DataFrame) -> pl.DataFrame:
+        """``new_rows`` for outcomes without the stored keys in memory: anti-joined against each
+        part that holds one of the incoming models, a batch at a time."""
+        key = KEYS["outcomes"]
+        out = incoming.unique(key, keep="first", maintain_order=True)
+        models = set(out["model"].unique().to_list()) if out.height else set()
+        for rel in self._outcome_parts:
+            if out.height == 0:
+                break
+            if not (self._part_models(rel) & models):
+                continue
+            for batch in self.store.iter_batches(rel, key):
+                batch = batch.filter(pl.col("model").is_in(list(models)))
+                if batch.height:
+                    out = out.join(batch, on=key, how="anti", nulls_equal=True)
+        return out

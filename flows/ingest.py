@@ -14,7 +14,12 @@ from prefect import flow, get_run_logger, task
 from benchroute.artifacts.stages import ingest as stage
 from benchroute.artifacts.store import Store
 from benchroute.flows.pipeline import cards_task, relabel_task
+from benchroute.flows.runtime import read_ahead
 from benchroute.transforms.ingest import Unit, discover, find_cards
+
+
+# Units read ahead of the one being committed (each unit's frames wait in memory until then).
+READ_AHEAD = 4
 
 
 @task(retries=2, retry_delay_seconds=2)
@@ -66,9 +71,8 @@ def ingest_flow(
              len(plan.todo))
 
     if plan.todo:
-        futures = [(u, read_task.submit(u, aliases, rules)) for u in plan.todo]
-        stage.commit_reads(target, ((u, f.result) for u, f in futures), summary, log,
-                           progress=progress)
+        reads = read_ahead(plan.todo, lambda u: read_task.submit(u, aliases, rules), READ_AHEAD)
+        stage.commit_reads(target, reads, summary, log, progress=progress, total=len(plan.todo))
     summary.relabelled = stage.stale_labels(target, rules)
     if summary.relabelled:
         if not plan.todo:

@@ -108,3 +108,24 @@ def command_name() -> str:
         except ValueError:
             return str(exe)
     return "benchroute"
+
+
+def read_ahead(items, submit, ahead: int):
+    """``(item, future.result)`` for each item, submitting at most ``ahead`` tasks before the
+    one being consumed: results wait in memory only that far ahead, not for every item at once
+    (a leaderboard's thousands of files would not fit)."""
+    from collections import deque
+
+    items = iter(items)
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, submit(item)))
+        if len(pending) > ahead:
+            break
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result
+        del future
+        nxt = next(items, None)
+        if nxt is not None:
+            pending.append((nxt, submit(nxt)))

@@ -128,6 +128,33 @@ def test_sample_sources_in_steps_equal_the_full_relabel(tmp_path):
     assert "append" in modes, modes
 
 
+def test_a_full_relabel_in_buckets_equals_the_in_memory_one(tmp_path, monkeypatch):
+    """Out of core: with buckets far smaller than the store, a full relabel spreads the outcomes
+    of every sample source (HELM perturbations and hints, MixInstruct's relative rules) over
+    buckets of inputs, never reads a whole outcome table, writes a labels part per bucket in one
+    commit, and gives exactly the in-memory labels."""
+    url = str(tmp_path / "store")
+    ingest(url, [SAMPLE / s for s in ("mmlu_pro", "routellm", "mixinstruct", "alpaca_eval", "helm")],
+           label=False)
+    s = Store(url)
+    total = sum(s.part_rows(p) for p in s.parts("outcomes"))
+    monkeypatch.setattr(stage, "RELABEL_BUCKET_ROWS", total // 7)
+    real = Store.read_parts
+
+    def no_whole_outcomes(self, table, parts, columns=None):
+        assert table != "outcomes", "the bucketed relabel read whole outcome parts"
+        return real(self, table, parts, columns)
+
+    monkeypatch.setattr(Store, "read_parts", no_whole_outcomes)
+    n = stage.relabel(url, None)
+    monkeypatch.setattr(Store, "read_parts", real)
+    last = s.commits()[-1]
+    assert "mode" not in last.info  # a replacement, not an append
+    assert len(last.replace["labels"]) >= 7  # a part per bucket, all in one commit
+    assert n == s.read("labels").height
+    assert_labels_are_full(url)
+
+
 # ------------------------------------------------------------------------------ fallbacks
 def test_a_second_run_on_labelled_keys_falls_back(tmp_path):
     """A second run of a model on a labelled input is averaged with the first: full relabel."""

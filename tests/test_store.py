@@ -41,7 +41,7 @@ def test_commit_appends_and_replaces(store):
 def test_uncommitted_parts_are_invisible_and_collected(store):
     store.commit(append={"inputs": _inputs("a")})
     # A crashed writer: its part is written but no commit names it.
-    store._write_part("inputs", "crashed", _inputs("ghost"))
+    store.write_part("inputs", _inputs("ghost"), "crashed")
     assert store.read("inputs")["text"].to_list() == ["a"]
     removed = store.gc()
     assert removed == ["tables/inputs/part-crashed.parquet"]
@@ -82,6 +82,64 @@ def test_appender_is_idempotent(store):
     fresh = Appender(store).append({"inputs": _inputs("a", "c")}, units={}, info={})
     assert fresh["inputs"].height == 0
     assert store.read("inputs").height == 3
+
+
+def _outcomes(rows: list[tuple[str, str, float]], perturbation: str | None = None) -> pl.DataFrame:
+    """Outcome rows (text, model, value) of one dataset and metric."""
+    return pl.DataFrame(
+        {"input_id": [input_id(t) for t, _, _ in rows], "dataset": "d", "model": [m for _, m, _ in rows],
+         "metric": "exact_match", "value": [v for _, _, v in rows], "run_id": "r", "source": "s",
+         "perturbation": perturbation, "source_model": [m for _, m, _ in rows]},
+        schema=empty("outcomes").schema,
+    )
+
+
+def test_appender_keeps_outcome_keys_unique_without_loading_them(store, monkeypatch):
+    """Outcomes re-stated by a later batch or a later run are dropped (the same key with a null
+    perturbation included); a batch of new models reads only the stored parts' model column,
+    never their key columns (which at leaderboard scale would not fit in memory)."""
+    app = Appender(store)
+    app.append({"outcomes": _outcomes([("a", "m1", 1.0), ("b", "m1", 0.0)])}, units={}, info={})
+    fresh = app.append({"outcomes": _outcomes([("a", "m1", 1.0), ("c", "m1", 1.0)])},
+                       units={}, info={})
+    assert fresh["outcomes"]["input_id"].to_list() == [input_id("c")]
+
+    read_columns: list[list[str]] = []
+    real = Store.iter_batches
+
+    def spy(self, rel, columns, batch_size=1_000_000):
+        read_columns.append(list(columns))
+        yield from real(self, rel, columns, batch_size)
+
+    monkeypatch.setattr(Store, "iter_batches", spy)
+    later = Appender(store)  # a new run: sees the stored keys
+    fresh = later.append({"outcomes": _outcomes([("a", "m1", 1.0), ("a", "m2", 1.0)])},
+                         units={}, info={})
+    assert fresh["outcomes"]["model"].to_list() == ["m2"]
+    assert any(len(c) > 1 for c in read_columns)  # m1's parts were looked up by key
+    read_columns.clear()
+    fresh = later.append({"outcomes": _outcomes([("a", "m3", 1.0), ("b", "m3", 0.0)])},
+                         units={}, info={})
+    assert fresh["outcomes"].height == 2
+    assert read_columns == []  # part models are remembered; no part holds m3
+    assert Appender(store).append({"outcomes": _outcomes([("b", "m3", 0.0)])}, units={},
+                                  info={})["outcomes"].height == 0
+    assert all(c == ["model"] or len(c) > 1 for c in read_columns)
+    assert store.read("outcomes").height == 6
+
+
+def test_parts_written_alone_are_invisible_until_committed(store):
+    """``write_part`` + ``commit_parts``: several parts of one table in one batch, visible
+    together in one commit and not before."""
+    from benchroute.artifacts.store import new_batch
+
+    batch = new_batch()
+    rels = [store.write_part("inputs", _inputs(t), batch) for t in ("a", "b", "c")]
+    assert len(set(rels)) == 3
+    assert store.read("inputs").height == 0
+    store.commit_parts(batch, replace={"inputs": rels})
+    assert sorted(store.read("inputs")["text"]) == ["a", "b", "c"]
+    assert store.part_rows(rels[0]) == 1
 
 
 def test_bad_table_name_is_refused(store):

@@ -22,7 +22,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from benchroute import code_version
-from benchroute.artifacts.store import Appender, Commit, Store, concat_tables
+from benchroute.artifacts.store import Appender, Commit, Store, concat_tables, new_batch
 from benchroute.faults import crash_point
 from benchroute.schemas import KEYS, empty
 from benchroute.transforms import binarize as bz
@@ -151,17 +151,19 @@ def commit_reads(
     log,
     *,
     progress: bool = False,
+    total: int | None = None,
 ) -> None:
     """Commit what was read, a batch of about ``BATCH_OUTCOME_ROWS`` outcomes at a time.
 
-    ``reads``: each unit with a function returning its ``read_tables`` (a task's result): an
-    exception from it (retries spent on an I/O error) leaves the unit uncommitted, to be read
-    again next run; an unreadable unit's message is committed as its quarantine record.
+    ``reads``: each unit with a function returning its ``read_tables`` (a task's result),
+    consumed one at a time (a generator may read them as they are asked for; ``total`` is their
+    number, for the progress bar): an exception from it (retries spent on an I/O error) leaves
+    the unit uncommitted, to be read again next run; an unreadable unit's message is committed as
+    its quarantine record.
     """
-    reads = list(reads)
     appender = Appender(target)
     pending: list[tuple[Unit, dict[str, pl.DataFrame]]] = []
-    bar = tqdm(total=len(reads), unit="unit", desc="ingest", disable=not progress)
+    bar = tqdm(total=total, unit="unit", desc="ingest", disable=not progress)
     for unit, result in reads:
         try:
             tables = result()
@@ -267,18 +269,90 @@ def relabel(store_url: str, rules: str | None) -> int:
 
 
 def full_relabel(s: Store, rules: str | None, commits: list[Commit]) -> int:
-    """Recompute the labels table from every outcome of ``commits`` (replaces the old one)."""
+    """Recompute the labels table from every outcome of ``commits`` (replaces the old one), in
+    bounded memory: the rules come from the outcomes' (dataset, metric) pairs, read a batch at a
+    time; the labels from one bucket of inputs at a time (``labels_by_bucket``), each written
+    as a part of its own, all made visible by one commit."""
     basis = labels_basis(s, rules, commits)
-    outcomes = s.read_parts("outcomes", s.parts("outcomes", commits))
+    parts = s.parts("outcomes", commits)
+    pairs = metric_pairs_of_parts(s, parts)
     hints = bz.main_metric_hints(commits)
-    rule_list = bz.effective_rules(outcomes, bz.load_rules(rules), hints)
-    labels = bz.binarize(outcomes, rule_list)
-    pairs = bz.metric_pairs(outcomes)
-    del outcomes
-    s.commit(replace={LABELS: labels},
-             info=_labels_info(basis, rule_list, commits, pairs, labels.height, None))
+    rule_list = bz.effective_rules(bz.pairs_frame(pairs), bz.load_rules(rules), hints)
+    primary = bz.primary_metrics(bz.pairs_frame(pairs), rule_list)
+    batch = new_batch()
+    written: list[str] = []
+    n = 0
+    for labels in labels_by_bucket(s, parts, rule_list, primary):
+        if labels.height:
+            written.append(s.write_part(LABELS, labels, batch))
+            n += labels.height
+    s.commit_parts(batch, replace={LABELS: written},
+                   info=_labels_info(basis, rule_list, commits, pairs, n, None))
     crash_point("ingest.labelled")
-    return labels.height
+    return n
+
+
+# A full relabel holds about this many outcome rows in memory at once; above it the outcomes
+# are split by input into buckets on local disk and each bucket is labelled alone (every label
+# comes from the rows of one input: ``transforms.binarize.labels_of``).
+RELABEL_BUCKET_ROWS = 8_000_000
+# The outcome columns a label is computed from.
+LABEL_SOURCE_COLUMNS = ["input_id", "dataset", "model", "metric", "value", "perturbation"]
+
+
+def metric_pairs_of_parts(s: Store, parts: list[str]) -> dict[str, list[str]]:
+    """``binarize.metric_pairs`` of the outcomes in ``parts``, read a batch at a time."""
+    seen: list[pl.DataFrame] = []
+    for rel in parts:
+        for batch in s.iter_batches(rel, ["dataset", "metric"]):
+            seen.append(batch.unique())
+        if len(seen) > 64:
+            seen = [pl.concat(seen).unique()]
+    frame = pl.concat(seen).unique() if seen else pl.DataFrame(
+        schema={"dataset": pl.String, "metric": pl.String})
+    return bz.metric_pairs(frame)
+
+
+def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFrame,
+                     bucket_rows: int | None = None):
+    """The labels of the outcomes in ``parts`` (``binarize.labels_of``), a frame per bucket of
+    inputs: one bucket when they hold at most ``bucket_rows`` (``RELABEL_BUCKET_ROWS``) rows,
+    else the rows that can make a label (unperturbed, of a primary metric) are first spread by
+    a hash of their input over buckets of about that size in a local temporary folder, one
+    Parquet writer per bucket, then labelled a bucket at a time. Every label groups rows of one
+    input, so the buckets' labels are exactly the labels of all the rows."""
+    import math
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    limit = bucket_rows or RELABEL_BUCKET_ROWS
+    total = sum(s.part_rows(rel) for rel in parts)
+    k = max(1, math.ceil(total / limit))
+    if k == 1:
+        yield bz.labels_of(s.read_parts("outcomes", parts, LABEL_SOURCE_COLUMNS), rule_list, primary)
+        return
+    keep = primary.select("dataset", "metric")
+    log.info("relabel: %d outcomes in %d buckets of inputs", total, k)
+    with tempfile.TemporaryDirectory(prefix="benchroute-relabel-") as tmp:
+        writers: dict[int, pq.ParquetWriter] = {}
+        try:
+            for rel in tqdm(parts, unit="part", desc="relabel: bucket", disable=len(parts) < 50):
+                for batch in s.iter_batches(rel, LABEL_SOURCE_COLUMNS):
+                    batch = batch.filter(pl.col("perturbation").is_null()).join(
+                        keep, on=["dataset", "metric"], how="semi")
+                    batch = batch.with_columns(
+                        _bucket=(pl.col("input_id").hash(seed=0) % k).cast(pl.Int64))
+                    for (b,), rows in batch.partition_by("_bucket", as_dict=True).items():
+                        table = rows.drop("_bucket").to_arrow()
+                        if b not in writers:
+                            writers[b] = pq.ParquetWriter(f"{tmp}/{b:06d}.parquet", table.schema)
+                        writers[b].write_table(table.cast(writers[b].schema))
+        finally:
+            for w in writers.values():
+                w.close()
+        for b in sorted(writers):
+            yield bz.labels_of(pl.read_parquet(f"{tmp}/{b:06d}.parquet"), rule_list, primary)
 
 
 def _labels_info(basis: str, rule_list, commits: list[Commit], pairs: dict, n: int,
