@@ -96,9 +96,15 @@ def token_frames(store: Store) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(input texts, recorded output tokens per input and model) of the store: what
     ``cost_data`` reads, to read once when several benchmarks of one store are costed."""
     texts = store.read("inputs", columns=["input_id", "text"])
+    wanted = pl.col("metric").is_in(list(costs_.OUTPUT_METRICS)) & pl.col("perturbation").is_null()
+    # The outcomes a batch at a time, keeping only output-length rows (all of them would not fit
+    # in memory on a leaderboard).
+    kept = [b.filter(wanted) for b in
+            store.batches("outcomes", ["input_id", "model", "metric", "value", "perturbation"])]
+    outcomes = pl.concat(kept) if kept else store.read_parts(
+        "outcomes", [], ["input_id", "model", "metric", "value", "perturbation"])
     recorded = (
-        store.read("outcomes", columns=["input_id", "model", "metric", "value", "perturbation"])
-        .filter(pl.col("metric").is_in(list(costs_.OUTPUT_METRICS)) & pl.col("perturbation").is_null())
+        outcomes
         .with_columns(tokens=pl.col("value") * pl.col("metric").replace_strict(costs_.OUTPUT_METRICS))
         .group_by("input_id", "model").agg(pl.col("tokens").mean())
     )

@@ -109,6 +109,12 @@ class Store:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
                 yield pl.from_arrow(batch)
 
+    def batches(self, table: str, columns: list[str], batch_size: int = 1_000_000):
+        """``table``'s ``columns`` as frames of at most ``batch_size`` rows, part after part
+        (``iter_batches``): the whole table in bounded memory."""
+        for rel in self.parts(table):
+            yield from self.iter_batches(rel, columns, batch_size)
+
     def tables(self) -> list[str]:
         names: set[str] = set()
         for c in self.commits():
@@ -140,7 +146,8 @@ class Store:
         if not frames:
             base = empty(table) if table in TABLES else pl.DataFrame()
             return base.select(columns) if columns and base.width else base
-        return pl.concat(frames, how="vertical_relaxed")
+        # Not rechunked: one copy of the rows in memory, not two.
+        return pl.concat(frames, how="vertical_relaxed", rechunk=False)
 
     # ---------------------------------------------------------------- write
     def commit(

@@ -126,7 +126,11 @@ def inspect_store(
     from benchroute.transforms import summary
 
     s = StoreReader(store)
-    tables = {t: s.read(t) for t in ("memberships", "outcomes", "labels", "quarantine")}
+    tables = {t: s.read(t) for t in ("memberships", "quarantine")}
+    # Outcomes and labels are counted a batch at a time (a leaderboard's do not fit in memory).
+    tables["outcomes"] = summary.outcome_counts(
+        s.batches("outcomes", ["source", "dataset", "model", "metric"]))
+    tables["labels"] = summary.label_counts(s.batches("labels", ["dataset", "model", "y"]))
     out = {"per_source": summary.per_source(**tables)}
     if labels:
         out["label_balance"] = summary.label_balance(tables["labels"])

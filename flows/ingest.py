@@ -6,7 +6,9 @@ store's model card is ``artifacts.model_cards`` (``flows.pipeline.cards_task``).
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import polars as pl
 from prefect import flow, get_run_logger, task
@@ -14,12 +16,16 @@ from prefect import flow, get_run_logger, task
 from benchroute.artifacts.stages import ingest as stage
 from benchroute.artifacts.store import Store
 from benchroute.flows.pipeline import cards_task, relabel_task
-from benchroute.flows.runtime import read_ahead
+from benchroute.flows.runtime import PERMANENT_IO, read_ahead
 from benchroute.transforms.ingest import Unit, discover, find_cards
 
 
-# Units read ahead of the one being committed (each unit's frames wait in memory until then).
+# Units read ahead of the one being committed (each unit's frames wait in memory until then),
+# on this many threads, each tried this many times on a passing I/O error.
 READ_AHEAD = 4
+READ_THREADS = 2
+READ_TRIES = 3
+READ_RETRY_SECONDS = 2.0
 
 
 @task(retries=2, retry_delay_seconds=2)
@@ -27,11 +33,23 @@ def discover_task(sources: list[str], kinds: list[str] | None) -> list[Unit]:
     return discover(sources, kinds)
 
 
-@task(retries=2, retry_delay_seconds=2, persist_result=False)
-def read_task(unit: Unit, aliases: str | None, rules: str | None) -> dict[str, pl.DataFrame] | str:
-    """One unit -> canonical frames (``stage.read_tables``); an unparseable unit's message is a
-    result, not a failure (retries are for I/O errors only)."""
-    return stage.read_tables(unit, aliases, rules)
+def read_retrying(unit: Unit, aliases: str | None, rules: str | None) -> dict[str, pl.DataFrame] | str:
+    """One unit -> canonical frames (``stage.read_tables``), tried up to ``READ_TRIES`` times on
+    an I/O error that may pass; an unparseable unit's message is a result, not a failure.
+
+    Units are read on a plain thread pool, not as Prefect tasks: measured on 10 units of 1.5 M
+    outcomes, a run's memory grew by ~300 MB a unit with Prefect task runs (6.5 GB peak and
+    rising) against a flat 3.7 GB on a thread pool; the flow logs each commit instead."""
+    for attempt in range(1, READ_TRIES + 1):
+        try:
+            return stage.read_tables(unit, aliases, rules)
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, PERMANENT_IO) or attempt == READ_TRIES:
+                raise
+            logging.getLogger(__name__).warning("reading %s failed (%r), try %d of %d", unit.url,
+                                                exc, attempt + 1, READ_TRIES)
+            time.sleep(READ_RETRY_SECONDS * attempt)
+    raise AssertionError("unreachable")
 
 
 @flow(name="ingest", log_prints=False)
@@ -71,8 +89,11 @@ def ingest_flow(
              len(plan.todo))
 
     if plan.todo:
-        reads = read_ahead(plan.todo, lambda u: read_task.submit(u, aliases, rules), READ_AHEAD)
-        stage.commit_reads(target, reads, summary, log, progress=progress, total=len(plan.todo))
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="benchroute-read") as pool:
+            reads = read_ahead(plan.todo, lambda u: pool.submit(read_retrying, u, aliases, rules),
+                               READ_AHEAD)
+            stage.commit_reads(target, reads, summary, log, progress=progress,
+                               total=len(plan.todo))
     summary.relabelled = stage.stale_labels(target, rules)
     if summary.relabelled:
         if not plan.todo:

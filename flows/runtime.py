@@ -40,14 +40,14 @@ def cache_storage(store_url: str, cache: str | None = None):
     return block
 
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_IO = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def transient_io(task, task_run, state) -> bool:
     """Retry condition: retry I/O errors that may pass (network, timeouts), not missing paths,
     bad data or bugs."""
     exc = state.data if isinstance(state.data, BaseException) else None
-    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, _PERMANENT)
+    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, PERMANENT_IO)
 
 
 def ensure_limit(name: str, limit: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import pytest
+
 from benchroute.flows.runtime import read_ahead
 
 
@@ -36,3 +38,38 @@ def _done(value) -> Future:
     f: Future = Future()
     f.set_result(value)
     return f
+
+
+def test_a_passing_io_error_is_retried_and_a_permanent_one_is_not(monkeypatch):
+    from benchroute.flows import ingest as flow_ingest
+
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+
+    def read(unit, aliases, rules):
+        unit = unit.url
+        calls.append(unit)
+        if unit == "gone":
+            raise FileNotFoundError(unit)
+        if unit == "flaky" and len(calls) < 3:
+            raise ConnectionResetError("peer went away")
+        if unit == "down":
+            raise TimeoutError("still down")
+        return {"read": unit}
+
+    def u(name):
+        return SimpleNamespace(url=name)
+
+    monkeypatch.setattr(flow_ingest.stage, "read_tables", read)
+    monkeypatch.setattr(flow_ingest, "READ_RETRY_SECONDS", 0.0)
+    assert flow_ingest.read_retrying(u("flaky"), None, None) == {"read": "flaky"}
+    assert calls == ["flaky"] * 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        flow_ingest.read_retrying(u("gone"), None, None)
+    assert calls == ["gone"]
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        flow_ingest.read_retrying(u("down"), None, None)
+    assert calls == ["down"] * flow_ingest.READ_TRIES

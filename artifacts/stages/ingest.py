@@ -295,7 +295,7 @@ def full_relabel(s: Store, rules: str | None, commits: list[Commit]) -> int:
 # A full relabel holds about this many outcome rows in memory at once; above it the outcomes
 # are split by input into buckets on local disk and each bucket is labelled alone (every label
 # comes from the rows of one input: ``transforms.binarize.labels_of``).
-RELABEL_BUCKET_ROWS = 8_000_000
+RELABEL_BUCKET_ROWS = 4_000_000
 # The outcome columns a label is computed from.
 LABEL_SOURCE_COLUMNS = ["input_id", "dataset", "model", "metric", "value", "perturbation"]
 
