@@ -12,10 +12,14 @@ time and peak RSS are its own: ``os.wait4`` on the child):
 3. ``vectors``: ``synth.py --embeddings-only --store S`` (the vectors under the default embedder's
    identity: ``benchroute embed`` has nothing to do);
 4. ``labels``: the store's labels table as today's dense n × M float32 matrix and bit-packed
-   (``artifacts.label_pack.from_labels_frame``); checks both agree, reports bytes;
+   (``artifacts.label_pack.from_labels_frame``); checks both agree, reports bytes (skipped above
+   ``LABELS_IN_MEMORY`` labels: it packs from one frame);
 5. ``publish`` (``benchroute publish --no-evaluate``: fit, pack, index, publish) and ``route``: the
    bundle's bytes, cold load + verify, single-query routing p50/p99 given an embedding;
-6. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
+6. ``synth+1``, ``ingest+1``, ``publish+1``: one more model's results land (``synth.py
+   --models-from``) and are ingested (appended labels) and published; the note gives each as a
+   share of the full step;
+7. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
    them (float16): build time, serialised bytes, recall@10 on the held-out queries, single-query
    latency p50/p99 on one thread.
 
@@ -74,6 +78,10 @@ def child_env(prefect_home: Path, threads: int | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------- in-child measurements
+# The labels measurement packs the labels from one in-memory frame: above this it is skipped
+# (the size table then gives the projection).
+LABELS_IN_MEMORY = 60_000_000
+
 def measure_labels(store: str, synth_dir: str, out: str) -> None:
     """Dense float32 vs packed labels from the store's labels table (rows in synth input order,
     columns sorted model names)."""
@@ -81,6 +89,13 @@ def measure_labels(store: str, synth_dir: str, out: str) -> None:
     from benchroute.artifacts import label_pack as lp
     from benchroute.artifacts.store import Store
 
+    from benchroute.artifacts.stages.ingest import label_count
+
+    n_labels = label_count(Store(store))
+    if n_labels > LABELS_IN_MEMORY:
+        Path(out).write_text(json.dumps({"skipped": f"{n_labels:,} labels: more than this "
+                                         f"measurement holds in one frame", "labels": n_labels}))
+        return
     t0 = time.perf_counter()
     labels = Store(store).read("labels", columns=["input_id", "model", "y"])
     t_read = time.perf_counter() - t0
@@ -213,13 +228,22 @@ def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int
                                                 str(lab)], env, log))
         res["labels"] = json.loads(lab.read_text())
         res["store_bytes"] = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        publish = [BENCHROUTE, "publish", "--store", str(store), "--name", "scale", "--no-evaluate"]
         if bundle:
-            res["steps"].append(run_step("publish", [BENCHROUTE, "publish", "--store", str(store), "--name",
-                                                     "scale", "--no-evaluate"], env, log))
+            res["steps"].append(run_step("publish", publish, env, log))
             rt = base / "route.json"
             res["steps"].append(run_step("route", [PY, __file__, "_route", str(store), str(syn), str(rt)],
                                          env, log))
             res["route"] = json.loads(rt.read_text())
+        # One more model's results land (model m of an (m + 1)-model world, same inputs).
+        new = base / "new_model"
+        res["steps"].append(run_step("synth+1", [PY, str(HERE / "synth.py"), "--inputs", str(n),
+                                                 "--models", str(m + 1), "--models-from", str(m),
+                                                 "--out", str(new), "--seed", "0"], env, log))
+        res["steps"].append(run_step("ingest+1", [BENCHROUTE, "ingest", str(new / "long_table"),
+                                                  "--store", str(store), "--no-progress"], env, log))
+        if bundle:
+            res["steps"].append(run_step("publish+1", publish, env, log))
     ann = base / "ann.json"
     res["steps"].append(run_step("ann", [PY, __file__, "_ann", str(syn), str(ann)], env, log))
     res["ann"] = json.loads(ann.read_text())
@@ -238,6 +262,11 @@ def print_tables(results: list[dict], project: list[tuple[int, int]]) -> None:
                 note = f"{r['synth']['outcome_rows']:,} outcome rows, {r['synth']['parts']} parts"
             elif s["step"] == "ingest":
                 note = f"store {mib(r['store_bytes'])} MiB on disk"
+            elif s["step"] == "labels" and "skipped" in r["labels"]:
+                note = r["labels"]["skipped"]
+            elif s["step"] in ("ingest+1", "publish+1"):
+                full = next(x for x in r["steps"] if x["step"] == s["step"][:-2])
+                note = f"{100 * s['seconds'] / full['seconds']:.1f} % of the full {s['step'][:-2]}"
             elif s["step"] == "labels":
                 lab = r["labels"]
                 note = (f"read {lab['read_s']} s, pack {lab['pack_s']} s, "
@@ -256,7 +285,7 @@ def print_tables(results: list[dict], project: list[tuple[int, int]]) -> None:
     print(f"{'size':>14} {'labels':>13} {'float32 MiB':>12} {'packed MiB':>11} {'ratio':>6}")
     seen = set()
     for r in results:
-        if "labels" in r:
+        if "labels" in r and "skipped" not in r["labels"]:
             lab = r["labels"]
             seen.add((lab["n"], lab["models"]))
             print(f"{r['size']:>14} {lab['labels']:>13,} {mib(lab['float32_bytes']):>12} "

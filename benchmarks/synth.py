@@ -256,8 +256,11 @@ def correct_probability(world: World, rows: np.ndarray | None = None) -> np.ndar
 
 
 # ---------------------------------------------------------------------- writing
-def generate(spec: SynthSpec, out: str | Path, *, progress: bool = False) -> dict:
-    """Write the source and side files under ``out`` (see the module doc); returns the meta."""
+def generate(spec: SynthSpec, out: str | Path, *, progress: bool = False, models_from: int = 0) -> dict:
+    """Write the source and side files under ``out`` (see the module doc); returns the meta.
+
+    ``models_from``: write the outcomes of models ``models_from`` … ``models - 1`` only (the
+    results of models that land later, for an incremental run: same inputs and texts)."""
     t0 = time.perf_counter()
     spec = spec.resolved()
     world = make_world(spec)
@@ -310,7 +313,7 @@ def generate(spec: SynthSpec, out: str | Path, *, progress: bool = False) -> dic
     dataset_s = pl.Series("dataset", [names[t] for t in world.topic_of_input], pl.String)
     per_part = max(1, spec.rows_per_part // n)
     parts, rows_total, positives = 0, 0, 0
-    for first in range(0, M, per_part):
+    for first in range(models_from, M, per_part):
         frames = []
         for j in range(first, min(first + per_part, M)):
             rows, y = model_outcomes(world, j)
@@ -430,13 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--identity", choices=["default", "synthetic"], default="default")
     ap.add_argument("--embeddings-only", action="store_true",
                     help="do not generate: write OUT's vectors into --store")
+    ap.add_argument("--models-from", type=int, default=0,
+                    help="write only models from this index on (models that land later)")
     ap.add_argument("--progress", action="store_true")
     a = ap.parse_args(argv)
     result: dict = {}
     if not a.embeddings_only:
         spec = SynthSpec(a.inputs, a.models, a.dim, a.seed, a.topics, a.benchmarks, a.run_share,
                          a.missing, a.queries, 1.0, a.rows_per_part)
-        meta = generate(spec, a.out, progress=a.progress)
+        meta = generate(spec, a.out, progress=a.progress, models_from=a.models_from)
         result = {k: meta[k] for k in ("source", "parts", "outcome_rows", "label_share", "seconds")}
     elif not a.store:
         ap.error("--embeddings-only needs --store")

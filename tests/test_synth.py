@@ -158,6 +158,19 @@ def test_parts_do_not_change_the_draws_and_seeds_do(generated, tmp_path):
     assert not np.array_equal(c["value"].to_numpy()[:500], a["value"].to_numpy()[:500])
 
 
+def test_models_that_land_later_are_new_models_on_the_same_inputs(generated, tmp_path):
+    """``models_from``: only the later models' outcomes, on the same input texts."""
+    out, meta = generated
+    spec = synth.SynthSpec(**{**meta["spec"], "models": SPEC.models + 1})
+    later = synth.generate(spec, tmp_path / "later", models_from=SPEC.models)
+    new = pl.read_parquet(tmp_path / "later" / synth.SOURCE_DIR / "*.parquet")
+    old = pl.read_parquet(out / synth.SOURCE_DIR / "*.parquet")
+    assert later["outcome_rows"] == new.height > 0
+    assert new["model"].unique().to_list() == [synth.model_names(spec)[SPEC.models]]
+    assert not new["model"].is_in(old["model"].implode()).any()
+    assert new["input"].is_in(old["input"].implode()).all()
+
+
 def test_cli(tmp_path, capsys):
     assert synth.main(["--inputs", "50", "--models", "3", "--out", str(tmp_path), "--dim", "16",
                        "--topics", "4", "--queries", "0"]) == 0
