@@ -108,7 +108,27 @@ def ingest(
         print(f"  unreadable: {key}: {why}", file=sys.stderr)
     for path, why in summary.get("not_benchmark", {}).items():
         print(f"  not a benchmark layout: {path}: {why}", file=sys.stderr)
-    return inspect_store(store)
+    print_ingested(store, summary)
+    return 0
+
+
+def print_ingested(store: str, summary: dict) -> None:
+    """What the run added per source, and the store's row counts from its parts' footers (no
+    table is read: ``benchroute inspect`` counts models, metrics and label means)."""
+    from benchroute.artifacts.store import Store as StoreReader
+
+    added = {src: n for src, n in summary.get("added", {}).items() if src != "_total"}
+    if added:
+        cols = sorted({k for n in added.values() for k in n if k != "units"})
+        rows = [{"source": src, "units": n.get("units", 0), **{c: n.get(c, 0) for c in cols}}
+                for src, n in sorted(added.items())]
+        with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200):
+            print(f"\nadded by this run:\n{pl.DataFrame(rows)}")
+    s = StoreReader(store)
+    totals = {t: sum(s.part_rows(p) for p in s.parts(t))
+              for t in ("inputs", "models", "outcomes", "labels", "quarantine")}
+    print("\nstore: " + ", ".join(f"{n:,} {t}" for t, n in totals.items())
+          + f"  (details: benchroute inspect --store {store})")
 
 
 # ----------------------------------------------------------------------------------- inspect

@@ -108,3 +108,15 @@ def test_ingest_everything_in_shared_data(raw_data, tmp_path):
     assert mmlu_pro["input_id"].n_unique() == 11_890
     gpt4o = mmlu_pro.filter(pl.col("model") == "openai/gpt-4o-2024-05-13")["y"].mean()
     assert abs(gpt4o - 0.7404) < 0.005
+
+
+def test_cli_ingest_prints_what_it_added_and_the_totals(tmp_path, capsys):
+    """Without reading a table: what this run added per source, then the store's row counts
+    from the parts' footers (a leaderboard's outcomes are not scanned after every ingest)."""
+    url = str(tmp_path / "store")
+    assert cli(["ingest", str(SAMPLE / "mmlu_pro"), "--store", url, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "added by this run" in out and "mmlu_pro" in out
+    s = Store(url)
+    assert f"{s.read('outcomes').height:,} outcomes" in out
+    assert f"{s.read('labels').height:,} labels" in out
