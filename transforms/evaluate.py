@@ -82,6 +82,12 @@ class EvalConfig:
     min_inputs: int = 10
 
 
+def _positions(column: pl.Series, names: list[str]) -> np.ndarray:
+    """Each value's position in ``names`` (all present), vectorised: a Python loop over a
+    leaderboard's labels would hold a list of hundreds of millions of ints."""
+    return column.replace_strict(names, range(len(names)), return_dtype=pl.Int64).to_numpy()
+
+
 @dataclass(frozen=True)
 class BenchmarkArrays:
     """The benchmark as arrays: one index row per labelled input (n), M models, D datasets.
@@ -136,17 +142,18 @@ class BenchmarkArrays:
         n, D, M = len(ids), len(dataset_names), len(model_names)
         member = np.zeros((n, D), bool)
         member[[row_of[i] for i in mem["input_id"]], [d_of[d] for d in mem["dataset"]]] = True
-        rows = np.array([row_of[i] for i in lab["input_id"]], np.int64)
-        dcol = np.array([d_of[d] for d in lab["dataset"]], np.int64)
-        mcol = np.array([m_of[m] for m in lab["model"]], np.int64)
+        rows = _positions(lab["input_id"], ids)
+        dcol = _positions(lab["dataset"], dataset_names)
+        mcol = _positions(lab["model"], model_names)
         y = lab["y"].cast(pl.Float64).to_numpy()
         v = lab["value"].cast(pl.Float64).to_numpy()
-        ysum = np.zeros((n, M))
-        ycnt = np.zeros((n, M))
-        np.add.at(ysum, (rows, mcol), y)
-        np.add.at(ycnt, (rows, mcol), 1.0)
+        cell = rows * M + mcol
+        ysum = np.bincount(cell, weights=y, minlength=n * M).reshape(n, M)
+        ycnt = np.bincount(cell, minlength=n * M).reshape(n, M)
+        del cell
         with np.errstate(invalid="ignore"):
-            Y = np.where(ycnt > 0, ysum / np.maximum(ycnt, 1), np.nan)
+            Y = ysum / ycnt  # NaN where a row has no label of the model
+        del ysum, ycnt
         d_rows, d_y, d_v = [], [], []
         for d in range(D):
             r_d = np.flatnonzero(member[:, d])
