@@ -337,7 +337,11 @@ def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFram
     with tempfile.TemporaryDirectory(prefix="benchroute-relabel-") as tmp:
         writers: dict[int, pq.ParquetWriter] = {}
         try:
-            for rel in tqdm(parts, unit="part", desc="relabel: bucket", disable=len(parts) < 50):
+            t0 = time.perf_counter()
+            for i, rel in enumerate(parts, 1):
+                if i % max(1, len(parts) // 10) == 0:
+                    log.info("relabel: spread %d of %d outcome parts over the buckets (%.0f parts/s)",
+                             i, len(parts), i / (time.perf_counter() - t0))
                 for batch in s.iter_batches(rel, LABEL_SOURCE_COLUMNS):
                     batch = batch.filter(pl.col("perturbation").is_null()).join(
                         keep, on=["dataset", "metric"], how="semi")
@@ -351,8 +355,12 @@ def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFram
         finally:
             for w in writers.values():
                 w.close()
-        for b in sorted(writers):
+        t0 = time.perf_counter()
+        for i, b in enumerate(sorted(writers), 1):
             yield bz.labels_of(pl.read_parquet(f"{tmp}/{b:06d}.parquet"), rule_list, primary)
+            if i % max(1, len(writers) // 10) == 0:
+                log.info("relabel: labelled %d of %d buckets (%.1f s a bucket)", i, len(writers),
+                         (time.perf_counter() - t0) / i)
 
 
 def _labels_info(basis: str, rule_list, commits: list[Commit], pairs: dict, n: int,
