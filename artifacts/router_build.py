@@ -35,20 +35,31 @@ from benchroute.transforms.routing_eval import (
 
 def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """(labels, memberships, models) of the store, labels restricted to the selection (sources,
-    then datasets and models by name or glob, then excluded models by name or glob)."""
-    labels = store.read("labels")
+    then datasets and models by name or glob, then excluded models by name or glob).
+
+    Labels hold the columns a router is fitted and evaluated from (``LABEL_COLUMNS``: not the
+    rule text or the outcome count, a third of a label's bytes), filtered a part at a time."""
     memberships = store.read("memberships")
     models = store.read("models")
+    keep = pl.lit(True)
     if sel.sources:
-        keep = memberships.filter(pl.col("source").is_in(list(sel.sources)))["dataset"].unique()
-        labels = labels.filter(pl.col("dataset").is_in(keep.implode()))
+        chosen = memberships.filter(pl.col("source").is_in(list(sel.sources)))["dataset"].unique()
+        keep = keep & pl.col("dataset").is_in(chosen.implode())
     if sel.datasets:
-        labels = labels.filter(glob_expr("dataset", sel.datasets))
+        keep = keep & glob_expr("dataset", sel.datasets)
     if sel.models:
-        labels = labels.filter(glob_expr("model", sel.models))
+        keep = keep & glob_expr("model", sel.models)
     if sel.exclude_models:
-        labels = labels.filter(~glob_expr("model", sel.exclude_models))
+        keep = keep & ~glob_expr("model", sel.exclude_models)
+    parts = [store.read_parts("labels", [rel], LABEL_COLUMNS).filter(keep)
+             for rel in store.parts("labels")]
+    labels = (pl.concat(parts, how="vertical_relaxed", rechunk=False) if parts
+              else store.read_parts("labels", [], LABEL_COLUMNS))
     return labels, memberships, models
+
+
+# The label columns routers are fitted and evaluated from.
+LABEL_COLUMNS = ["input_id", "dataset", "model", "metric", "value", "y"]
 
 
 def evaluation_entry(ev) -> dict:
