@@ -73,7 +73,7 @@ def cards_task(store: str, found: list[str], models: str | None, write: bool = T
 def relabel_task(store: str, rules: str | None) -> int:
     """Bring the labels up to date with the store's outcomes: append the new outcome parts'
     labels when the rules allow it, else recompute them all (``stages.ingest.relabel``)."""
-    return ingest_stage.relabel(store, rules)
+    return ingest_stage.relabel(store, rules, logger=get_run_logger())
 
 
 @task(name="plan-embedding-partitions", cache_policy=NO_CACHE, persist_result=False, retries=2,

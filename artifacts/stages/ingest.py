@@ -250,12 +250,14 @@ class AppendPlan:
     fresh_models: frozenset[str]  # models first committed with those parts (no older outcome)
 
 
-def relabel(store_url: str, rules: str | None) -> int:
+def relabel(store_url: str, rules: str | None, logger=None) -> int:
     """Bring the labels up to the store's outcomes; returns the number of labels.
 
     Appends the labels of the outcome parts committed since the last labels commit when
     ``append_plan`` and ``append_labels`` show they are exactly what a full relabel would add;
-    otherwise recomputes the whole table from every outcome (``full_relabel``)."""
+    otherwise recomputes the whole table from every outcome (``full_relabel``). ``logger``: where
+    progress goes (a flow's run logger; default this module's)."""
+    log_ = logger or log
     s = Store(store_url)
     commits = s.commits()  # one snapshot: basis, parts read and hints all come from it
     plan = append_plan(s, rules, commits)
@@ -264,11 +266,11 @@ def relabel(store_url: str, rules: str | None) -> int:
         if isinstance(n, int):
             return n
         plan = n
-    log.info("full relabel: %s", plan)
-    return full_relabel(s, rules, commits)
+    log_.info("full relabel: %s", plan)
+    return full_relabel(s, rules, commits, logger=log_)
 
 
-def full_relabel(s: Store, rules: str | None, commits: list[Commit]) -> int:
+def full_relabel(s: Store, rules: str | None, commits: list[Commit], *, logger=None) -> int:
     """Recompute the labels table from every outcome of ``commits`` (replaces the old one), in
     bounded memory: the rules come from the outcomes' (dataset, metric) pairs, read a batch at a
     time; the labels from one bucket of inputs at a time (``labels_by_bucket``), each written
@@ -282,7 +284,7 @@ def full_relabel(s: Store, rules: str | None, commits: list[Commit]) -> int:
     batch = new_batch()
     written: list[str] = []
     n = 0
-    for labels in labels_by_bucket(s, parts, rule_list, primary):
+    for labels in labels_by_bucket(s, parts, rule_list, primary, logger=logger):
         if labels.height:
             written.append(s.write_part(LABELS, labels, batch))
             n += labels.height
@@ -314,7 +316,7 @@ def metric_pairs_of_parts(s: Store, parts: list[str]) -> dict[str, list[str]]:
 
 
 def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFrame,
-                     bucket_rows: int | None = None):
+                     bucket_rows: int | None = None, *, logger=None):
     """The labels of the outcomes in ``parts`` (``binarize.labels_of``), a frame per bucket of
     inputs: one bucket when they hold at most ``bucket_rows`` (``RELABEL_BUCKET_ROWS``) rows,
     else the rows that can make a label (unperturbed, of a primary metric) are first spread by
@@ -326,6 +328,7 @@ def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFram
 
     import pyarrow.parquet as pq
 
+    log_ = logger or log
     limit = bucket_rows or RELABEL_BUCKET_ROWS
     total = sum(s.part_rows(rel) for rel in parts)
     k = max(1, math.ceil(total / limit))
@@ -333,14 +336,14 @@ def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFram
         yield bz.labels_of(s.read_parts("outcomes", parts, LABEL_SOURCE_COLUMNS), rule_list, primary)
         return
     keep = primary.select("dataset", "metric")
-    log.info("relabel: %d outcomes in %d buckets of inputs", total, k)
+    log_.info("relabel: %d outcomes in %d buckets of inputs", total, k)
     with tempfile.TemporaryDirectory(prefix="benchroute-relabel-") as tmp:
         writers: dict[int, pq.ParquetWriter] = {}
         try:
             t0 = time.perf_counter()
             for i, rel in enumerate(parts, 1):
                 if i % max(1, len(parts) // 10) == 0:
-                    log.info("relabel: spread %d of %d outcome parts over the buckets (%.0f parts/s)",
+                    log_.info("relabel: spread %d of %d outcome parts over the buckets (%.0f parts/s)",
                              i, len(parts), i / (time.perf_counter() - t0))
                 for batch in s.iter_batches(rel, LABEL_SOURCE_COLUMNS):
                     batch = batch.filter(pl.col("perturbation").is_null()).join(
@@ -359,7 +362,7 @@ def labels_by_bucket(s: Store, parts: list[str], rule_list, primary: pl.DataFram
         for i, b in enumerate(sorted(writers), 1):
             yield bz.labels_of(pl.read_parquet(f"{tmp}/{b:06d}.parquet"), rule_list, primary)
             if i % max(1, len(writers) // 10) == 0:
-                log.info("relabel: labelled %d of %d buckets (%.1f s a bucket)", i, len(writers),
+                log_.info("relabel: labelled %d of %d buckets (%.1f s a bucket)", i, len(writers),
                          (time.perf_counter() - t0) / i)
 
 
