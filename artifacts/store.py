@@ -68,6 +68,7 @@ class Store:
         self.url = str(url).rstrip("/")
         self.fs, self.root = url_to_fs(self.url, **storage_options)
         self.root = self.root.rstrip("/")
+        self._written: dict[tuple[str, str], int] = {}  # parts written per (table, batch)
 
     # ---------------------------------------------------------------- paths
     def path(self, *parts: str) -> str:
@@ -211,12 +212,10 @@ class Store:
         if not _TABLE_NAME.match(table) or ".." in table:
             raise StoreError(f"invalid table name {table!r}")
         self.fs.makedirs(self.path("tables", table), exist_ok=True)
-        rel = f"tables/{table}/part-{batch}.parquet"
-        n = 1
-        while self.fs.exists(self.path(rel)):  # a second part of the table in this batch
-            rel = f"tables/{table}/part-{batch}-{n:05d}.parquet"
-            n += 1
-        return rel
+        # Batch ids are unique to one writer, so counting its parts here names them apart.
+        n = self._written.get((table, batch), 0)
+        self._written[(table, batch)] = n + 1
+        return f"tables/{table}/part-{batch}{f'-{n:05d}' if n else ''}.parquet"
 
     def write_part(self, table: str, df: pl.DataFrame, batch: str) -> str:
         """Write ``df`` as a new part of ``table`` under ``batch`` (``new_batch()``); it stays
