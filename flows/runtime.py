@@ -126,6 +126,6 @@ def read_ahead(items, submit, ahead: int):
         item, future = pending.popleft()
         yield item, future.result
         del future
-        nxt = next(items, None)
-        if nxt is not None:
+        for nxt in items:  # the next one, if any
             pending.append((nxt, submit(nxt)))
+            break

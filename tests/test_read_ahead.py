@@ -32,6 +32,7 @@ def test_read_ahead_of_fewer_items_than_the_window():
     out = [(i, r()) for i, r in read_ahead(["a"], lambda i: _done(i), ahead=4)]
     assert out == [("a", "a")]
     assert list(read_ahead([], lambda i: _done(i), ahead=4)) == []
+    assert [r() for _, r in read_ahead([None, 0, None], _done, ahead=1)] == [None, 0, None]
 
 
 def _done(value) -> Future:
