@@ -37,13 +37,9 @@ class UntrustedRecord(ValueError):
     """A cache record that is not ours or not plain JSON; Prefect treats it as missing."""
 
 
-def _tag(name: str, body: bytes) -> bytes:
-    return sealing.tag(name, body)
-
-
 def seal(name: str, body: bytes) -> bytes:
     """The record as stored: the tag line, then Prefect's bytes unchanged."""
-    return MAGIC + _tag(name, body) + b"\n" + body
+    return MAGIC + sealing.tag(name, body) + b"\n" + body
 
 
 def open_record(name: str, data: bytes) -> bytes:

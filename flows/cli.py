@@ -125,7 +125,8 @@ def print_ingested(store: str, summary: dict) -> None:
         with pl.Config(tbl_rows=200, tbl_cols=20, tbl_width_chars=200):
             print(f"\nadded by this run:\n{pl.DataFrame(rows)}")
     s = StoreReader(store)
-    totals = {t: sum(s.part_rows(p) for p in s.parts(t))
+    commits = s.commits()  # the log read once, not once per table
+    totals = {t: sum(s.part_rows(p) for p in s.parts(t, commits))
               for t in ("inputs", "models", "outcomes", "labels", "quarantine")}
     print("\nstore: " + ", ".join(f"{n:,} {t}" for t, n in totals.items())
           + f"  (details: benchroute inspect --store {store})")

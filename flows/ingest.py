@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from benchroute.artifacts.stages import ingest as stage
 from benchroute.artifacts.store import Store
 from benchroute.flows.pipeline import cards_task, relabel_task
-from benchroute.flows.runtime import PERMANENT_IO, read_ahead
+from benchroute.flows.runtime import passing_io_error, read_ahead
 from benchroute.transforms.ingest import Unit, discover, find_cards
 
 
@@ -43,8 +43,8 @@ def read_retrying(unit: Unit, aliases: str | None, rules: str | None) -> dict[st
     for attempt in range(1, READ_TRIES + 1):
         try:
             return stage.read_tables(unit, aliases, rules)
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, PERMANENT_IO) or attempt == READ_TRIES:
+        except Exception as exc:
+            if not passing_io_error(exc) or attempt == READ_TRIES:
                 raise
             logging.getLogger(__name__).warning("reading %s failed (%r), try %d of %d", unit.url,
                                                 exc, attempt + 1, READ_TRIES)

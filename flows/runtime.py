@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,11 +44,14 @@ def cache_storage(store_url: str, cache: str | None = None):
 PERMANENT_IO = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def transient_io(task, task_run, state) -> bool:
-    """Retry condition: retry I/O errors that may pass (network, timeouts), not missing paths,
-    bad data or bugs."""
-    exc = state.data if isinstance(state.data, BaseException) else None
+def passing_io_error(exc: BaseException | None) -> bool:
+    """An I/O error that may pass (network, timeouts), not a missing path, bad data or a bug."""
     return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, PERMANENT_IO)
+
+
+def transient_io(task, task_run, state) -> bool:
+    """Retry condition: retry I/O errors that may pass (``passing_io_error``)."""
+    return passing_io_error(state.data if isinstance(state.data, BaseException) else None)
 
 
 def ensure_limit(name: str, limit: int) -> None:
@@ -114,8 +118,6 @@ def read_ahead(items, submit, ahead: int):
     """``(item, future.result)`` for each item, submitting at most ``ahead`` tasks before the
     one being consumed: results wait in memory only that far ahead, not for every item at once
     (a leaderboard's thousands of files would not fit)."""
-    from collections import deque
-
     items = iter(items)
     pending: deque = deque()
     for item in items:

@@ -52,8 +52,13 @@ def data_key_now(store_url: str, embed: EmbedSpec, router: RouterSpec) -> str:
     return data_key(Store(store_url), identity.id, Selection(), router)
 
 
-def _body(name: str, key: str, version: str) -> bytes:
-    return json.dumps({"name": name, "data_key": key, "version": version}, sort_keys=True).encode()
+def _fields(name: str, key: str, version: str) -> dict:
+    return {"name": name, "data_key": key, "version": version}
+
+
+def _body(fields: dict) -> bytes:
+    """The bytes a record's tag covers."""
+    return json.dumps(fields, sort_keys=True).encode()
 
 
 def record(store_url: str, name: str, key: str, version: str) -> None:
@@ -61,9 +66,9 @@ def record(store_url: str, name: str, key: str, version: str) -> None:
     (``benchroute.sealing``: an HMAC under a key that is not in the store)."""
     fs, path = url_to_fs(_record_path(store_url, name))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tag = sealing.tag(f"refresh/{name}", _body(name, key, version)).decode()
-    atomic_put(fs, path, json.dumps({"name": name, "data_key": key, "version": version,
-                                     "tag": tag}).encode())
+    fields = _fields(name, key, version)
+    tag = sealing.tag(f"refresh/{name}", _body(fields)).decode()
+    atomic_put(fs, path, json.dumps({**fields, "tag": tag}).encode())
 
 
 def _recorded(store_url: str, name: str) -> dict | None:
@@ -76,7 +81,7 @@ def _recorded(store_url: str, name: str) -> dict | None:
         return None
     ok = (isinstance(rec, dict) and rec.get("name") == name
           and all(isinstance(rec.get(k), str) for k in ("data_key", "version", "tag")))
-    if not ok or not sealing.verifies(f"refresh/{name}", _body(name, rec["data_key"], rec["version"]),
+    if not ok or not sealing.verifies(f"refresh/{name}", _body(_fields(name, rec["data_key"], rec["version"])),
                                       rec["tag"].encode()):
         return None
     return rec
