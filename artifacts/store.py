@@ -9,7 +9,9 @@ A part is visible only once a commit names it, and the commit file is written la
 so a crash at any point leaves the store exactly as it was after the previous commit (the
 orphaned parts are ignored and removed by ``gc``). A commit *appends* parts to a table or
 *replaces* a table's parts (derived tables such as labels), and records which source units (with
-their content fingerprints) it ingested, so re-ingesting an unchanged unit is a no-op.
+their content fingerprints) it ingested, so re-ingesting an unchanged unit is a no-op. A commit
+written by ``Store.commit`` also records, in ``info["part_models"]``, the model names in each
+outcome part it wrote (``recorded_part_models``: what ``Appender`` de-duplicates against).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from benchroute.schemas import KEYS, TABLES, empty
 
 _TABLE_NAME = re.compile(r"^[a-z0-9_][a-z0-9_./=-]*$")
 LOG_DIR = "_log"
+# Commit info key, written by ``Store.commit`` only: {outcome part's relative path: the sorted
+# model names in it}, for the outcome parts that commit wrote (``recorded_part_models``).
+PART_MODELS = "part_models"
 
 
 class StoreError(RuntimeError):
@@ -161,18 +166,30 @@ class Store:
     ) -> Commit:
         """Write the frames as new parts, then make them visible in one commit.
 
-        Empty appended frames write nothing; an empty replacement empties the table.
+        Empty appended frames write nothing; an empty replacement empties the table. The commit's
+        ``info`` gets ``PART_MODELS``: the model names in each outcome part written here, taken
+        from the very frame written (none for a part with a null model: it is read instead).
         """
+        info = _caller_info(info)
         batch = new_batch()
         written_append: dict[str, list[str]] = {}
         written_replace: dict[str, list[str]] = {}
+        part_models: dict[str, list[str]] = {}
+
+        def write(table: str, df: pl.DataFrame) -> str:
+            rel = self.write_part(table, df, batch)
+            if table == "outcomes" and "model" in df.columns and not df["model"].has_nulls():
+                part_models[rel] = sorted(df["model"].unique().to_list())
+            return rel
+
         for table, df in (append or {}).items():
             if df.height:
-                written_append[table] = [self.write_part(table, df, batch)]
+                written_append[table] = [write(table, df)]
         for table, df in (replace or {}).items():
-            written_replace[table] = [self.write_part(table, df, batch)] if df.height else []
-        return self.commit_parts(batch, append=written_append, replace=written_replace,
-                                 units=units, info=info)
+            written_replace[table] = [write(table, df)] if df.height else []
+        if part_models:
+            info[PART_MODELS] = part_models
+        return self._commit(batch, written_append, written_replace, units, info)
 
     def commit_parts(
         self,
@@ -184,13 +201,18 @@ class Store:
         info: Mapping | None = None,
     ) -> Commit:
         """Make parts already written with ``write_part`` (under ``batch``) visible in one commit:
-        for a table written a part at a time (memory: one part), e.g. an out-of-core relabel."""
+        for a table written a part at a time (memory: one part), e.g. an out-of-core relabel.
+        No ``PART_MODELS`` record (the parts' contents are not seen here): readers that want
+        an outcome part's models read them from the part."""
+        return self._commit(batch, append, replace, units, _caller_info(info))
+
+    def _commit(self, batch, append, replace, units, info: dict) -> Commit:
         return self._write_commit(
             batch,
             append={t: list(v) for t, v in (append or {}).items() if v},
             replace={t: list(v) for t, v in (replace or {}).items()},
             units=dict(units or {}),
-            info=dict(info or {}),
+            info=info,
         )
 
     def append_arrow(
@@ -206,7 +228,7 @@ class Store:
         with self.fs.open(self.path(rel), "wb") as f:
             pq.write_table(data, f, **parquet_options)
         return self._write_commit(batch, append={table: [rel]}, replace={}, units={},
-                                  info=dict(info or {}))
+                                  info=_caller_info(info))
 
     def _part_path(self, table: str, batch: str) -> str:
         if not _TABLE_NAME.match(table) or ".." in table:
@@ -274,6 +296,41 @@ class Store:
         return removed
 
 
+def _caller_info(info: Mapping | None) -> dict:
+    """A caller's commit ``info``, copied; ``PART_MODELS`` is refused there (only ``Store.commit``
+    writes it, from the frames it writes, so that a record is never a caller's claim)."""
+    info = dict(info or {})
+    if PART_MODELS in info:
+        raise StoreError(f"commit info key {PART_MODELS!r} is written by Store.commit only")
+    return info
+
+
+def recorded_part_models(commits: Iterable[Commit]) -> dict[str, frozenset[str]]:
+    """Outcome part -> the model names ``Store.commit`` recorded for it (``PART_MODELS``).
+
+    A record is only taken from the commit that wrote the part: its path must be one that commit
+    makes visible in ``outcomes`` and be named for that commit's batch (``part-<batch>…``).
+    Anything else (a malformed record, a path the commit did not write, e.g. an older part
+    re-listed by a ``replace``) is ignored, and the part's models must then be read from it.
+    Should two commits record the same path, the union is returned: more models only means more
+    parts are checked. Why the record can be trusted: see ``Appender``.
+    """
+    out: dict[str, frozenset[str]] = {}
+    for c in commits:
+        record = c.info.get(PART_MODELS)
+        if not isinstance(record, dict):
+            continue
+        named = set(c.append.get("outcomes", [])) | set(c.replace.get("outcomes", []))
+        stem = f"tables/outcomes/part-{c.batch}"
+        for rel, models in record.items():
+            own = rel in named and (rel == f"{stem}.parquet"
+                                    or re.fullmatch(re.escape(stem) + r"-\d{5}\.parquet", rel))
+            if not (own and isinstance(models, list) and all(isinstance(m, str) for m in models)):
+                continue
+            out[rel] = out.get(rel, frozenset()) | frozenset(models)
+    return out
+
+
 def new_batch() -> str:
     """A fresh batch id: the name stem of the parts one commit writes (time-ordered, unique)."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
@@ -307,10 +364,31 @@ class Appender:
     models, quarantine) are loaded once, so appending many batches costs one read of them. The
     outcomes' keys (a row per input × model × metric: hundreds of millions on a leaderboard) are
     never all loaded: an incoming batch is checked only against the stored parts that hold one
-    of its models, one batch of their key columns at a time, so a batch of new models reads
-    nothing but each part's model column, once. Not safe against a second writer appending the
+    of its models, one batch of their key columns at a time. Which models a part holds comes
+    from the commit that wrote it (``recorded_part_models``), else from the part's model column,
+    read once per run; so a batch of new models reads no part at all on a store whose outcome
+    parts were all written by ``Store.commit``. Not safe against a second writer appending the
     same rows at the same time (the commit itself is): both would commit them, and
     ``Store.read`` returns such repeated keys as stored (it does not de-duplicate).
+
+    Why a recorded model set may be trusted instead of read: a wrong record could only let
+    duplicates through by *missing* a model the part holds (then the part is skipped). The
+    record is written by ``Store.commit`` from the very frame it writes, in the commit that
+    makes the part visible; commit files are created exclusively and never rewritten, and a
+    caller cannot supply the record (``PART_MODELS`` is refused in callers' ``info``). Parts are
+    not content-addressed but are immutable: a part's path holds its writer's batch id
+    (``new_batch``: time plus 32 random bits, never shared by two writers; ``Store.commit``
+    always takes a fresh one) and that writer's counter, so no path is written twice unless a
+    caller hands ``write_part`` a batch id already used; ``gc`` removes only parts no commit
+    names; a ``replace`` writes new parts under a new batch (a part it re-lists is the same
+    file, still described by the record of the commit that wrote it; a part it drops is no
+    longer consulted). Records are taken only for parts the recording commit itself made
+    visible, under its own batch, and records of one path are united (more models: more parts
+    checked, never fewer). A part file changed in place (a batch id reused by hand, an outside
+    tool) would make its record stale, but it would equally break everything else that takes a
+    part's path for its content (``Store.read``, which returns whatever the listed paths hold
+    now; the labels' basis, a digest of part paths): the record relies on no assumption the
+    store does not already make.
     """
 
     TABLES = ("inputs", "memberships", "outcomes", "models", "quarantine")
@@ -318,9 +396,14 @@ class Appender:
 
     def __init__(self, store: Store):
         self.store = store
-        self._keys = {t: store.read(t, columns=KEYS[t]) for t in self.IN_MEMORY}
-        self._outcome_parts = store.parts("outcomes")
-        self._models_of: dict[str, frozenset[str]] = {}
+        commits = store.commits()  # one read of the log for every table below
+        self._keys = {t: store.read_parts(t, store.parts(t, commits), KEYS[t])
+                      for t in self.IN_MEMORY}
+        self._outcome_parts = store.parts("outcomes", commits)
+        recorded = recorded_part_models(commits)
+        self._models_of: dict[str, frozenset[str]] = {
+            rel: recorded[rel] for rel in self._outcome_parts if rel in recorded
+        }
 
     def append(
         self, tables: Mapping[str, pl.DataFrame], units: Mapping[str, str], info: Mapping
@@ -344,7 +427,8 @@ class Appender:
         return fresh
 
     def _part_models(self, rel: str) -> frozenset[str]:
-        """The models with an outcome in one stored part (its model column, read once)."""
+        """The models with an outcome in one stored part: as its commit recorded them (loaded in
+        ``__init__``), else its model column, read once."""
         if rel not in self._models_of:
             models: set[str] = set()
             for batch in self.store.iter_batches(rel, ["model"]):

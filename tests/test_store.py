@@ -7,7 +7,15 @@ import json
 import polars as pl
 import pytest
 
-from benchroute.artifacts.store import Appender, Store, StoreError, new_rows
+from benchroute.artifacts.store import (
+    PART_MODELS,
+    Appender,
+    Commit,
+    Store,
+    StoreError,
+    new_rows,
+    recorded_part_models,
+)
 from benchroute.schemas import empty
 from benchroute.transforms.ids import input_id
 
@@ -126,6 +134,118 @@ def test_appender_keeps_outcome_keys_unique_without_loading_them(store, monkeypa
                                   info={})["outcomes"].height == 0
     assert all(c == ["model"] or len(c) > 1 for c in read_columns)
     assert store.read("outcomes").height == 6
+
+
+def _spy_reads(monkeypatch) -> list[tuple[str, list[str]]]:
+    """(part, columns) of every ``Store.iter_batches`` call from now on."""
+    reads: list[tuple[str, list[str]]] = []
+    real = Store.iter_batches
+
+    def spy(self, rel, columns, batch_size=1_000_000):
+        reads.append((rel, list(columns)))
+        yield from real(self, rel, columns, batch_size)
+
+    monkeypatch.setattr(Store, "iter_batches", spy)
+    return reads
+
+
+def _three_outcome_parts(store: Store) -> list[str]:
+    """Outcome parts holding m1; m2; m1 and m2 (one commit each, by one Appender)."""
+    app = Appender(store)
+    for rows in ([("a", "m1", 1.0), ("b", "m1", 0.0)], [("a", "m2", 0.0)],
+                 [("c", "m1", 1.0), ("c", "m2", 1.0)]):
+        app.append({"outcomes": _outcomes(rows)}, units={}, info={"kind": "ingest"})
+    return store.parts("outcomes")
+
+
+def test_appender_takes_part_models_from_the_commits(store, monkeypatch):
+    """The commit that writes an outcome part records the part's models; a later run reads no
+    part's model column, only the key columns of the parts that hold an incoming model."""
+    parts = _three_outcome_parts(store)
+    infos = [c.info for c in store.commits()]
+    assert [i[PART_MODELS] for i in infos] == [
+        {parts[0]: ["m1"]}, {parts[1]: ["m2"]}, {parts[2]: ["m1", "m2"]}]
+    assert all(i["kind"] == "ingest" for i in infos)  # the caller's info is kept beside it
+
+    reads = _spy_reads(monkeypatch)
+    later = Appender(store)  # a new run
+    fresh = later.append({"outcomes": _outcomes([("a", "m3", 1.0), ("b", "m4", 0.0)])},
+                         units={}, info={})
+    assert fresh["outcomes"].height == 2
+    assert reads == []  # new models: no part read at all, not even its model column
+    fresh = Appender(store).append(
+        {"outcomes": _outcomes([("a", "m2", 0.0), ("d", "m2", 1.0), ("a", "m3", 1.0)])},
+        units={}, info={})
+    assert fresh["outcomes"].rows() == _outcomes([("d", "m2", 1.0)]).rows()
+    assert all(cols != ["model"] for _, cols in reads)
+    m3_part = store.parts("outcomes")[3]
+    assert sorted({rel for rel, _ in reads}) == sorted([parts[1], parts[2], m3_part])
+
+
+def _strip_part_models(store: Store) -> None:
+    """Rewrite the commit files as a writer from before ``PART_MODELS`` left them."""
+    for name in sorted(store.fs.ls(store.path("_log"), detail=False)):
+        entry = json.loads(store.fs.cat_file(name))
+        entry["info"].pop(PART_MODELS, None)
+        store.fs.pipe_file(name, json.dumps(entry).encode())
+
+
+def test_appender_reads_the_models_of_parts_without_a_record(store, monkeypatch):
+    """Parts committed without a record (an older store; ``commit_parts``) have their model
+    column read, and re-stated keys are still dropped; recorded parts are not read."""
+    parts = _three_outcome_parts(store)
+    _strip_part_models(store)
+    assert all(PART_MODELS not in c.info for c in store.commits())
+    reads = _spy_reads(monkeypatch)
+    fresh = Appender(store).append(
+        {"outcomes": _outcomes([("a", "m1", 1.0), ("b", "m1", 0.0), ("a", "m3", 1.0)])},
+        units={}, info={})
+    assert fresh["outcomes"]["model"].to_list() == ["m3"]
+    assert sorted(rel for rel, cols in reads if cols == ["model"]) == sorted(parts)
+
+    # A part written by ``write_part`` + ``commit_parts`` has no record: only it is read.
+    from benchroute.artifacts.store import new_batch
+
+    batch = new_batch()
+    alone = store.write_part("outcomes", _outcomes([("e", "m5", 1.0)]), batch)
+    assert PART_MODELS not in store.commit_parts(batch, append={"outcomes": [alone]}).info
+    reads.clear()
+    fresh = Appender(store).append({"outcomes": _outcomes([("e", "m5", 1.0), ("f", "m6", 1.0)])},
+                                   units={}, info={})
+    assert fresh["outcomes"]["model"].to_list() == ["m6"]
+    # The part of m3 (committed above, with a record) is not read; the older three and it are.
+    assert [rel for rel, cols in reads if cols == ["model"]] == [*parts, alone]
+
+
+def test_part_model_records_are_taken_only_from_the_commit_that_wrote_the_part(store):
+    """A record names too few models only if it is not the writer's: such records are ignored,
+    two records of one path are united, and callers cannot write the key themselves."""
+    c = store.commit(append={"outcomes": _outcomes([("a", "m1", 1.0)])})
+    rel = c.append["outcomes"][0]
+    assert recorded_part_models([c]) == {rel: frozenset({"m1"})}
+
+    def commit(batch: str, record, **tables) -> Commit:
+        return Commit(seq=9, batch=batch, created="x", append=tables.get("append", {}),
+                      replace=tables.get("replace", {}), units={}, info={PART_MODELS: record})
+
+    relisted = commit("later", {rel: []}, replace={"outcomes": [rel]})  # not under its batch
+    unlisted = commit(c.batch, {rel: []})  # names no outcome part
+    malformed = [commit(c.batch, {rel: "m9"}, append={"outcomes": [rel]}),
+                 commit(c.batch, [rel], append={"outcomes": [rel]}),
+                 commit(c.batch, {rel: [None]}, append={"outcomes": [rel]})]
+    assert recorded_part_models([relisted, unlisted, *malformed]) == {}
+    assert recorded_part_models([c, relisted, unlisted, *malformed]) == {rel: frozenset({"m1"})}
+    second = commit(c.batch, {rel: ["m2"]}, append={"outcomes": [rel]})
+    assert recorded_part_models([c, second]) == {rel: frozenset({"m1", "m2"})}
+
+    for write in (lambda info: store.commit(append={"inputs": _inputs("a")}, info=info),
+                  lambda info: store.commit_parts("b", info=info)):
+        with pytest.raises(StoreError, match=PART_MODELS):
+            write({PART_MODELS: {rel: ["m1"]}})
+    # A part with a null model gets no record (its models are read from it instead).
+    nulls = _outcomes([("a", "m1", 1.0), ("b", "m2", 1.0)]).with_columns(
+        model=pl.when(pl.col("model") == "m2").then(None).otherwise(pl.col("model")))
+    assert PART_MODELS not in store.commit(append={"outcomes": nulls}).info
 
 
 def test_parts_written_alone_are_invisible_until_committed(store):
