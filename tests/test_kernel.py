@@ -64,7 +64,14 @@ def test_mean_knn_distance_by_hand():
     assert mean_knn_distance(nb, k=1) == pytest.approx((0.1 + 0.4) / 2, abs=1e-6)
 
 
-def test_lodo_accuracies_equal_separate_fits_per_fold():
+@pytest.mark.parametrize("block_bytes", [None, 0])
+def test_lodo_accuracies_equal_separate_fits_per_fold(block_bytes, monkeypatch):
+    """``block_bytes=0``: the label matrix counts as large, so each fold's fallback (the
+    models' mean training label) is the column totals less the rows the fold leaves out."""
+    import benchroute.transforms.kernel as kernel_mod
+
+    if block_bytes is not None:
+        monkeypatch.setattr(kernel_mod, "BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(2)
     n, D, M, k = 90, 3, 4, 5
     X = normalize_rows(rng.normal(size=(n, 6)))
@@ -73,6 +80,7 @@ def test_lodo_accuracies_equal_separate_fits_per_fold():
     member[:4, 2] = True  # four inputs sit in two datasets
     Y = (rng.random((n, M)) < 0.5).astype(float)
     Y[rng.random((n, M)) < 0.1] = np.nan
+    Y[rng.random(n) < 0.9, 3] = np.nan  # a model seldom labelled: the fallback decides often
     sigs, groups = np.unique(member, axis=0, return_inverse=True)
     groups = groups.ravel()
     rows = [np.flatnonzero(member[:, d]) for d in range(D)]

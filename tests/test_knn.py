@@ -177,6 +177,28 @@ def test_grouped_merge_equals_one_search_with_duplicate_vectors():
         np.testing.assert_array_equal(np.sort(vec[got.indices]), np.sort(vec[ref.indices]))
 
 
+def test_searched_neighbors_answer_every_merge_as_the_stored_lists():
+    """Above ``GROUPED_MAX_BYTES`` the per-group lists are not kept: each merge searches, with the
+    groups that are not allowed and the query's own row excluded, and finds the same rows."""
+    from benchroute.transforms.knn import SearchedNeighbors, self_neighbors
+
+    X, _, _ = _data(n=200, seed=5)
+    Xn = normalize_rows(X)
+    groups = np.random.default_rng(1).integers(0, 5, len(X))
+    kept = self_neighbors(Xn, groups, 4)
+    searched = self_neighbors(Xn, groups, 4, max_bytes=200 * 5 * 4 * 12 - 1)
+    assert not isinstance(kept, SearchedNeighbors) and isinstance(searched, SearchedNeighbors)
+    for allowed in ([1, 1, 1, 1, 1], [0, 1, 1, 0, 1], [1, 0, 0, 0, 0]):
+        allowed = np.array(allowed, bool)
+        for rows in (None, np.arange(0, 200, 3)):
+            for k in (None, 3):
+                a, b = kept.merge(allowed, rows=rows, k=k), searched.merge(allowed, rows=rows, k=k)
+                np.testing.assert_array_equal(a.indices, b.indices)
+                np.testing.assert_allclose(a.similarities, b.similarities, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot merge"):
+        searched.merge(np.ones(5, bool), k=5)
+
+
 def test_covered_marks_models_with_a_labelled_neighbour():
     from benchroute.transforms.knn import Neighbors, covered
 

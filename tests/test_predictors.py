@@ -164,6 +164,16 @@ def test_networks_are_deterministic_under_a_seed(data, fitted, name):
     assert not np.array_equal(other.predict_proba(data["Xte"]), first.predict_proba(data["Xte"]))
 
 
+@pytest.mark.parametrize("name", ["mlp", "factorized"])
+def test_networks_fit_float32_labels_exactly_as_float64(data, fitted, name):
+    """A leaderboard's labels come as float32 (``evaluate.dense_dtype``) and are read a batch at
+    a time, never cast whole: 0/1 labels give the very same network as float64 ones."""
+    Y32 = data["Ytr"].astype(np.float32)
+    est = make_predictor(name).fit(data["Xtr"], Y32)
+    np.testing.assert_array_equal(est.predict_proba(data["Xte"]), fitted[name].predict_proba(data["Xte"]))
+    assert est.history_ == fitted[name].history_
+
+
 def test_network_fit_leaves_torch_settings_alone(data):
     import torch
 

@@ -44,11 +44,16 @@ def request_costs(in_tokens: np.ndarray, out_tokens: np.ndarray, price_in: np.nd
 def expected_output_tokens(out_tokens: np.ndarray) -> np.ndarray:
     """(M,) each model's mean recorded output tokens over the rows where recorded (NaN = none),
     ``DEFAULT_OUTPUT_TOKENS`` for a model with no record."""
-    T = np.asarray(out_tokens, np.float64)
-    cnt = (~np.isnan(T)).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(cnt > 0, np.nansum(T, axis=0) / np.maximum(cnt, 1), DEFAULT_OUTPUT_TOKENS)
-    return mean
+    return expected_output_tokens_of_rows(out_tokens, None)
+
+
+def expected_output_tokens_of_rows(out_tokens: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """``expected_output_tokens(out_tokens[rows])`` read a block of rows at a time (no copy of a
+    leaderboard's n × M token matrix)."""
+    from benchroute.transforms.label_matrix import column_means
+
+    cnt, mean = column_means(out_tokens, rows)
+    return np.where(cnt > 0, mean, DEFAULT_OUTPUT_TOKENS)
 
 
 def reference_model(train_acc: np.ndarray, price_in: np.ndarray, price_out: np.ndarray,

@@ -27,6 +27,7 @@ from benchroute.transforms.knn import (
     Weights,
     aggregate_labels,
 )
+from benchroute.transforms.label_matrix import BLOCK_BYTES, column_counts_sums, column_means
 from benchroute.transforms.scores import binarized_accuracy
 
 
@@ -88,6 +89,9 @@ def lodo_accuracies(
     P = np.full((D, M), np.nan)
     u = np.full(D, np.nan)
     banned = group_members[:, held].any(axis=1)
+    # A matrix larger than one block: column totals once, each fallback as the totals less the
+    # few rows d's fold leaves out (not a pass over every allowed row per dataset).
+    totals = column_counts_sums(Y) if fallback == "train_mean" and Y.nbytes > BLOCK_BYTES else None
     for d in range(D):
         keep = ~banned[row_groups[dataset_rows[d]]]  # d's inputs that are not held out
         if held[d] or not keep.any():
@@ -96,7 +100,7 @@ def lodo_accuracies(
         own = own.any(axis=1) if own.ndim == 2 else own
         allowed = ~(banned | own)
         neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
-        fb = _train_mean(Y, allowed[row_groups]) if fallback == "train_mean" else None
+        fb = _train_mean(Y, allowed[row_groups], totals) if fallback == "train_mean" else None
         G = aggregate_labels(
             Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k]), Y, weights=weights,
             fallback=fb,
@@ -193,8 +197,12 @@ def _smooth(
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _train_mean(Y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    Ys = Y[rows]
-    counts = (~np.isnan(Ys)).sum(axis=0)
+def _train_mean(Y: np.ndarray, rows: np.ndarray, totals=None) -> np.ndarray:
+    """Each column's mean label over ``rows`` (n bool); with ``totals`` (``column_counts_sums``
+    of all of Y) as the totals less the rows left out."""
+    if totals is None:
+        return column_means(Y, rows)[1]  # a block of rows at a time: no copy of Y[rows]
+    counts, sums = column_counts_sums(Y, ~rows)
+    counts, sums = totals[0] - counts, totals[1] - sums
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, np.nansum(Ys, axis=0) / np.maximum(counts, 1), np.nan)
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

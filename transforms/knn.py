@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+from benchroute.transforms.label_matrix import column_means
+
 DEFAULT_BLOCK_BYTES = 32 * 2**20  # one block of float32 similarities (argpartition adds 2x)
 COVERAGE_K = 10  # neighbours that decide whether a model can be judged on a query (``covered``)
 
@@ -166,6 +168,15 @@ def is_row_source(Y) -> bool:
     return not isinstance(Y, np.ndarray) and hasattr(Y, "rows") and hasattr(Y, "shape")
 
 
+CHUNK_BYTES = 64 * 2**20  # float64 bytes of one chunk of neighbours' label rows (b × k × M)
+
+
+def chunk_rows(rows: int, k: int, M: int) -> int:
+    """Query rows per chunk: at most ``rows``, and fewer when b × k × M float64 would exceed
+    ``CHUNK_BYTES`` (thousands of models)."""
+    return max(1, min(int(rows), CHUNK_BYTES // (8 * max(k, 1) * max(M, 1))))
+
+
 def label_rows(Y, idx: np.ndarray) -> np.ndarray:
     """``Y[idx]`` as float64 (idx.shape + (M,)) from a dense matrix or a row source."""
     idx = np.asarray(idx)
@@ -188,11 +199,12 @@ def aggregate_labels(
     neighbour has a label, the entry is ``fallback[m]`` (NaN if ``fallback`` is None).
     """
     if not is_row_source(Y):
-        Y = np.asarray(Y, dtype=np.float64)
+        Y = np.asarray(Y)  # float32 or float64: each chunk's rows are read as float64
     n, M = len(neighbors), Y.shape[1]
     W = neighbor_weights(neighbors, weights)
     G = np.empty((n, M), np.float64)
     fb = np.full(M, np.nan) if fallback is None else np.asarray(fallback, np.float64)
+    chunk = chunk_rows(chunk, neighbors.indices.shape[1], M)
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         idx = neighbors.indices[sl]
@@ -238,7 +250,8 @@ class KNNCorrectness:
         X = normalize_rows(X)
         packed = is_row_source(Y)  # kept compressed: only neighbours' rows are ever read
         if not packed:
-            Y = np.asarray(Y, dtype=np.float64)
+            Y = np.asarray(Y)
+            Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)  # no copy of float32
             if Y.ndim == 1:
                 Y = Y[:, None]
         if Y.shape[0] != X.shape[0]:
@@ -254,10 +267,7 @@ class KNNCorrectness:
         if packed:
             self.train_mean_ = np.asarray(Y.column_means(), np.float64)
         else:
-            with np.errstate(invalid="ignore"):
-                counts = (~np.isnan(Y)).sum(axis=0)
-                means = np.nansum(Y, axis=0) / np.maximum(counts, 1)
-            self.train_mean_ = np.where(counts > 0, means, np.nan)
+            self.train_mean_ = column_means(Y)[1]
         self.n_features_in_ = X.shape[1]
         self.n_outputs_ = Y.shape[1]
         return self
@@ -377,6 +387,43 @@ def grouped_topk(
     return GroupedNeighbors(out_i, out_s)
 
 
+GROUPED_MAX_BYTES = 512 * 2**20  # above this, ``self_neighbors`` searches per call instead
+
+
+@dataclass(frozen=True)
+class SearchedNeighbors:
+    """``GroupedNeighbors.merge`` answered by a search per call instead of from stored per-group
+    lists: the index rows of ``X`` (already L2-normalised) whose group (``groups``) is allowed,
+    each query row's own row left out (as ``grouped_topk(X, X, groups, k, self_rows=arange(n))``).
+    Used where the per-group lists (n × groups × k) would be too large: a leaderboard's 100k
+    inputs in 200 datasets need 2.4 GB of them."""
+
+    X: np.ndarray
+    groups: np.ndarray
+    k: int
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES
+
+    def merge(self, allowed: np.ndarray, rows: np.ndarray | None = None, k: int | None = None) -> Neighbors:
+        k = self.k if k is None else k
+        if k > self.k:
+            raise ValueError(f"searched {self.k} per group; cannot merge to {k}")
+        rows = np.arange(self.X.shape[0]) if rows is None else np.asarray(rows)
+        return cosine_topk(self.X[rows], self.X, k, exclude=~np.asarray(allowed, bool)[self.groups],
+                           self_rows=rows, max_block_bytes=self.max_block_bytes)
+
+
+def self_neighbors(X: np.ndarray, groups: np.ndarray, k: int, *,
+                   max_bytes: int = GROUPED_MAX_BYTES) -> GroupedNeighbors | SearchedNeighbors:
+    """Every index row's neighbours among the other rows, by group of rows, for
+    leave-one-dataset-out: ``grouped_topk`` (one search, lists kept) when its lists fit
+    ``max_bytes``, else ``SearchedNeighbors`` (a search per merge; the same neighbours)."""
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    if X.shape[0] * n_groups * k * 12 <= max_bytes:
+        return grouped_topk(X, X, groups, k, self_rows=np.arange(X.shape[0]))
+    return SearchedNeighbors(np.asarray(X, np.float32), groups, k)
+
+
 def covered(neighbors: Neighbors, Y: np.ndarray) -> np.ndarray:
     """(n_query × M) bool: whether any of a query's neighbours has a label for each model.
 
@@ -386,5 +433,10 @@ def covered(neighbors: Neighbors, Y: np.ndarray) -> np.ndarray:
     """
     idx = neighbors.indices
     valid = idx >= 0
-    labelled = ~np.isnan(label_rows(Y, np.where(valid, idx, 0)))  # (n, k, M): only the neighbours' rows
-    return (labelled & valid[:, :, None]).any(axis=1)
+    out = np.empty((idx.shape[0], Y.shape[1]), bool)
+    step = chunk_rows(4096, idx.shape[1], Y.shape[1])
+    for start in range(0, idx.shape[0], step):
+        sl = slice(start, start + step)
+        labelled = ~np.isnan(label_rows(Y, np.where(valid[sl], idx[sl], 0)))  # (b, k, M): the neighbours' rows
+        out[sl] = (labelled & valid[sl][:, :, None]).any(axis=1)
+    return out

@@ -50,6 +50,7 @@ from benchroute.transforms.knn import (
     Neighbors,
     normalize_rows,
 )
+from benchroute.transforms.label_matrix import column_means, labelled_counts, rows_with_label, value_range
 
 STATE_FORMAT = 1
 PLATT_EPS = 1e-4  # base probabilities are clipped to [eps, 1 - eps] before the logit
@@ -62,26 +63,24 @@ class NotFittedError(RuntimeError):
 
 # ------------------------------------------------------------------------------ helpers
 def _labels(Y: np.ndarray, n_rows: int | None = None) -> np.ndarray:
-    Y = np.asarray(Y, dtype=np.float64)
+    """``Y`` checked: float64, or float32 as given (a leaderboard's labels are not copied)."""
+    Y = np.asarray(Y)
+    Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)
     if Y.ndim == 1:
         Y = Y[:, None]
     if Y.ndim != 2:
         raise ValueError(f"expected labels of shape (n, M), got {Y.shape}")
     if n_rows is not None and Y.shape[0] != n_rows:
         raise ValueError(f"{n_rows} embeddings but {Y.shape[0]} label rows")
-    finite = Y[~np.isnan(Y)]
-    if finite.size and (finite.min() < 0 or finite.max() > 1):
+    span = value_range(Y)
+    if span is not None and (span[0] < 0 or span[1] > 1):
         raise ValueError("labels must lie in [0, 1] (NaN for missing)")
     return Y
 
 
 def label_counts_and_means(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per model: the number of labels and their mean (NaN for a model with none)."""
-    Y = np.asarray(Y, dtype=np.float64)
-    counts = (~np.isnan(Y)).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.nansum(Y, axis=0) / np.maximum(counts, 1)
-    return counts, np.where(counts > 0, means, np.nan)
+    return column_means(Y)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -520,16 +519,15 @@ class _NetworkPredictor(BasePredictor):
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         rng = np.random.default_rng(self.seed)
-        labelled = np.flatnonzero((~np.isnan(Y)).any(axis=1))  # rows with no label teach nothing
+        labelled = np.flatnonzero(rows_with_label(Y))  # rows with no label teach nothing
         val_rows, train_rows = validation_split(rng, labelled, self.val_fraction)
-        mask = ~np.isnan(Y)
-        if val_rows.size and not mask[val_rows].any():
+        if val_rows.size and not labelled_counts(Y, val_rows).any():
             val_rows, train_rows = val_rows[:0], labelled
         self.val_rows_ = val_rows
 
         with seeded_torch(self.seed):
             module = self._build(torch, X.shape[1], Y.shape[1], self.prior_)
-            history, best_epoch = self._loop(torch, module, X, Y, mask, train_rows, val_rows, rng)
+            history, best_epoch = self._loop(torch, module, X, Y, train_rows, val_rows, rng)
             layers = self._extract(module)
         self.layers_ = [(np.ascontiguousarray(W, np.float32), np.ascontiguousarray(b, np.float32))
                         for W, b in layers]
@@ -537,24 +535,31 @@ class _NetworkPredictor(BasePredictor):
         self.best_epoch_ = best_epoch
         self.n_epochs_ = len(history["train"])
 
-    def _loop(self, torch, module, X, Y, mask, train_rows, val_rows, rng):
+    def _loop(self, torch, module, X, Y, train_rows, val_rows, rng):
         F = torch.nn.functional
         Xt = torch.from_numpy(np.ascontiguousarray(X, np.float32))
-        Tt = torch.from_numpy(np.nan_to_num(Y, nan=0.0).astype(np.float32))
-        Mt = torch.from_numpy(mask.astype(np.float32))
         opt = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+        def targets(rows: np.ndarray):
+            """(targets, mask) of ``rows`` as float32 tensors, made per batch from Y: a
+            leaderboard's n × M targets and mask are never held whole."""
+            yb = Y[rows]
+            known = ~np.isnan(yb)
+            return (torch.from_numpy(np.where(known, yb, 0.0).astype(np.float32)),
+                    torch.from_numpy(known.astype(np.float32)))
 
         def masked_bce(logits, t, m):
             return (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * m).sum()
 
         if val_rows.size:
-            vi = torch.from_numpy(val_rows)
-            Xv, Tv, Mv = Xt[vi], Tt[vi], Mt[vi]
+            Xv = Xt[torch.from_numpy(val_rows)]
+            Tv, Mv = targets(val_rows)
             n_val_labels = float(Mv.sum())
-        pen_scale = 1.0 / max(float(mask[train_rows].sum()), 1.0)  # penalties in units of one label
+        pen_scale = 1.0 / max(float(labelled_counts(Y, train_rows).sum()), 1.0)  # penalties in units of one label
 
         def batch_loss(bi):
-            xb, tb, mb = Xt[bi], Tt[bi], Mt[bi]
+            xb = Xt[bi]
+            tb, mb = targets(bi.numpy())
             n_lab = mb.sum()
             bce = masked_bce(module(xb), tb, mb)
             loss = bce / n_lab.clamp_min(1.0)

@@ -11,9 +11,10 @@ import numpy as np
 
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.kernel import NadarayaWatson, lodo_accuracies
-from benchroute.transforms.knn import Fallback, Weights, grouped_topk
+from benchroute.transforms.knn import Fallback, Weights, self_neighbors
+from benchroute.transforms.label_matrix import labelled_counts
 from benchroute.transforms.predictors import make_predictor
-from benchroute.transforms.routing_eval import CostData, DecisionCosts, decision_costs
+from benchroute.transforms.routing_eval import CostData, DecisionCosts, decision_costs, unrecorded_tokens
 
 DEFAULT_PREDICTOR = "mlp"  # measured best on the targets: benchmarks/cost_routing.py (README, "Cost-aware routing")
 
@@ -59,14 +60,28 @@ def fit_router(
     k_descriptor: int | None = None,
     predictor: str = DEFAULT_PREDICTOR,
     cost: CostData | None = None,
+    log=None,
 ) -> RouterFit:
     """Fit the router on every labelled input of ``bench`` (no dataset held out); ``predictor``
     names the per-query correctness predictor (``transforms.predictors.PREDICTORS``), ``cost``
-    the prices and token counts aligned to ``bench`` (None: no prices known)."""
+    the prices and token counts aligned to ``bench`` (None: no prices known); ``log``: a logger
+    told each step's time."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def step(what: str) -> None:
+        nonlocal t0
+        if log:
+            log.info("router fit: %s in %.1f s", what, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+
     k_desc = k_descriptor or k
     k_search = max(k, k_desc)
     n = len(bench.input_ids)
-    grouped = grouped_topk(bench.X, bench.X, bench.row_groups, k_search, self_rows=np.arange(n))
+    grouped = self_neighbors(bench.X, bench.row_groups, k_search)
+    step(f"nearest neighbours of {n} index rows within {bench.group_members.shape[0]} dataset groups"
+         f" ({type(grouped).__name__})")
     P, u = lodo_accuracies(
         grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
         bench.dataset_y, k=k, weights=weights, fallback=fallback, k_descriptor=k_desc,
@@ -78,19 +93,21 @@ def fit_router(
         bandwidth, loo = kern.bandwidth_, kern.loo_error_
     else:  # one dataset: p̂ is its p whatever the bandwidth
         bandwidth, loo = 1.0, float("nan")
+    step(f"leave-one-dataset-out accuracies of {len(bench.datasets)} datasets x {len(bench.models)} models")
     train_acc = np.nanmean(bench.dataset_accuracy(), axis=0)
     n, M = bench.Y.shape
     if cost is None:
         nan = np.full(M, np.nan)
-        cost = CostData(nan, nan, np.ones(n), np.full((n, M), np.nan))
+        cost = CostData(nan, nan, np.ones(n), unrecorded_tokens(n, M))
     est = make_predictor(predictor).fit(bench.X, bench.Y)
-    decision = decision_costs(cost, np.arange(n), train_acc, (~np.isnan(bench.Y)).sum(axis=0))
+    step(f"{predictor} predictor ({getattr(est, 'n_epochs_', 0)} epochs)")
+    decision = decision_costs(cost, np.arange(n), train_acc, labelled_counts(bench.Y))
     return RouterFit(
         input_ids=list(bench.input_ids),
         models=list(bench.models),
         datasets=list(bench.datasets),
         X=bench.X.astype(np.float32),
-        Y=bench.Y.astype(np.float32),
+        Y=np.asarray(bench.Y, np.float32),  # no copy when the labels are float32 already
         member=bench.member,
         P=np.where(ok[:, None], P, np.nan),
         u=np.where(ok, u, np.nan),

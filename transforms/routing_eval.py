@@ -37,6 +37,7 @@ from benchroute.transforms import costs as costs_
 from benchroute.transforms import policy, route_metrics
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.knn import COVERAGE_K, KNNCorrectness, covered
+from benchroute.transforms.label_matrix import labelled_counts
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class CostData:
     @property
     def priced(self) -> np.ndarray:
         return ~np.isnan(self.price_in) & ~np.isnan(self.price_out)
+
+
+def unrecorded_tokens(n: int, M: int) -> np.ndarray:
+    """An n × M ``out_tokens`` with nothing recorded: a read-only all-NaN view of one value (a
+    leaderboard's would otherwise be 3.2 GB of NaN)."""
+    return np.broadcast_to(np.float64(np.nan), (n, M))
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ def decision_costs(cost: CostData, train_rows: np.ndarray, train_acc: np.ndarray
                    support: np.ndarray) -> DecisionCosts:
     """Expected output tokens, reference model and cost from the training rows; ``support`` (M,)
     the training labels of each model (the reference needs at least half the best support)."""
-    exp_out = costs_.expected_output_tokens(cost.out_tokens[train_rows])
+    exp_out = costs_.expected_output_tokens_of_rows(cost.out_tokens, train_rows)
     ref = costs_.reference_model(train_acc, cost.price_in, cost.price_out, support)
     typical = float(np.median(cost.in_tokens[train_rows])) if train_rows.size else 1.0
     return DecisionCosts(exp_out, ref, costs_.reference_cost(typical, exp_out, cost.price_in,
@@ -198,7 +205,7 @@ def evaluate_routing(
     Y = np.vstack([f.Y_test for f in fs])
     # Costs: realised per held-out request, and the decision costs of each fold (training rows only).
     accs = [train_accuracy(bench, f.train) for f in fs]
-    dcs = [decision_costs(cost, f.train, a, (~np.isnan(bench.Y[f.train])).sum(axis=0))
+    dcs = [decision_costs(cost, f.train, a, labelled_counts(bench.Y, f.train))
            for f, a in zip(fs, accs)]
     R = np.vstack([realised_costs(cost, f.test, dc.exp_out_tokens) for f, dc in zip(fs, dcs)])
     Crel = np.vstack([dc.relative(cost, cost.in_tokens[f.test]) for f, dc in zip(fs, dcs)])

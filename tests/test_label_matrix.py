@@ -1,0 +1,64 @@
+"""Per-model statistics of a label matrix read a block of rows at a time equal numpy's whole-matrix
+results, and the kNN label reads chunked by bytes equal one chunk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchroute.transforms import knn
+from benchroute.transforms.label_matrix import (
+    column_counts_sums,
+    column_means,
+    rows_with_label,
+    value_range,
+)
+
+
+def _labels(n=57, M=7, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    Y = (rng.random((n, M)) < 0.4).astype(dtype)
+    Y[rng.random((n, M)) < 0.3] = np.nan
+    Y[3] = np.nan  # a row with no label
+    Y[:, 5] = np.nan  # a model with none
+    return Y
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("max_bytes", [1, 8 * 7 * 5, 2**30])  # a row, 5 rows, everything
+def test_blocked_statistics_equal_numpy(dtype, max_bytes):
+    Y = _labels(dtype=dtype)
+    rows = np.array([0, 3, 8, 9, 10, 40, 41, 56])
+    for sel in (None, rows, np.isin(np.arange(Y.shape[0]), rows)):
+        Ys = Y if sel is None else Y[sel]
+        counts, sums = column_counts_sums(Y, sel, max_bytes=max_bytes)
+        np.testing.assert_array_equal(counts, (~np.isnan(Ys)).sum(axis=0))
+        np.testing.assert_array_equal(sums, np.nansum(Ys.astype(np.float64), axis=0))
+        _, means = column_means(Y, sel, max_bytes=max_bytes)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(means, np.nansum(Ys, axis=0, dtype=np.float64) / counts)
+    np.testing.assert_array_equal(rows_with_label(Y, max_bytes=max_bytes), ~np.isnan(Y).all(axis=1))
+
+
+def test_value_range_ignores_nan_and_reports_no_label():
+    assert value_range(np.array([[np.nan, 0.25], [1.0, np.nan]])) == (0.25, 1.0)
+    assert value_range(np.full((3, 2), np.nan)) is None
+    assert value_range(np.empty((0, 4))) is None
+
+
+def test_knn_label_reads_in_small_chunks_equal_one_chunk(monkeypatch):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 6)).astype(np.float32)
+    Y = _labels(n=80, M=9, seed=2)
+    Q = rng.normal(size=(33, 6)).astype(np.float32)
+    est = knn.KNNCorrectness(5, weights="distance").fit(X, Y)
+    neigh = est.kneighbors(Q)
+    G, cov = est.predict_from_neighbors(neigh), knn.covered(neigh, Y)
+    monkeypatch.setattr(knn, "CHUNK_BYTES", 8 * 5 * 9 * 2)  # two query rows a chunk
+    assert knn.chunk_rows(4096, 5, 9) == 2
+    np.testing.assert_array_equal(est.predict_from_neighbors(neigh), G)
+    np.testing.assert_array_equal(knn.covered(neigh, Y), cov)
+    # float32 labels are read as they are (no float64 copy) and give the same g
+    est32 = knn.KNNCorrectness(5, weights="distance").fit(X, Y.astype(np.float32))
+    assert est32.Y_.dtype == np.float32
+    np.testing.assert_array_equal(est32.predict_from_neighbors(neigh), G)
