@@ -124,7 +124,7 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
     X_stored = fit.X.astype(INDEX_DTYPES[index_dtype])
     files = {
         "index/embeddings.npy": npy_bytes(X_stored),
-        **label_pack.pack(np.asarray(fit.Y, np.float64)).to_files(LABELS_PREFIX),
+        **label_pack.pack(fit.Y).to_files(LABELS_PREFIX),  # packs a block of rows at a time
         "index/members.npy": npy_bytes(fit.member.astype(bool)),
         "index/input_ids.json": json_bytes(list(fit.input_ids)),
         "kernel/p.npy": npy_bytes(fit.P.astype(np.float64)),

@@ -30,17 +30,13 @@ from benchroute.transforms.routing_eval import (
     CostData,
     NoHeldOutInputs,
     evaluate_routing,
+    unrecorded_tokens,
 )
 
 
-def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """(labels, memberships, models) of the store, labels restricted to the selection (sources,
-    then datasets and models by name or glob, then excluded models by name or glob).
-
-    Labels hold the columns a router is fitted and evaluated from (``LABEL_COLUMNS``: not the
-    rule text or the outcome count, a third of a label's bytes), filtered a part at a time."""
-    memberships = store.read("memberships")
-    models = store.read("models")
+def selection_filter(memberships: pl.DataFrame, sel: Selection) -> pl.Expr:
+    """The labels of the selection: its sources, then datasets and models by name or glob, then
+    excluded models by name or glob."""
     keep = pl.lit(True)
     if sel.sources:
         chosen = memberships.filter(pl.col("source").is_in(list(sel.sources)))["dataset"].unique()
@@ -51,8 +47,43 @@ def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFr
         keep = keep & glob_expr("model", sel.models)
     if sel.exclude_models:
         keep = keep & ~glob_expr("model", sel.exclude_models)
-    parts = [store.read_parts("labels", [rel], LABEL_COLUMNS).filter(keep)
-             for rel in store.parts("labels")]
+    return keep
+
+
+def label_batches(store: Store, keep: pl.Expr, columns: list[str] | None = None):
+    """A callable giving the selected labels a stored part at a time (``LABEL_COLUMNS``), the
+    same parts in the same order on every call (``BenchmarkArrays.from_batches`` reads twice)."""
+    parts = store.parts("labels")
+    cols = columns or LABEL_COLUMNS
+
+    def batches():
+        for rel in parts:
+            yield store.read_parts("labels", [rel], cols).filter(keep)
+
+    return batches
+
+
+def has_labels(store: Store, sel: Selection) -> bool:
+    """Whether the selection holds any label (read a part at a time, up to the first hit)."""
+    keep = selection_filter(store.read("memberships"), sel)
+    return any(b.height for b in label_batches(store, keep, ["input_id", "dataset", "model"])())
+
+
+def selected_input_ids(store: Store, sel: Selection) -> pl.Series:
+    """The distinct input ids of the selection's labels (read a part at a time)."""
+    keep = selection_filter(store.read("memberships"), sel)
+    ids = [b["input_id"].unique() for b in label_batches(store, keep, ["input_id", "dataset", "model"])()]
+    return pl.concat(ids).unique() if ids else pl.Series("input_id", [], pl.String)
+
+
+def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(labels, memberships, models) of the store, labels restricted to the selection
+    (``selection_filter``) and holding the columns a router is fitted and evaluated from
+    (``LABEL_COLUMNS``: not the rule text or the outcome count, a third of a label's bytes),
+    filtered a part at a time."""
+    memberships = store.read("memberships")
+    models = store.read("models")
+    parts = list(label_batches(store, selection_filter(memberships, sel))())
     labels = (pl.concat(parts, how="vertical_relaxed", rechunk=False) if parts
               else store.read_parts("labels", [], LABEL_COLUMNS))
     return labels, memberships, models
@@ -107,11 +138,16 @@ def token_frames(store: Store) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(input texts, recorded output tokens per input and model) of the store: what
     ``cost_data`` reads, to read once when several benchmarks of one store are costed."""
     texts = store.read("inputs", columns=["input_id", "text"])
-    wanted = pl.col("metric").is_in(list(costs_.OUTPUT_METRICS)) & pl.col("perturbation").is_null()
+    metrics = list(costs_.OUTPUT_METRICS)
+    wanted = pl.col("metric").is_in(metrics) & pl.col("perturbation").is_null()
+    columns = ["input_id", "model", "metric", "value", "perturbation"]
     # The outcomes a batch at a time, keeping only output-length rows (all of them would not fit
-    # in memory on a leaderboard).
-    kept = [b.filter(wanted) for b in
-            store.batches("outcomes", ["input_id", "model", "metric", "value", "perturbation"])]
+    # in memory on a leaderboard); a part whose metric column holds no output length is not
+    # read further (a leaderboard's parts mostly record none: one column read instead of five).
+    kept = [b.filter(wanted)
+            for rel in store.parts("outcomes")
+            if any(m["metric"].is_in(metrics).any() for m in store.iter_batches(rel, ["metric"]))
+            for b in store.iter_batches(rel, columns)]
     outcomes = pl.concat(kept) if kept else store.read_parts(
         "outcomes", [], ["input_id", "model", "metric", "value", "perturbation"])
     recorded = (
@@ -135,8 +171,9 @@ def cost_data(store: Store, bench: BenchmarkArrays, cards: list[dict],
     ids = pl.DataFrame({"input_id": bench.input_ids})
     texts = ids.join(texts_all, on="input_id", how="left")
     in_tok = costs_.input_tokens([t or "" for t in texts["text"].to_list()])
-    out = np.full((len(bench.input_ids), len(bench.models)), np.nan)
+    out = unrecorded_tokens(len(bench.input_ids), len(bench.models))
     if recorded.height:
+        out = np.full(out.shape, np.nan, bench.Y.dtype)
         row_of = {iid: r for r, iid in enumerate(bench.input_ids)}
         m_of = {m: j for j, m in enumerate(bench.models)}
         rec = recorded.filter(pl.col("input_id").is_in(bench.input_ids) & pl.col("model").is_in(bench.models))
@@ -296,6 +333,18 @@ def pair_list(models: list[str], pairs=None, pair_models=None, train_acc=None) -
     return uniq
 
 
+def selected_arrays(store: Store, embedder_id: str, sel: Selection) -> tuple[BenchmarkArrays, pl.DataFrame]:
+    """(``BenchmarkArrays`` of the selected labels, memberships), the labels streamed a stored
+    part at a time into label matrices (float32 at leaderboard size: ``evaluate.dense_dtype``),
+    never one frame of all labels."""
+    memberships = store.read("memberships")
+    models = store.read("models")
+    bench = BenchmarkArrays.from_batches(
+        lambda ids: emb_store.read_matrix(store, embedder_id, ids)[0],
+        label_batches(store, selection_filter(memberships, sel)), memberships, models)
+    return bench, memberships
+
+
 def bundle_content(
     store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict,
     router: RouterSpec | None = None, *, log=None,
@@ -313,16 +362,19 @@ def bundle_content(
     router = router or RouterSpec()
     k, weights, index_dtype, predictor = router.k, router.weights, router.index_dtype, router.predictor
     store = Store(store_url)
-    labels, memberships, models = select_frames(store, sel)
-    if labels.height == 0:
+    t0 = time.perf_counter()
+    bench, memberships = selected_arrays(store, embedder_id, sel)
+    if log:
+        log.info("labels: %d inputs x %d models, %d datasets (%s), read a part at a time in %.1f s",
+                 len(bench.input_ids), len(bench.models), len(bench.datasets), bench.Y.dtype,
+                 time.perf_counter() - t0)
+    if not bench.input_ids:
         raise ValueError(f"{store_url}: no labels to build a router from ({sel.to_dict()})")
-    ids = sorted(labels["input_id"].unique().to_list())
-    X, ids = emb_store.read_matrix(store, embedder_id, ids)
-    bench = BenchmarkArrays.from_frames(X, ids, labels, memberships, models)
+    labels = None  # the selected labels as one frame: read only for pair routers and stability
     cards = cards_for(store, list(bench.models))
     t0 = time.perf_counter()
     cost = cost_data(store, bench, cards)
-    fit = fit_router(bench, k=k, weights=weights, predictor=predictor, cost=cost)
+    fit = fit_router(bench, k=k, weights=weights, predictor=predictor, cost=cost, log=log)
     curve, routing = routing_curve(bench, cost, predictor, log=log)
     if log:
         log.info(
@@ -336,6 +388,7 @@ def bundle_content(
     served_pairs = pair_list(list(fit.models), router.pairs, router.pair_models, fit.train_acc)
     pair_params = None
     if served_pairs:
+        labels = select_frames(store, sel)[0]
         pfiles, pair_params = pair_routing_files(fit, labels, memberships, served_pairs,
                                                  index_dtype=index_dtype, log=log)
         files.update(pfiles)
@@ -353,6 +406,8 @@ def bundle_content(
         from benchroute.transforms.evaluate import EvalConfig
 
         routing_ok = weights == "uniform"  # the exact kNN bootstrap's condition
+        labels = labels if labels is not None else select_frames(store, sel)[0]
+        X, ids = emb_store.read_matrix(store, embedder_id, list(bench.input_ids))
         stability = bundle_stability(store, labels, router.stability_B,
                                      embeddings=(X, ids) if routing_ok else None,
                                      eval_config=EvalConfig(k=k, weights=weights))

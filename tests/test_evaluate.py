@@ -264,3 +264,75 @@ def test_fixture_end_to_end(fixture_eval):
     assert t2[("argmax g_m(x)", "train_acc")] > t2[("random", "expectation")]
     md = format_table1(ev.table1)
     assert md.splitlines()[0].startswith("| metric | S1 | S2 | S3")
+
+
+# ---------------------------------------------------------------- labels a batch at a time
+def _fixture_frames():
+    emb = np.load(FIXTURE / "embeddings.npy").astype(np.float32)
+    ids = pl.read_parquet(FIXTURE / "inputs.parquet")["input_id"].to_list()
+    return (emb, ids, pl.read_parquet(FIXTURE / "labels.parquet"),
+            pl.read_parquet(FIXTURE / "memberships.parquet"), pl.read_parquet(FIXTURE / "models.parquet"))
+
+
+def _rows_of(emb, ids):
+    pos = {i: r for r, i in enumerate(ids)}
+    return lambda wanted: emb[[pos[i] for i in wanted]]
+
+
+def _assert_same_arrays(a: BenchmarkArrays, b: BenchmarkArrays, dtype=np.float64):
+    assert (a.input_ids, a.models, a.datasets) == (b.input_ids, b.models, b.datasets)
+    for name in ("X", "member", "row_groups", "group_members", "params_b"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.Y.astype(dtype), b.Y)
+    assert b.Y.dtype == dtype
+    for name in ("dataset_rows", "dataset_y", "dataset_value"):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
+            np.testing.assert_array_equal(x if name == "dataset_rows" else x.astype(dtype), y, err_msg=name)
+
+
+def test_from_batches_equals_from_frames_on_the_real_fixture():
+    emb, ids, labels, memberships, models = _fixture_frames()
+    whole = BenchmarkArrays.from_frames(emb, ids, labels, memberships, models)
+    batches = [labels.slice(s, 97) for s in range(0, labels.height, 97)]  # uneven batches
+    streamed = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: iter(batches), memberships, models,
+                                            dtype=np.float64)
+    _assert_same_arrays(whole, streamed)
+    small = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: iter(batches), memberships, models,
+                                         dtype=np.float32)
+    _assert_same_arrays(whole, small, np.float32)
+
+
+def test_dataset_value_is_dataset_y_only_while_every_value_equals_its_y():
+    emb, ids, labels, memberships, models = _frames()
+    same = BenchmarkArrays.from_frames(emb, ids, labels, memberships, models)
+    assert same.dataset_value is same.dataset_y  # not a second copy
+    # a value that differs from its y, in the second of two batches: the values made before it
+    # are kept and the differing one lands in dataset_value only
+    scored = labels.with_columns(value=pl.when(pl.int_range(pl.len()) == 7).then(0.25).otherwise(pl.col("value")))
+    b = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: [scored.head(5), scored.tail(3)],
+                                     memberships, models)
+    assert b.dataset_value is not b.dataset_y
+    np.testing.assert_array_equal(b.dataset_y[2], [[0.0, 1.0]])
+    np.testing.assert_array_equal(b.dataset_value[2], [[0.0, 0.25]])
+    for d in (0, 1):
+        np.testing.assert_array_equal(b.dataset_value[d], same.dataset_value[d])
+
+
+def test_label_counts_past_255_in_one_cell_keep_counting():
+    """Y is a mean over a cell's labels, counted in uint8 until a cell needs more: 300 labels of
+    one input and model (in three batches) must average, not wrap around at 256."""
+    emb, ids, _, memberships, _ = _frames()
+    y = (np.arange(300) % 3 == 0).astype(np.int64)  # 100 ones of 300
+    labels = pl.DataFrame({"input_id": [ids[0]] * 300, "dataset": [f"d{i}" for i in range(300)],
+                           "model": ["m1"] * 300, "y": y, "value": y.astype(float)})
+    b = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: [labels.slice(s, 100) for s in (0, 100, 200)],
+                                     memberships.head(0))
+    np.testing.assert_allclose(b.Y, [[100 / 300]])
+
+
+def test_dense_dtype_is_float32_only_at_leaderboard_size():
+    from benchroute.transforms.evaluate import DENSE_FLOAT64_CELLS, dense_dtype
+
+    assert dense_dtype(28_531, 142) == np.float64
+    assert dense_dtype(DENSE_FLOAT64_CELLS, 1) == np.float64
+    assert dense_dtype(DENSE_FLOAT64_CELLS + 1, 1) == np.float32

@@ -44,7 +44,7 @@ Everything is deterministic given ``EvalConfig.seed``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -65,6 +65,7 @@ from benchroute.transforms.knn import (
     grouped_topk,
     normalize_rows,
 )
+from benchroute.transforms.label_matrix import column_means
 from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.scores import binarized_accuracy, s3, score_task, task_scores
 from benchroute.transforms.selection import TIE_RULES, choice_metrics, choose, choose_rows
@@ -80,6 +81,17 @@ class EvalConfig:
     alphas: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1)
     seed: int = 0
     min_inputs: int = 10
+
+
+# Label matrices up to this many cells (n inputs × M models) are float64; larger ones float32
+# (a leaderboard's 100k × 4,000 labels: 1.6 GB a matrix instead of 3.2 GB). y is 0/1 or a mean
+# of a few of them, so float32 changes what a router answers only in the last bits of a score.
+DENSE_FLOAT64_CELLS = 64_000_000
+
+
+def dense_dtype(n: int, M: int):
+    """The float type of an n × M label matrix (see ``DENSE_FLOAT64_CELLS``)."""
+    return np.float64 if n * M <= DENSE_FLOAT64_CELLS else np.float32
 
 
 def _positions(column: pl.Series, names: list[str]) -> np.ndarray:
@@ -120,63 +132,101 @@ class BenchmarkArrays:
         labels: pl.DataFrame,
         memberships: pl.DataFrame,
         models: pl.DataFrame | None = None,
+        *,
+        dtype=np.float64,
     ) -> BenchmarkArrays:
         """Assemble from the canonical frames; ``embeddings[i]`` belongs to ``input_ids[i]``."""
         if len(input_ids) != len(embeddings):
             raise ValueError(f"{len(embeddings)} embeddings for {len(input_ids)} input ids")
         pos = {iid: i for i, iid in enumerate(input_ids)}
-        lab = labels.select("input_id", "dataset", "model", "y", "value")
-        ids = sorted(lab["input_id"].unique().to_list())
-        missing = [i for i in ids if i not in pos]
-        if missing:
-            raise ValueError(f"no embedding for {len(missing)} labelled inputs, e.g. {missing[:3]}")
-        model_names = sorted(lab["model"].unique().to_list())
-        mem = pl.concat(
-            [memberships.select("input_id", "dataset"), lab.select("input_id", "dataset")]
-        )
+
+        def rows_of(ids: list[str]) -> np.ndarray:
+            missing = [i for i in ids if i not in pos]
+            if missing:
+                raise ValueError(f"no embedding for {len(missing)} labelled inputs, e.g. {missing[:3]}")
+            return np.asarray(embeddings)[[pos[i] for i in ids]]
+
+        return cls.from_batches(rows_of, lambda: [labels], memberships, models, dtype=dtype)
+
+    @classmethod
+    def from_batches(
+        cls,
+        embeddings: Callable[[list[str]], np.ndarray],
+        batches: Callable[[], Iterable[pl.DataFrame]],
+        memberships: pl.DataFrame,
+        models: pl.DataFrame | None = None,
+        *,
+        dtype=None,
+    ) -> BenchmarkArrays:
+        """Assemble from labels given a batch at a time: ``batches()`` yields frames with the
+        columns input_id, dataset, model, y and value, the same rows in the same order on each
+        call; it is called twice (names, then values), so no frame of all labels is ever held.
+        ``embeddings(ids)``: the embedding rows of the labelled input ids (sorted), aligned.
+
+        The label arrays are ``dtype`` (None: ``dense_dtype(n, M)``, float64 unless the matrix
+        is leaderboard-sized); ``dataset_value`` is ``dataset_y`` itself (not a copy) when
+        every label's value equals its y. Equal to ``from_frames`` of the concatenated batches."""
+        # Pass 1: the names (inputs, models, each input's datasets).
+        id_parts, model_parts, pair_parts = [], [], []
+        for batch in batches():
+            id_parts.append(batch["input_id"].unique())
+            model_parts.append(batch["model"].unique())
+            pair_parts.append(batch.select("input_id", "dataset").unique())
+        ids = sorted(pl.concat(id_parts).unique().to_list()) if id_parts else []
+        X = normalize_rows(embeddings(ids))
+        model_names = sorted(pl.concat(model_parts).unique().to_list()) if model_parts else []
+        mem = pl.concat([memberships.select("input_id", "dataset"), *pair_parts])
         mem = mem.filter(pl.col("input_id").is_in(ids)).unique()
         dataset_names = sorted(mem["dataset"].unique().to_list())
         row_of = {iid: r for r, iid in enumerate(ids)}
         d_of = {d: j for j, d in enumerate(dataset_names)}
         m_of = {m: j for j, m in enumerate(model_names)}
         n, D, M = len(ids), len(dataset_names), len(model_names)
+        dtype = np.dtype(dense_dtype(n, M) if dtype is None else dtype)
         member = np.zeros((n, D), bool)
         member[[row_of[i] for i in mem["input_id"]], [d_of[d] for d in mem["dataset"]]] = True
-        rows = _positions(lab["input_id"], ids)
-        dcol = _positions(lab["dataset"], dataset_names)
-        mcol = _positions(lab["model"], model_names)
-        y = lab["y"].cast(pl.Float64).to_numpy()
-        v = lab["value"].cast(pl.Float64).to_numpy()
-        cell = rows * M + mcol
-        ysum = np.bincount(cell, weights=y, minlength=n * M).reshape(n, M)
-        ycnt = np.bincount(cell, minlength=n * M).reshape(n, M)
-        del cell
-        with np.errstate(invalid="ignore"):
-            Y = ysum / ycnt  # NaN where a row has no label of the model
-        del ysum, ycnt
-        d_rows, d_y, d_v = [], [], []
-        for d in range(D):
-            r_d = np.flatnonzero(member[:, d])
-            local = np.full(n, -1, np.int64)
-            local[r_d] = np.arange(r_d.size)
-            sel = dcol == d
-            yd = np.full((r_d.size, M), np.nan)
-            vd = np.full((r_d.size, M), np.nan)
-            yd[local[rows[sel]], mcol[sel]] = y[sel]
-            vd[local[rows[sel]], mcol[sel]] = v[sel]
-            d_rows.append(r_d)
-            d_y.append(yd)
-            d_v.append(vd)
+        d_rows = [np.flatnonzero(member[:, d]) for d in range(D)]
+        d_y = [np.full((r_d.size, M), np.nan, dtype) for r_d in d_rows]
+        d_v: list[np.ndarray] | None = None  # stays d_y while every value equals its y
+        # Pass 2: Y (mean y over the row's labels of each model) and each dataset's y and value.
+        ysum = np.zeros((n, M), dtype)
+        ycnt = np.zeros((n, M), np.uint8)
+        for batch in batches():
+            if batch.height == 0:
+                continue
+            rows = _positions(batch["input_id"], ids)
+            dcol = _positions(batch["dataset"], dataset_names)
+            mcol = _positions(batch["model"], model_names)
+            y = batch["y"].cast(pl.Float64).to_numpy()
+            v = batch["value"].cast(pl.Float64).to_numpy()
+            cells, inv = np.unique(rows * M + mcol, return_inverse=True)
+            add_n = np.bincount(inv, minlength=cells.size)
+            need = int((ycnt.ravel()[cells] + add_n).max())
+            if need > np.iinfo(ycnt.dtype).max:
+                ycnt = ycnt.astype(np.uint16 if need < 2**16 else np.uint32)
+            ysum.ravel()[cells] += np.bincount(inv, weights=y, minlength=cells.size).astype(dtype)
+            ycnt.ravel()[cells] += add_n.astype(ycnt.dtype)
+            del cells, inv, add_n
+            if d_v is None and not np.array_equal(y, v, equal_nan=True):
+                d_v = [a.copy() for a in d_y]
+            for d in np.unique(dcol):
+                sel = dcol == d
+                at = np.searchsorted(d_rows[d], rows[sel])  # the rows' positions within d
+                d_y[d][at, mcol[sel]] = y[sel]
+                if d_v is not None:
+                    d_v[d][at, mcol[sel]] = v[sel]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            Y = np.divide(ysum, ycnt, out=ysum)  # NaN where a row has no label of the model
+        del ycnt
         signatures, row_groups = np.unique(member, axis=0, return_inverse=True)
         params = np.full(M, np.nan)
         if models is not None and "params_b" in models.columns:
             for name, size in models.select("model", "params_b").iter_rows():
                 if name in m_of and size is not None:
                     params[m_of[name]] = float(size)
-        X = normalize_rows(np.asarray(embeddings)[[pos[i] for i in ids]])
         return cls(
             ids, X, model_names, dataset_names, Y, member, row_groups.ravel().astype(np.int64),
-            signatures.astype(bool), d_rows, d_y, d_v, params,
+            signatures.astype(bool), d_rows, d_y, d_y if d_v is None else d_v, params,
         )
 
     def families(self) -> np.ndarray:
@@ -192,11 +242,8 @@ class BenchmarkArrays:
         leaving out the index rows where ``exclude_rows`` (n bool) is true."""
         out = np.full((len(self.datasets), len(self.models)), np.nan)
         for d, yd in enumerate(self.dataset_y):
-            if exclude_rows is not None:
-                yd = yd[~exclude_rows[self.dataset_rows[d]]]
-            cnt = (~np.isnan(yd)).sum(axis=0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[d] = np.where(cnt > 0, np.nansum(yd, axis=0) / np.maximum(cnt, 1), np.nan)
+            keep = None if exclude_rows is None else ~exclude_rows[self.dataset_rows[d]]
+            out[d] = column_means(yd, keep)[1]
         return out
 
 

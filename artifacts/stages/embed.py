@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import polars as pl
 from benchroute.artifacts import embeddings as emb_store
-from benchroute.artifacts.router_build import select_frames
+from benchroute.artifacts.router_build import selected_input_ids
 from benchroute.artifacts.specs import Selection
 from benchroute.artifacts.store import Store
 from benchroute.schemas.embeddings import EmbedderIdentity
@@ -325,7 +325,7 @@ def selected_ids(store_url: str, sel: Selection | None) -> pl.Series | None:
     """The input ids a selection's bundle is built from (``None``: the whole store)."""
     if sel is None or sel.is_all:
         return None
-    return select_frames(Store(store_url), sel)[0]["input_id"].unique()
+    return selected_input_ids(Store(store_url), sel)
 
 
 def plan_partitions(
