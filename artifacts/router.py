@@ -21,6 +21,8 @@ torch: every predictor predicts with numpy). The bundle's files (written by ``bu
     models.parquet         model cards (prices, size, rule that priced them), expected output
                            tokens, training accuracy
     datasets.json          the D dataset names
+    build/lodo_*.npy       the neighbours p(d, m) was measured with (``router_fit.LodoNeighbors``):
+                           what extending the bundle by a model needs (``artifacts.router_extend``)
     pairs/…                optional strong/weak pair routers and their calibration
                            (``transforms.pair_serving``; ``pairs/quality.npy`` the compared
                            quality when it is not ``index/labels.npy``)
@@ -144,11 +146,16 @@ def bundle_files(fit, cards: list[dict], curve: list[dict] | None = None, *,
     }
     for name, arr in arrays.items():
         files[f"predictor/{name}.npy"] = npy_bytes(arr)
+    if getattr(fit, "lodo", None) is not None:  # what extending the bundle by a model needs
+        for name in LODO_FILES:
+            files[f"{LODO_PREFIX}{name}.npy"] = npy_bytes(getattr(fit.lodo, name))
     if ann_index.chosen_kind(len(X_stored), index_search) == "hnsw":  # the exact scan needs no file
         files.update(ann_index.build_index(X_stored, "hnsw").to_files(ANN_PREFIX))
     return files
 
 
+LODO_PREFIX = "build/lodo_"  # the neighbours p(d, m) was measured with (router_fit.LodoNeighbors)
+LODO_FILES = ("datasets", "offsets", "rows", "indices", "similarities")
 LABELS_PREFIX = "index/labels_"  # bit-packed labels (artifacts.label_pack)
 ANN_PREFIX = "index/ann_"  # the HNSW graph over index/embeddings.npy (artifacts.ann_index)
 # Labels of a loaded bundle are unpacked to a dense float matrix up to this many cells (n × M;

@@ -134,9 +134,10 @@ def finite(obj):
     return obj
 
 
-def token_frames(store: Store) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(input texts, recorded output tokens per input and model) of the store: what
-    ``cost_data`` reads, to read once when several benchmarks of one store are costed."""
+def token_frames(store: Store, parts: list[str] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(input texts, recorded output tokens per input and model) of the store (of its outcome
+    ``parts``; None = all): what ``cost_data`` reads, to read once when several benchmarks of one
+    store are costed."""
     texts = store.read("inputs", columns=["input_id", "text"])
     metrics = list(costs_.OUTPUT_METRICS)
     wanted = pl.col("metric").is_in(metrics) & pl.col("perturbation").is_null()
@@ -145,7 +146,7 @@ def token_frames(store: Store) -> tuple[pl.DataFrame, pl.DataFrame]:
     # in memory on a leaderboard); a part whose metric column holds no output length is not
     # read further (a leaderboard's parts mostly record none: one column read instead of five).
     kept = [b.filter(wanted)
-            for rel in store.parts("outcomes")
+            for rel in (store.parts("outcomes") if parts is None else parts)
             if any(m["metric"].is_in(metrics).any() for m in store.iter_batches(rel, ["metric"]))
             for b in store.iter_batches(rel, columns)]
     outcomes = pl.concat(kept) if kept else store.read_parts(

@@ -249,11 +249,15 @@ def publish(
     no_evaluate: Flag("--no-evaluate", "skip the evaluation summary") = False,
     model_cards: Annotated[Optional[str], _opt(
         "--models", metavar="CARD", help="model card (CSV or YAML: sizes, prices) over the store's card files")] = None,
+    incremental: Flag("--incremental", "extend the latest version by the models added since it, "
+                      "without a refit, where possible (with --no-evaluate); else a full build") = False,
 ) -> int:
     from benchroute.flows.publish import publish_flow
 
     r = publish_flow(store=store, name=name, selection=selection, embedder=embedder, router=router,
-                     evaluate=not no_evaluate, model_cards=model_cards)
+                     evaluate=not no_evaluate, model_cards=model_cards, incremental=incremental)
+    if r.get("extended"):
+        print(f"extended {r['name']} {r['extended']} by the models added since it (no refit)")
     for v in r.get("recovered", []):
         print(f"finished an interrupted publish: latest moved to {r['name']} {v}")
     if r["created"]:

@@ -31,6 +31,7 @@ def publish_flow(
     embedder: str | None = None,
     router: RouterSpec = RouterSpec(),
     evaluate: bool = True,
+    incremental: bool = False,
     model_cards: str | None = None,
 ) -> dict:
     """Fit the router on the ``selection`` of the store, as ``router`` says, and publish the
@@ -41,7 +42,7 @@ def publish_flow(
     over the defaults and the landing-zone card files the store recorded (it replaces a card an
     earlier run gave); the store's card is brought up to date first either way."""
     cards_task(store, [], model_cards)
-    result = publish_task(store, name, FitOptions(selection, embedder, router, evaluate))
+    result = publish_task(store, name, FitOptions(selection, embedder, router, evaluate, incremental))
     if result["created"]:
         state = "published new version"
     elif result["version"] in result.get("recovered", []):

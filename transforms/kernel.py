@@ -71,6 +71,7 @@ def lodo_accuracies(
     k_descriptor: int | None = None,
     held_out: np.ndarray | None = None,
     families: np.ndarray | None = None,
+    kept: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """p(d, m) (D × M) and u(d) (D,) by leave-one-dataset-out.
 
@@ -81,7 +82,9 @@ def lodo_accuracies(
     ``held_out`` (D bool): datasets that are never neighbours (and get NaN rows in the output);
     an input of d that also belongs to a held-out dataset is left out of d's p and u too.
     ``families`` (D × D bool, ``lodo_groups.same_family``): d's p and u are measured with the
-    whole of d's family left out of the neighbours (None: d alone).
+    whole of d's family left out of the neighbours (None: d alone). ``kept``: a dict that gets,
+    per scored dataset d, ``(rows, neighbours)`` (its scored index rows and their k neighbours:
+    what a model added later needs to get its p(d, m) without a search, ``router_fit.LodoNeighbors``).
     """
     D = group_members.shape[1]
     M = Y.shape[1]
@@ -101,10 +104,10 @@ def lodo_accuracies(
         allowed = ~(banned | own)
         neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
         fb = _train_mean(Y, allowed[row_groups], totals) if fallback == "train_mean" else None
-        G = aggregate_labels(
-            Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k]), Y, weights=weights,
-            fallback=fb,
-        )
+        first_k = Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k])
+        if kept is not None:
+            kept[d] = (dataset_rows[d][keep], first_k)
+        G = aggregate_labels(first_k, Y, weights=weights, fallback=fb)
         P[d] = binarized_accuracy(G, dataset_labels[d][keep])
         u[d] = mean_knn_distance(neigh, k_descriptor or k)
     return P, u

@@ -11,12 +11,44 @@ import numpy as np
 
 from benchroute.transforms.evaluate import BenchmarkArrays
 from benchroute.transforms.kernel import NadarayaWatson, lodo_accuracies
-from benchroute.transforms.knn import Fallback, Weights, self_neighbors
+from benchroute.transforms.knn import Fallback, Neighbors, Weights, self_neighbors
 from benchroute.transforms.label_matrix import labelled_counts
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.routing_eval import CostData, DecisionCosts, decision_costs, unrecorded_tokens
 
 DEFAULT_PREDICTOR = "mlp"  # measured best on the targets: benchmarks/cost_routing.py (README, "Cost-aware routing")
+
+
+@dataclass(frozen=True)
+class LodoNeighbors:
+    """The neighbours p(d, m) was measured with, kept so that a model added later gets its p(d, m)
+    without a search (``artifacts.router_extend``): for each scored dataset d (``datasets``),
+    its scored index rows ``rows[offsets[i]:offsets[i + 1]]`` and their ``k`` nearest allowed
+    index rows ``indices`` (-1 = none) with cosine ``similarities``."""
+
+    datasets: np.ndarray  # (S,) int64
+    offsets: np.ndarray  # (S + 1,) int64
+    rows: np.ndarray  # (N,) int32
+    indices: np.ndarray  # (N, k) int32
+    similarities: np.ndarray  # (N, k) float32
+
+    @classmethod
+    def from_kept(cls, kept: dict) -> LodoNeighbors:
+        ds = sorted(kept)
+        sizes = [len(kept[d][0]) for d in ds]
+        k = kept[ds[0]][1].indices.shape[1] if ds else 0
+        cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.empty(shape, dt)  # noqa: E731
+        return cls(
+            np.asarray(ds, np.int64), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            cat([kept[d][0] for d in ds], (0,), np.int32),
+            cat([kept[d][1].indices for d in ds], (0, k), np.int32),
+            cat([kept[d][1].similarities for d in ds], (0, k), np.float32),
+        )
+
+    def of(self, i: int) -> tuple[np.ndarray, Neighbors]:
+        """(rows, neighbours) of the i-th scored dataset."""
+        sl = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+        return self.rows[sl].astype(np.int64), Neighbors(self.indices[sl].astype(np.int64), self.similarities[sl])
 
 
 @dataclass(frozen=True)
@@ -49,6 +81,7 @@ class RouterFit:
     predictor: object = None  # fitted, with to_state()
     decision: DecisionCosts | None = None  # expected output tokens, reference model and cost
     cost: CostData | None = None
+    lodo: LodoNeighbors | None = None
 
 
 def fit_router(
@@ -82,10 +115,11 @@ def fit_router(
     grouped = self_neighbors(bench.X, bench.row_groups, k_search)
     step(f"nearest neighbours of {n} index rows within {bench.group_members.shape[0]} dataset groups"
          f" ({type(grouped).__name__})")
+    kept: dict = {}
     P, u = lodo_accuracies(
         grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
         bench.dataset_y, k=k, weights=weights, fallback=fallback, k_descriptor=k_desc,
-        families=bench.families(),
+        families=bench.families(), kept=kept,
     )
     ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
     if ok.sum() >= 2:
@@ -123,4 +157,5 @@ def fit_router(
         predictor=est,
         decision=decision,
         cost=cost,
+        lodo=LodoNeighbors.from_kept(kept),
     )

@@ -38,12 +38,14 @@ def data_key(store: Store, embedder_id: str, sel: Selection, router: RouterSpec)
 class FitOptions:
     """What a publish may choose: the data (``selection``), the ``embedder`` (id or name;
     default the only one stored), whether to ``evaluate`` every source group, and how the
-    router is fitted (``router``)."""
+    router is fitted (``router``); ``incremental``: extend the latest version by the models
+    added since it where that is possible (``artifacts.router_extend``), else a full build."""
 
     selection: Selection = Selection()
     embedder: str | None = None
     router: RouterSpec = RouterSpec()
     evaluate: bool = True
+    incremental: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,33 @@ from benchroute.artifacts.stages.fit import FitOptions, fit_inputs
 def fit_and_publish(
     store_url: str, name: str, embedder_id: str, sel: Selection, evaluation: dict,
     router: RouterSpec | None = None, *, log=None, started: float | None = None,
+    incremental: bool = False,
 ) -> dict:
     """Fit, build and publish; returns name, version, url, whether a new version was created,
-    files, bytes, seconds (``publish_content``)."""
+    files, bytes, seconds (``publish_content``) and ``extended``: the base version when the
+    bundle is the latest one extended by new models (``incremental``: tried first, see
+    ``artifacts.router_extend``; where it cannot be, the reason is logged and a full build runs)."""
+    from benchroute.artifacts.router_extend import extend_content, extension_plan, record_basis, store_basis
+    from benchroute.artifacts.store import Store
+
     t0 = time.perf_counter() if started is None else started
-    content = bundle_content(store_url, name, embedder_id, sel, evaluation, router, log=log)
-    return publish_content(store_url, content, started=t0)
+    router = router or RouterSpec()
+    basis = store_basis(Store(store_url))  # before the build: see store_basis
+    content, base = None, None
+    if incremental:
+        plan = (extension_plan(store_url, name, embedder_id, sel, router) if not evaluation
+                else "an evaluation was asked for (it needs a full build)")
+        if isinstance(plan, str):
+            if log:
+                log.info("incremental publish not possible, building in full: %s", plan)
+        else:
+            content = extend_content(store_url, name, embedder_id, sel, router, plan, log=log)
+            base = plan.base.manifest["version"]
+    if content is None:
+        content = bundle_content(store_url, name, embedder_id, sel, evaluation, router, log=log)
+    published = publish_content(store_url, content, started=t0)
+    record_basis(store_url, name, published["version"], basis)
+    return {**published, "extended": base}
 
 
 def publish_store(store_url: str, name: str = "default", options: FitOptions | None = None, *,
@@ -34,4 +55,4 @@ def publish_store(store_url: str, name: str = "default", options: FitOptions | N
     o = options or FitOptions()
     f = fit_inputs(store_url, o, log=log)
     return fit_and_publish(store_url, name, f.embedder_id, f.selection, f.evaluation, o.router,
-                           log=log, started=t0)
+                           log=log, started=t0, incremental=o.incremental)

@@ -1,0 +1,378 @@
+"""A published bundle extended by models whose results landed after it was built, without a refit
+of what they do not change (issue 16: one new model on a 100k × 4,000 leaderboard).
+
+A full build of a leaderboard bundle takes most of an hour (the kNN self-search, the MLP over 4,000
+outputs, the held-out routing curve's second MLP). One new model changes little of it:
+
+- its label column (the index rows and every other column stay);
+- its p(d, m) on every dataset: measured from the neighbours the base bundle measured p with (its
+  ``build/lodo_*.npy``, ``router_fit.LodoNeighbors``; neighbours do not depend on labels), so no
+  search; u(d) is unchanged and the kernel's bandwidth is chosen again over all of p;
+- its output of the correctness predictor: for the MLP a logistic output unit fitted on the
+  frozen hidden layer of the base network (IRLS, deterministic); the other models' units are the
+  base's. The kNN predictor needs nothing (it reads the labels);
+- its price, expected output tokens and training accuracy, and so the reference model and cost.
+
+The held-out routing curve and its summary are the base's, measured without the new models: the
+curve's predictor is fitted on 80 % of the inputs and a warm start from the full-data network would
+leak the other 20 %. ``parameters.extension`` says so; the next full build measures it again.
+
+``extension_plan`` decides whether a bundle can be extended and says why not otherwise (a full
+build then runs): the base is the latest version of the name, verified like any consumer's load; it
+was built with the same selection, router spec and embedder, without evaluation, stability or pair
+routers, with an extendable predictor and the build files; the store's label and outcome parts
+are the base's (``parameters.basis``) plus new ones; the new labels (within the selection) are
+all of models the base does not hold, on its inputs and datasets; the memberships of its inputs
+are unchanged; and the outcome parts added hold no model the base holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from benchroute.artifacts import embeddings as emb_store
+from benchroute.artifacts.bundle import BundleContent, BundleStore, VerifiedBundle, open_bundle
+from benchroute.artifacts.router import ANN_PREFIX, LABELS_PREFIX, LODO_FILES, LODO_PREFIX, bundle_files, router_parameters
+from benchroute.artifacts.specs import RouterSpec, Selection
+from benchroute.artifacts.store import Store, recorded_part_models
+from benchroute.transforms import costs as costs_
+from benchroute.transforms.evaluate import _positions
+from benchroute.transforms.kernel import NadarayaWatson
+from benchroute.transforms.knn import aggregate_labels, normalize_rows
+from benchroute.transforms.label_matrix import column_means, labelled_counts
+from benchroute.transforms.lodo_groups import same_family
+from benchroute.transforms.model_cards import cards_for
+from benchroute.transforms.predictors import dense_forward, make_predictor, predictor_from_state, sigmoid
+from benchroute.transforms.router_fit import LodoNeighbors, RouterFit
+from benchroute.transforms.routing_eval import CostData, DecisionCosts, unrecorded_tokens
+from benchroute.transforms.scores import binarized_accuracy
+
+EXTENDABLE_PREDICTORS = ("mlp", "knn")
+HEAD_L2 = 1.0  # ridge on a new output unit's weights, in units of one label's log-loss
+
+
+BASIS_DIR = "_cache/basis"
+
+
+def store_basis(store: Store) -> dict:
+    """The parts a bundle is built from: what an extension by models that land later diffs
+    against. Taken before a build starts (a store that grows meanwhile only makes the record
+    older than the bundle: the extension then finds labels of models the base holds, and a full
+    build runs), kept beside the bundle (``record_basis``), not in it: part names are the
+    store's, and equal data must give an equal bundle in any store."""
+    return {"labels": store.parts("labels"), "outcomes": store.parts("outcomes")}
+
+
+def _basis_path(store_url: str, name: str, version: str) -> str:
+    return f"{store_url.rstrip('/')}/{BASIS_DIR}/{name}/{version}.json"
+
+
+def _basis_body(name: str, version: str, basis: dict) -> bytes:
+    return json.dumps({"name": name, "version": version, "basis": basis}, sort_keys=True).encode()
+
+
+def record_basis(store_url: str, name: str, version: str, basis: dict) -> None:
+    """Remember the parts bundle ``name`` ``version`` was built from, tagged like the refresh's
+    records (``benchroute.sealing``: an HMAC under a key that is not in the store)."""
+    from benchroute import sealing
+    from benchroute.io import atomic_put
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(_basis_path(store_url, name, version))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tag = sealing.tag(f"basis/{name}/{version}", _basis_body(name, version, basis)).decode()
+    atomic_put(fs, path, json.dumps({"name": name, "version": version, "basis": basis, "tag": tag}).encode())
+
+
+def recorded_basis(store_url: str, name: str, version: str) -> dict | None:
+    """The parts ``record_basis`` recorded for the version, or None when absent, malformed or not
+    tagged under this machine's key (then no extension: a full build)."""
+    from benchroute import sealing
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(_basis_path(store_url, name, version))
+    try:
+        rec = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+    basis = rec.get("basis") if isinstance(rec, dict) else None
+    ok = (isinstance(basis, dict) and isinstance(rec.get("tag"), str)
+          and all(isinstance(basis.get(t), list) and all(isinstance(p, str) for p in basis[t])
+                  for t in ("labels", "outcomes")))
+    if not ok or not sealing.verifies(f"basis/{name}/{version}", _basis_body(name, version, basis),
+                                      rec["tag"].encode()):
+        return None
+    return basis
+
+
+@dataclass(frozen=True)
+class ExtensionPlan:
+    """A base bundle and what the store holds beyond it: the new labels (within the selection)
+    and the added outcome parts."""
+
+    base: VerifiedBundle
+    labels: pl.DataFrame
+    outcome_parts: list[str]
+    label_parts: list[str]
+
+
+def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
+                   router: RouterSpec) -> ExtensionPlan | str:
+    """The plan of extending ``name``'s latest version to the store's data, or why it cannot be
+    (a sentence: then a full build runs)."""
+    from benchroute.artifacts.router_build import LABEL_COLUMNS, selection_filter
+
+    store = Store(store_url)
+    if router.predictor not in EXTENDABLE_PREDICTORS:
+        return f"predictor {router.predictor!r} cannot be extended (only {', '.join(EXTENDABLE_PREDICTORS)})"
+    if BundleStore(store_url).ref(name) is None:
+        return f"no published bundle {name!r} to extend"
+    base = open_bundle(store_url, name)  # verified: every file against its hash
+    m = base.manifest
+    params = m.get("parameters") or {}
+    if m.get("spec") != {"selection": sel.to_dict(), "router": router.to_dict()}:
+        return "the base was built with another selection or router spec"
+    if (m.get("embedder") or {}).get("id") != embedder_id:
+        return "the base was built with another embedder"
+    if m.get("evaluation") or m.get("stability") or "pairs" in params:
+        return "the base carries an evaluation, stability or pair routers (they need a full build)"
+    if not all(f"{LODO_PREFIX}{f}.npy" in base.files for f in LODO_FILES):
+        return "the base has no build files (built before extensions existed)"
+    basis, now = recorded_basis(store_url, name, m["version"]), store_basis(store)
+    if basis is None:
+        return "no verified record of the parts the base was built from (built elsewhere, or before extensions)"
+    for table in ("labels", "outcomes"):
+        old = list(basis.get(table) or [])
+        if now[table][: len(old)] != old:
+            return f"the store's {table} were rewritten since the base (a relabel or a replace)"
+    label_parts = now["labels"][len(basis["labels"]):]
+    outcome_parts = now["outcomes"][len(basis["outcomes"]):]
+    if not label_parts:
+        return "no new labels since the base"
+    memberships = store.read("memberships")
+    keep = selection_filter(memberships, sel)
+    labels = pl.concat([store.read_parts("labels", [rel], LABEL_COLUMNS).filter(keep) for rel in label_parts],
+                       how="vertical_relaxed")
+    if labels.height == 0:
+        return "no new labels in the selection since the base"
+    base_models = set(_base_models(base))
+    overlap = sorted(set(labels["model"].unique()) & base_models)
+    if overlap:
+        return f"new labels of models the base holds ({', '.join(overlap[:3])}…): a full build"
+    ids = base.json("index/input_ids.json")
+    if not labels["input_id"].is_in(ids).all():
+        return "new labels on inputs the base does not index"
+    datasets = base.json("datasets.json")
+    if not labels["dataset"].is_in(datasets).all():
+        return "new labels on datasets the base does not hold"
+    member = base.npy("index/members.npy")
+    mem = memberships.filter(pl.col("input_id").is_in(ids)).select("input_id", "dataset").unique()
+    pairs = pl.concat([mem, labels.select("input_id", "dataset").unique()]).unique()
+    if not pairs["dataset"].is_in(datasets).all() or pairs.height != int(member.sum()):
+        return "the memberships of the base's inputs changed"
+    rows, cols = _positions(pairs["input_id"], ids), _positions(pairs["dataset"], datasets)
+    if not member[rows, cols].all():
+        return "the memberships of the base's inputs changed"
+    recorded = recorded_part_models(store.commits())
+    for rel in outcome_parts:
+        held = recorded[rel] if rel in recorded else set(
+            store.read_parts("outcomes", [rel], ["model"])["model"].unique().to_list())
+        if held & base_models:
+            return f"outcomes of models the base holds were added ({rel})"
+    return ExtensionPlan(base, labels, outcome_parts, label_parts)
+
+
+def _base_models(base: VerifiedBundle) -> list[str]:
+    return base.parquet("models.parquet").column("model").to_pylist()
+
+
+def logistic_head(H: np.ndarray, y: np.ndarray, *, l2: float = HEAD_L2, max_iter: int = 50,
+                  tol: float = 1e-8) -> tuple[np.ndarray, float]:
+    """(w, b) minimising Σ_i BCE(σ(h_i·w + b), y_i) + l2/2 · ‖w‖² by Newton's method (IRLS) over
+    the rows with a label (y may be a mean of labels in [0, 1]); no label: w = 0, b = 0."""
+    ok = ~np.isnan(y)
+    if not ok.any():
+        return np.zeros(H.shape[1], np.float32), 0.0
+    A = np.hstack([np.asarray(H[ok], np.float64), np.ones((int(ok.sum()), 1))])
+    t = np.asarray(y[ok], np.float64)
+    theta = np.zeros(A.shape[1])
+    p0 = float(np.clip(t.mean(), 0.01, 0.99))
+    theta[-1] = np.log(p0) - np.log1p(-p0)
+    ridge = np.full(A.shape[1], l2)
+    ridge[-1] = 1e-9  # the bias is not shrunk (a tiny term keeps the system solvable)
+    for _ in range(max_iter):
+        p = sigmoid(A @ theta)
+        grad = A.T @ (p - t) + ridge * theta
+        hess = (A * (p * (1 - p))[:, None]).T @ A + np.diag(ridge)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.max(np.abs(step)) < tol:
+            break
+    return theta[:-1].astype(np.float32), float(theta[-1])
+
+
+def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, router: RouterSpec,
+                   plan: ExtensionPlan, *, log=None) -> BundleContent:
+    """The bundle of ``plan.base`` extended by the models of ``plan.labels`` (module doc)."""
+    from benchroute.artifacts import label_pack
+    from benchroute.artifacts.router_build import (
+        binarization_rules,
+        bundle_embedder,
+        finite,
+        pq_models,
+        token_frames,
+    )
+
+    t0 = time.perf_counter()
+    store, base = Store(store_url), plan.base
+    params = base.manifest["parameters"]
+    ids = base.json("index/input_ids.json")
+    datasets = base.json("datasets.json")
+    member = base.npy("index/members.npy")
+    old_models = _base_models(base)
+    added = sorted(plan.labels["model"].unique().to_list())
+    models = sorted(old_models + added)
+    at = np.searchsorted(np.asarray(old_models, object), np.asarray(added, object))  # np.insert positions
+    n, a = len(ids), len(added)
+
+    # The new models' labels: Y columns (mean y over a row's labels) and, per dataset, y (last wins).
+    lab = plan.labels
+    rows = _positions(lab["input_id"], ids)
+    mcol = _positions(lab["model"], added)
+    dcol = _positions(lab["dataset"], datasets)
+    y = lab["y"].cast(pl.Float64).to_numpy()
+    cell = rows * a + mcol
+    with np.errstate(invalid="ignore"):
+        Y_new = (np.bincount(cell, weights=y, minlength=n * a) / np.bincount(cell, minlength=n * a)).reshape(n, a)
+    d_rows = [np.flatnonzero(member[:, d]) for d in range(len(datasets))]
+    d_y = [np.full((r.size, a), np.nan) for r in d_rows]
+    for d in np.unique(dcol):
+        sel_d = dcol == d
+        d_y[d][np.searchsorted(d_rows[d], rows[sel_d]), mcol[sel_d]] = y[sel_d]
+
+    # p(d, m) of the new models from the neighbours the base measured p with.
+    lodo = LodoNeighbors(**{f: base.npy(f"{LODO_PREFIX}{f}.npy") for f in LODO_FILES})
+    families = same_family(datasets)
+    P_new = np.full((len(datasets), a), np.nan)
+    for i, d in enumerate(lodo.datasets):
+        q_rows, neigh = lodo.of(i)
+        allowed = ~member[:, families[d]].any(axis=1)
+        fb = column_means(Y_new, allowed)[1] if params["fallback"] == "train_mean" else None
+        G = aggregate_labels(neigh, Y_new, weights=params["weights"], fallback=fb)
+        P_new[d] = binarized_accuracy(G, d_y[d][np.searchsorted(d_rows[d], q_rows)])
+    u = base.npy("kernel/u.npy")
+    P = np.insert(base.npy("kernel/p.npy"), at, P_new, axis=1)
+    ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
+    if ok.sum() >= 2:
+        kern = NadarayaWatson().fit(u[ok], P[ok])
+        bandwidth, loo = kern.bandwidth_, kern.loo_error_
+    else:
+        bandwidth, loo = 1.0, float("nan")
+    P = np.where(ok[:, None], P, np.nan)
+    if log:
+        log.info("extension: %d new models' labels and p(d, m) in %.1f s", a, time.perf_counter() - t0)
+
+    # Labels: the base's, unpacked, with the new columns.
+    Y = np.insert(label_pack.PackedLabels.from_files(base.files, LABELS_PREFIX).unpack(np.float32),
+                  at, Y_new.astype(np.float32), axis=1)
+    with np.errstate(invalid="ignore"):
+        acc_new = np.array([[np.nan if not np.any(~np.isnan(yd[:, j])) else np.nanmean(yd[:, j])
+                             for j in range(a)] for yd in d_y]).reshape(len(datasets), a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train_new = np.nan_to_num(np.nanmean(acc_new, axis=0), nan=0.0)
+    base_models_tab = base.parquet("models.parquet")
+    train_acc = np.insert(np.asarray(base_models_tab.column("train_acc").to_pylist(), np.float64), at, train_new)
+
+    # The predictor: a new output unit per model on the base network's frozen hidden layer.
+    arrays = {rel[len("predictor/"):-4]: base.npy(rel) for rel in base.files
+              if rel.startswith("predictor/") and rel.endswith(".npy")}
+    X, _ = emb_store.read_matrix(store, embedder_id, ids)
+    X = normalize_rows(X)
+    if params["predictor"] == "mlp":
+        est = predictor_from_state(base.json("predictor/params.json"), arrays)
+        H = dense_forward(X, est.layers_[:-1], est.activations_[:-1])
+        heads = [logistic_head(H, Y_new[:, j]) for j in range(a)]
+        W, b = est.layers_[-1]
+        est.layers_ = [*est.layers_[:-1], (
+            np.ascontiguousarray(np.insert(W, at, np.stack([w for w, _ in heads], axis=1), axis=1), np.float32),
+            np.ascontiguousarray(np.insert(b, at, [c for _, c in heads]), np.float32))]
+        counts, means = column_means(Y_new)
+        est.n_labels_ = np.insert(np.asarray(est.n_labels_), at, counts)
+        est.prior_ = np.insert(np.asarray(est.prior_, np.float64), at, means)
+        est.n_outputs_ = len(models)
+    else:  # the kNN predictor: its state is the index and the labels
+        est = make_predictor(params["predictor"]).fit(X, Y)
+    if log:
+        log.info("extension: predictor output units in %.1f s", time.perf_counter() - t0)
+
+    # Prices, expected output tokens, the reference model and its cost.
+    cards = cards_for(store, models)
+    by_name = {c["model"]: c for c in cards}
+    price = lambda m, col: np.nan if by_name.get(m, {}).get(col) is None else float(by_name[m][col])  # noqa: E731
+    p_in = np.array([price(m, "usd_per_1m_input") for m in models])
+    p_out = np.array([price(m, "usd_per_1m_output") for m in models])
+    _, recorded = token_frames(store, parts=plan.outcome_parts)
+    rec = recorded.filter(pl.col("model").is_in(added) & pl.col("input_id").is_in(ids))
+    exp_new = []
+    for m in added:
+        t = rec.filter(pl.col("model") == m)["tokens"].drop_nans().drop_nulls()
+        exp_new.append(float(t.mean()) if t.len() else costs_.DEFAULT_OUTPUT_TOKENS)
+    exp_out = np.insert(np.asarray(base_models_tab.column("expected_output_tokens").to_pylist(), np.float64),
+                        at, exp_new)
+    settings = base.json("routing/settings.json")
+    typical = float(settings["typical_input_tokens"])
+    ref = costs_.reference_model(train_acc, p_in, p_out, labelled_counts(Y))
+    decision = DecisionCosts(exp_out, ref, costs_.reference_cost(typical, exp_out, p_in, p_out, ref), typical)
+    params_b = np.full(len(models), np.nan)
+    sizes = dict(store.read("models").select("model", "params_b").iter_rows())
+    for j, m in enumerate(models):
+        if sizes.get(m) is not None:
+            params_b[j] = float(sizes[m])
+
+    fit = RouterFit(
+        input_ids=list(ids), models=models, datasets=list(datasets), X=X, Y=Y, member=member, P=P,
+        u=u, bandwidth=float(bandwidth), kernel_loo_mae=float(loo), train_acc=train_acc,
+        params_b=params_b, k=int(params["k"]), k_descriptor=int(params["k_descriptor"]),
+        weights=params["weights"], fallback=params["fallback"], predictor_name=params["predictor"],
+        predictor=est, decision=decision,
+        cost=CostData(p_in, p_out, np.ones(n), unrecorded_tokens(n, len(models))), lodo=lodo,
+    )
+    files = bundle_files(fit, cards, None, index_dtype=params["index_dtype"], index_search="exact")
+    # What does not change: the index (and its graph), the held-out curve (see the module doc).
+    for rel, data in base.files.items():
+        if rel == "index/embeddings.npy" or rel.startswith(ANN_PREFIX) or rel in (
+                "routing/curve.parquet", "routing/summary.json"):
+            files[rel] = data
+    info = pq_models(files["models.parquet"])
+    extension = {
+        "base_version": base.manifest["version"],
+        "added_models": added,
+        "label_parts": plan.label_parts,
+        "predictor": ("a logistic output unit per added model on the base network's frozen hidden layer"
+                      if params["predictor"] == "mlp" else "unchanged (reads the labels)"),
+        "routing_curve": "the base's, measured without the added models",
+    }
+    prior_ext = params.get("extension")
+    if prior_ext:  # an extension of an extension: keep the chain
+        extension["extends"] = prior_ext
+    meta = {
+        "embedder": bundle_embedder(store, embedder_id),
+        "binarization_rules": binarization_rules(store),
+        "sources": [{"key": k_, "fingerprint": v} for k_, v in sorted(store.units().items())],
+        "parameters": {**router_parameters(fit), "index_dtype": params["index_dtype"],
+                       "index_search": params["index_search"], "extension": extension},
+        "evaluation": {},
+        "spec": base.manifest["spec"],
+        "models": finite(info),
+    }
+    if log:
+        log.info("extension of %s by %d models (%s) built in %.1f s", base.manifest["version"], a,
+                 ", ".join(added[:3]), time.perf_counter() - t0)
+    return BundleContent(name, files, meta)
