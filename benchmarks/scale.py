@@ -16,9 +16,10 @@ time and peak RSS are its own: ``os.wait4`` on the child):
    ``LABELS_IN_MEMORY`` labels: it packs from one frame);
 5. ``publish`` (``benchroute publish --no-evaluate``: fit, pack, index, publish) and ``route``: the
    bundle's bytes, cold load + verify, single-query routing p50/p99 given an embedding;
-6. ``synth+1``, ``ingest+1``, ``publish+1``: one more model's results land (``synth.py
-   --models-from``) and are ingested (appended labels) and published; the note gives each as a
-   share of the full step;
+6. ``synth+1``, ``ingest+1``, ``publish+1``, ``route+1``: one more model's results land
+   (``synth.py --models-from``), are ingested (appended labels) and published as an extension
+   of the latest bundle (``publish --incremental``: no refit, ``artifacts.router_extend``); the
+   note gives each as a share of the full step;
 7. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
    them (float16): build time, serialised bytes, recall@10 on the held-out queries, single-query
    latency p50/p99 on one thread.
@@ -242,8 +243,12 @@ def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int
                                                  "--out", str(new), "--seed", "0"], env, log))
         res["steps"].append(run_step("ingest+1", [BENCHROUTE, "ingest", str(new / "long_table"),
                                                   "--store", str(store), "--no-progress"], env, log))
-        if bundle:
-            res["steps"].append(run_step("publish+1", publish, env, log))
+        if bundle:  # the latest bundle extended by the new model (artifacts.router_extend)
+            res["steps"].append(run_step("publish+1", [*publish, "--incremental"], env, log))
+            rt1 = base / "route_plus1.json"
+            res["steps"].append(run_step("route+1", [PY, __file__, "_route", str(store), str(syn), str(rt1)],
+                                         env, log))
+            res["route+1"] = json.loads(rt1.read_text())
     ann = base / "ann.json"
     res["steps"].append(run_step("ann", [PY, __file__, "_ann", str(syn), str(ann)], env, log))
     res["ann"] = json.loads(ann.read_text())
@@ -276,11 +281,13 @@ def print_tables(results: list[dict], project: list[tuple[int, int]]) -> None:
     print("\n## The published bundle (publish --no-evaluate; route given an embedding, one process)\n")
     print(f"{'size':>14} {'bundle MiB':>11} {'index':>6} {'recall@10':>10} {'load s':>7} {'p50 ms':>7} {'p99 ms':>7}")
     for r in results:
-        if "route" in r:
-            b = r["route"]
-            rec = "-" if b["recall@10"] is None else f"{b['recall@10']:.4f}"
-            print(f"{r['size']:>14} {mib(b['bundle_bytes']):>11} {b['index']:>6} {rec:>10} {b['load_s']:>7.2f} "
-                  f"{b['p50_ms']:>7.2f} {b['p99_ms']:>7.2f}")
+        for key in ("route", "route+1"):
+            if key in r:
+                b = r[key]
+                rec = "-" if b["recall@10"] is None else f"{b['recall@10']:.4f}"
+                size = r["size"] if key == "route" else f"{r['size']}+1"
+                print(f"{size:>14} {mib(b['bundle_bytes']):>11} {b['index']:>6} {rec:>10} {b['load_s']:>7.2f} "
+                      f"{b['p50_ms']:>7.2f} {b['p99_ms']:>7.2f}")
     print("\n## Labels in the bundle: float32 n × M (today) vs bit-packed (value + known bits)\n")
     print(f"{'size':>14} {'labels':>13} {'float32 MiB':>12} {'packed MiB':>11} {'ratio':>6}")
     seen = set()

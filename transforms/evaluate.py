@@ -209,8 +209,10 @@ class BenchmarkArrays:
             del cells, inv, add_n
             if d_v is None and not np.array_equal(y, v, equal_nan=True):
                 d_v = [a.copy() for a in d_y]
-            for d in np.unique(dcol):
-                sel = dcol == d
+            order = np.argsort(dcol, kind="stable")  # by dataset, batch order kept within one
+            bounds = np.searchsorted(dcol[order], np.arange(D + 1))
+            for d in np.flatnonzero(np.diff(bounds)):
+                sel = order[bounds[d]:bounds[d + 1]]
                 at = np.searchsorted(d_rows[d], rows[sel])  # the rows' positions within d
                 d_y[d][at, mcol[sel]] = y[sel]
                 if d_v is not None:
