@@ -303,7 +303,7 @@ class BundleStore:
             if self.manifest(name, v).get("content_hash") == digest:
                 if self.ref(name) is None:
                     self.set_ref(name, "latest", v)
-                return Published(name, v, self._url(name, v), created=False,
+                return Published(name, v, self.version_url(name, v), created=False,
                                  latest=self.ref(name), recovered=recovered)
 
         now = dt.datetime.now(dt.UTC)
@@ -325,7 +325,7 @@ class BundleStore:
         self.set_ref(name, "latest", version)
         crash_point("bundle.ref")
         self.clear_pending(name, version)
-        return Published(name, version, self._url(name, version), created=True, latest=version,
+        return Published(name, version, self.version_url(name, version), created=True, latest=version,
                          recovered=recovered)
 
     def _write_version(self, name, version, folder, content, digest, now, code_version) -> None:
@@ -360,7 +360,8 @@ class BundleStore:
                 f"bundle {name}: another publisher wrote version {version} at the same time"
             ) from exc
 
-    def _url(self, name: str, version: str) -> str:
+    def version_url(self, name: str, version: str) -> str:
+        """The URL of a version's folder (what ``open_bundle`` and ``load_router`` take)."""
         return f"{self.url}/{BUNDLES_DIR}/{name}/{version}"
 
 

@@ -115,11 +115,12 @@ def check(
     cards = sync_cards(store_url, find_cards([landing]), model_cards, write=False)
     if cards["changed"] or cards["files_changed"]:
         return RefreshCheck(False, "the model card changed", len(units))
+    bundles = BundleStore(store_url)
     try:
-        latest = BundleStore(store_url).resolve(name, "latest")
+        latest = bundles.resolve(name, "latest")
     except (BundleError, FileNotFoundError, ValueError):
         return RefreshCheck(False, "no latest bundle", len(units))
-    if latest != rec["version"] or latest not in BundleStore(store_url).versions(name):
+    if latest != rec["version"] or latest not in bundles.versions(name):
         return RefreshCheck(False, f"latest is {latest}, not the recorded {rec['version']}", len(units))
     if data_key_now(store_url, embed, router) != rec["data_key"]:
         return RefreshCheck(False, "the data, the specs or the code changed", len(units))
@@ -133,7 +134,7 @@ def bundle_info(store_url: str, name: str, version: str) -> dict:
     bs = BundleStore(store_url)
     manifest = bs.manifest(name, version)
     files = manifest["files"]
-    return {"name": name, "version": version, "url": bs._url(name, version), "created": False,
+    return {"name": name, "version": version, "url": bs.version_url(name, version), "created": False,
             "latest": version, "recovered": [], "files": len(files),
             "bytes": sum(int(f["size"]) for f in files.values()),
             "models": len(manifest.get("models", []))}
