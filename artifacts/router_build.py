@@ -159,16 +159,26 @@ def token_frames(store: Store, parts: list[str] | None = None) -> tuple[pl.DataF
     return texts, recorded
 
 
+def model_prices(cards: list[dict], models: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(USD per 1M input tokens, per 1M output tokens) of each model from its card, NaN where
+    unknown."""
+    by_name = {c["model"]: c for c in cards}
+
+    def price(m: str, col: str) -> float:
+        v = by_name.get(m, {}).get(col)
+        return np.nan if v is None else float(v)
+
+    return (np.array([price(m, "usd_per_1m_input") for m in models], np.float64),
+            np.array([price(m, "usd_per_1m_output") for m in models], np.float64))
+
+
 def cost_data(store: Store, bench: BenchmarkArrays, cards: list[dict],
               tokens: tuple[pl.DataFrame, pl.DataFrame] | None = None) -> CostData:
     """Prices (from the model cards) and token counts (input text length; recorded output
     lengths, see ``transforms.costs``) aligned to ``bench``; ``tokens``: ``token_frames(store)``
     when already read."""
     texts_all, recorded = tokens if tokens is not None else token_frames(store)
-    by_name = {c["model"]: c for c in cards}
-    price = lambda m, col: np.nan if by_name.get(m, {}).get(col) is None else float(by_name[m][col])  # noqa: E731
-    p_in = np.array([price(m, "usd_per_1m_input") for m in bench.models])
-    p_out = np.array([price(m, "usd_per_1m_output") for m in bench.models])
+    p_in, p_out = model_prices(cards, list(bench.models))
     ids = pl.DataFrame({"input_id": bench.input_ids})
     texts = ids.join(texts_all, on="input_id", how="left")
     in_tok = costs_.input_tokens([t or "" for t in texts["text"].to_list()])

@@ -21,9 +21,12 @@ leak the other 20 %. ``parameters.extension`` says so; the next full build measu
 build then runs): the base is the latest version of the name, verified like any consumer's load; it
 was built with the same selection, router spec and embedder, without evaluation, stability or pair
 routers, with an extendable predictor and the build files; the store's label and outcome parts
-are the base's (``parameters.basis``) plus new ones; the new labels (within the selection) are
-all of models the base does not hold, on its inputs and datasets; the memberships of its inputs
-are unchanged; and the outcome parts added hold no model the base holds.
+are those the base was built from (``built_from_parts``, recorded beside the bundle, sealed)
+plus new ones; the new labels (within the selection) are all of models the base does not hold,
+on its inputs and on datasets its kernel scored; the memberships and vectors of its inputs are
+unchanged; and the outcome parts added hold no model the base holds. The new models' arrays are
+made in the full build's float type (``evaluate.dense_dtype``) by the same functions, so what is
+kept equals a full build's (``tests/test_router_extend.py``).
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ from benchroute.artifacts.router import ANN_PREFIX, LABELS_PREFIX, LODO_FILES, L
 from benchroute.artifacts.specs import RouterSpec, Selection
 from benchroute.artifacts.store import Store, recorded_part_models
 from benchroute.transforms import costs as costs_
-from benchroute.transforms.evaluate import _positions
-from benchroute.transforms.kernel import NadarayaWatson
+from benchroute.transforms.evaluate import LabelScatter, _positions, dense_dtype, model_sizes
+from benchroute.transforms.kernel import NadarayaWatson, fallback_totals, train_mean
 from benchroute.transforms.knn import aggregate_labels, normalize_rows
-from benchroute.transforms.label_matrix import column_means, labelled_counts
+from benchroute.transforms.label_matrix import column_means, labelled_counts, row_blocks
 from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import dense_forward, make_predictor, predictor_from_state, sigmoid
@@ -57,46 +60,46 @@ EXTENDABLE_PREDICTORS = ("mlp", "knn")
 HEAD_L2 = 1.0  # ridge on a new output unit's weights, in units of one label's log-loss
 
 
-BASIS_DIR = "_cache/basis"
+BUILT_FROM_DIR = "_cache/built_from"
 
 
-def store_basis(store: Store) -> dict:
+def built_from_parts(store: Store) -> dict:
     """The parts a bundle is built from: what an extension by models that land later diffs
     against. Taken before a build starts (a store that grows meanwhile only makes the record
     older than the bundle: the extension then finds labels of models the base holds, and a full
-    build runs), kept beside the bundle (``record_basis``), not in it: part names are the
+    build runs), kept beside the bundle (``record_built_from``), not in it: part names are the
     store's, and equal data must give an equal bundle in any store."""
     return {"labels": store.parts("labels"), "outcomes": store.parts("outcomes")}
 
 
-def _basis_path(store_url: str, name: str, version: str) -> str:
-    return f"{store_url.rstrip('/')}/{BASIS_DIR}/{name}/{version}.json"
+def _built_from_path(store_url: str, name: str, version: str) -> str:
+    return f"{store_url.rstrip('/')}/{BUILT_FROM_DIR}/{name}/{version}.json"
 
 
-def _basis_body(name: str, version: str, basis: dict) -> bytes:
+def _built_from_body(name: str, version: str, basis: dict) -> bytes:
     return json.dumps({"name": name, "version": version, "basis": basis}, sort_keys=True).encode()
 
 
-def record_basis(store_url: str, name: str, version: str, basis: dict) -> None:
+def record_built_from(store_url: str, name: str, version: str, basis: dict) -> None:
     """Remember the parts bundle ``name`` ``version`` was built from, tagged like the refresh's
     records (``benchroute.sealing``: an HMAC under a key that is not in the store)."""
     from benchroute import sealing
     from benchroute.io import atomic_put
     from fsspec.core import url_to_fs
 
-    fs, path = url_to_fs(_basis_path(store_url, name, version))
+    fs, path = url_to_fs(_built_from_path(store_url, name, version))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tag = sealing.tag(f"basis/{name}/{version}", _basis_body(name, version, basis)).decode()
+    tag = sealing.tag(f"built_from/{name}/{version}", _built_from_body(name, version, basis)).decode()
     atomic_put(fs, path, json.dumps({"name": name, "version": version, "basis": basis, "tag": tag}).encode())
 
 
-def recorded_basis(store_url: str, name: str, version: str) -> dict | None:
-    """The parts ``record_basis`` recorded for the version, or None when absent, malformed or not
+def recorded_built_from(store_url: str, name: str, version: str) -> dict | None:
+    """The parts ``record_built_from`` recorded for the version, or None when absent, malformed or not
     tagged under this machine's key (then no extension: a full build)."""
     from benchroute import sealing
     from fsspec.core import url_to_fs
 
-    fs, path = url_to_fs(_basis_path(store_url, name, version))
+    fs, path = url_to_fs(_built_from_path(store_url, name, version))
     try:
         rec = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
@@ -105,27 +108,34 @@ def recorded_basis(store_url: str, name: str, version: str) -> dict | None:
     ok = (isinstance(basis, dict) and isinstance(rec.get("tag"), str)
           and all(isinstance(basis.get(t), list) and all(isinstance(p, str) for p in basis[t])
                   for t in ("labels", "outcomes")))
-    if not ok or not sealing.verifies(f"basis/{name}/{version}", _basis_body(name, version, basis),
-                                      rec["tag"].encode()):
-        return None
-    return basis
+    try:
+        sealed = ok and sealing.verifies(f"built_from/{name}/{version}", _built_from_body(name, version, basis),
+                                         rec["tag"].encode())
+    except RuntimeError:  # no sealing key on this machine: nothing recorded can be trusted
+        sealed = False
+    return basis if sealed else None
+
+
+class ExtensionError(RuntimeError):
+    """Found while extending (after the plan): the extension would not be what the base kept."""
 
 
 @dataclass(frozen=True)
 class ExtensionPlan:
-    """A base bundle and what the store holds beyond it: the new labels (within the selection)
-    and the added outcome parts."""
+    """A base bundle and what the store holds beyond it: the new labels (within the selection),
+    the parts they came from, and the outcome parts to read the added models' tokens from."""
 
     base: VerifiedBundle
     labels: pl.DataFrame
-    outcome_parts: list[str]
+    token_parts: list[str]  # outcome parts that may hold the added models' output lengths
     label_parts: list[str]
 
 
 def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
-                   router: RouterSpec) -> ExtensionPlan | str:
+                   router: RouterSpec, parts_now: dict | None = None) -> ExtensionPlan | str:
     """The plan of extending ``name``'s latest version to the store's data, or why it cannot be
-    (a sentence: then a full build runs)."""
+    (a sentence: then a full build runs). ``parts_now``: ``built_from_parts`` of the store taken
+    by the caller (the one it records for the new version; default: now)."""
     from benchroute.artifacts.router_build import LABEL_COLUMNS, selection_filter
 
     store = Store(store_url)
@@ -144,7 +154,8 @@ def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
         return "the base carries an evaluation, stability or pair routers (they need a full build)"
     if not all(f"{LODO_PREFIX}{f}.npy" in base.files for f in LODO_FILES):
         return "the base has no build files (built before extensions existed)"
-    basis, now = recorded_basis(store_url, name, m["version"]), store_basis(store)
+    basis = recorded_built_from(store_url, name, m["version"])
+    now = parts_now if parts_now is not None else built_from_parts(store)
     if basis is None:
         return "no verified record of the parts the base was built from (built elsewhere, or before extensions)"
     for table in ("labels", "outcomes"):
@@ -171,6 +182,10 @@ def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
     datasets = base.json("datasets.json")
     if not labels["dataset"].is_in(datasets).all():
         return "new labels on datasets the base does not hold"
+    u = base.npy("kernel/u.npy")
+    unscored = [d for d in labels["dataset"].unique().to_list() if np.isnan(u[datasets.index(d)])]
+    if unscored:  # the base's kernel left them out (no label there): a full build may not
+        return f"new labels on datasets the base's kernel did not score ({', '.join(unscored[:3])})"
     member = base.npy("index/members.npy")
     mem = memberships.filter(pl.col("input_id").is_in(ids)).select("input_id", "dataset").unique()
     pairs = pl.concat([mem, labels.select("input_id", "dataset").unique()]).unique()
@@ -185,7 +200,11 @@ def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
             store.read_parts("outcomes", [rel], ["model"])["model"].unique().to_list())
         if held & base_models:
             return f"outcomes of models the base holds were added ({rel})"
-    return ExtensionPlan(base, labels, outcome_parts, label_parts)
+    # The added models' recorded output tokens, wherever they are: their outcomes may have been
+    # committed before the base was built and their labels after (ingest commits, then relabels).
+    added = set(labels["model"].unique().to_list())
+    token_parts = [rel for rel in now["outcomes"] if rel not in recorded or recorded[rel] & added]
+    return ExtensionPlan(base, labels, token_parts, label_parts)
 
 
 def _base_models(base: VerifiedBundle) -> list[str]:
@@ -205,7 +224,7 @@ def logistic_head(H: np.ndarray, y: np.ndarray, *, l2: float = HEAD_L2, max_iter
     p0 = float(np.clip(t.mean(), 0.01, 0.99))
     theta[-1] = np.log(p0) - np.log1p(-p0)
     ridge = np.full(A.shape[1], l2)
-    ridge[-1] = 1e-9  # the bias is not shrunk (a tiny term keeps the system solvable)
+    ridge[-1] = 1e-4  # the bias is hardly shrunk (enough to converge when every label is equal)
     for _ in range(max_iter):
         p = sigmoid(A @ theta)
         grad = A.T @ (p - t) + ridge * theta
@@ -225,6 +244,7 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
         binarization_rules,
         bundle_embedder,
         finite,
+        model_prices,
         pq_models,
         token_frames,
     )
@@ -240,30 +260,25 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
     models = sorted(old_models + added)
     at = np.searchsorted(np.asarray(old_models, object), np.asarray(added, object))  # np.insert positions
     n, a = len(ids), len(added)
+    dtype = np.dtype(dense_dtype(n, len(models)))  # the full build's float type
 
-    # The new models' labels: Y columns (mean y over a row's labels) and, per dataset, y (last wins).
-    lab = plan.labels
-    rows = _positions(lab["input_id"], ids)
-    mcol = _positions(lab["model"], added)
-    dcol = _positions(lab["dataset"], datasets)
-    y = lab["y"].cast(pl.Float64).to_numpy()
-    cell = rows * a + mcol
-    with np.errstate(invalid="ignore"):
-        Y_new = (np.bincount(cell, weights=y, minlength=n * a) / np.bincount(cell, minlength=n * a)).reshape(n, a)
+    # The new models' labels, scattered as a full build scatters them (``LabelScatter``) into
+    # the base's rows and datasets: their Y columns and each dataset's y.
     d_rows = [np.flatnonzero(member[:, d]) for d in range(len(datasets))]
-    d_y = [np.full((r.size, a), np.nan) for r in d_rows]
-    for d in np.unique(dcol):
-        sel_d = dcol == d
-        d_y[d][np.searchsorted(d_rows[d], rows[sel_d]), mcol[sel_d]] = y[sel_d]
+    scatter = LabelScatter(ids, datasets, added, d_rows, dtype)
+    scatter.add(plan.labels)
+    Y_new, d_y, _ = scatter.finish()
 
-    # p(d, m) of the new models from the neighbours the base measured p with.
+    # p(d, m) of the new models from the neighbours the base measured p with, and the same
+    # fallback (the model's mean training label outside d's family) as ``lodo_accuracies``.
     lodo = LodoNeighbors(**{f: base.npy(f"{LODO_PREFIX}{f}.npy") for f in LODO_FILES})
     families = same_family(datasets)
+    totals = fallback_totals(Y_new, n * len(models) * dtype.itemsize)
     P_new = np.full((len(datasets), a), np.nan)
     for i, d in enumerate(lodo.datasets):
         q_rows, neigh = lodo.of(i)
         allowed = ~member[:, families[d]].any(axis=1)
-        fb = column_means(Y_new, allowed)[1] if params["fallback"] == "train_mean" else None
+        fb = train_mean(Y_new, allowed, totals) if params["fallback"] == "train_mean" else None
         G = aggregate_labels(neigh, Y_new, weights=params["weights"], fallback=fb)
         P_new[d] = binarized_accuracy(G, d_y[d][np.searchsorted(d_rows[d], q_rows)])
     u = base.npy("kernel/u.npy")
@@ -275,26 +290,34 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
     else:
         bandwidth, loo = 1.0, float("nan")
     P = np.where(ok[:, None], P, np.nan)
-    if log:
-        log.info("extension: %d new models' labels and p(d, m) in %.1f s", a, time.perf_counter() - t0)
-
-    # Labels: the base's, unpacked, with the new columns.
-    Y = np.insert(label_pack.PackedLabels.from_files(base.files, LABELS_PREFIX).unpack(np.float32),
-                  at, Y_new.astype(np.float32), axis=1)
-    with np.errstate(invalid="ignore"):
-        acc_new = np.array([[np.nan if not np.any(~np.isnan(yd[:, j])) else np.nanmean(yd[:, j])
-                             for j in range(a)] for yd in d_y]).reshape(len(datasets), a)
+    # training accuracy: the mean over datasets of each dataset's accuracy (``dataset_accuracy``)
+    acc_new = np.stack([column_means(yd)[1] for yd in d_y]) if d_y else np.full((0, a), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         train_new = np.nan_to_num(np.nanmean(acc_new, axis=0), nan=0.0)
     base_models_tab = base.parquet("models.parquet")
     train_acc = np.insert(np.asarray(base_models_tab.column("train_acc").to_pylist(), np.float64), at, train_new)
+    if log:
+        log.info("extension: %d new models' labels and p(d, m) in %.1f s", a, time.perf_counter() - t0)
+
+    # Labels: the base's, unpacked a block of rows at a time next to the new columns.
+    packed = label_pack.PackedLabels.from_files(base.files, LABELS_PREFIX)
+    Y = np.empty((n, len(models)), dtype)
+    old_cols = np.delete(np.arange(len(models)), at + np.arange(a))  # where the base's columns go
+    for sl in row_blocks(n, len(models)):
+        Y[sl, old_cols] = packed.rows(np.arange(sl.start, sl.stop), dtype=dtype)
+    Y[:, at + np.arange(a)] = Y_new
+    del packed
+
+    # The index rows: the store's vectors of the base's inputs, as the base stored them.
+    X = normalize_rows(emb_store.read_matrix(store, embedder_id, ids)[0])
+    stored = base.npy("index/embeddings.npy")
+    if stored.shape != X.shape or not np.array_equal(X.astype(stored.dtype), stored):
+        raise ExtensionError("the store's vectors of the base's inputs differ from the base's index")
 
     # The predictor: a new output unit per model on the base network's frozen hidden layer.
     arrays = {rel[len("predictor/"):-4]: base.npy(rel) for rel in base.files
               if rel.startswith("predictor/") and rel.endswith(".npy")}
-    X, _ = emb_store.read_matrix(store, embedder_id, ids)
-    X = normalize_rows(X)
     if params["predictor"] == "mlp":
         est = predictor_from_state(base.json("predictor/params.json"), arrays)
         H = dense_forward(X, est.layers_[:-1], est.activations_[:-1])
@@ -314,27 +337,20 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
 
     # Prices, expected output tokens, the reference model and its cost.
     cards = cards_for(store, models)
-    by_name = {c["model"]: c for c in cards}
-    price = lambda m, col: np.nan if by_name.get(m, {}).get(col) is None else float(by_name[m][col])  # noqa: E731
-    p_in = np.array([price(m, "usd_per_1m_input") for m in models])
-    p_out = np.array([price(m, "usd_per_1m_output") for m in models])
-    _, recorded = token_frames(store, parts=plan.outcome_parts)
+    p_in, p_out = model_prices(cards, models)
+    _, recorded = token_frames(store, parts=plan.token_parts)  # as ``cost_data``, for the new models
     rec = recorded.filter(pl.col("model").is_in(added) & pl.col("input_id").is_in(ids))
-    exp_new = []
-    for m in added:
-        t = rec.filter(pl.col("model") == m)["tokens"].drop_nans().drop_nulls()
-        exp_new.append(float(t.mean()) if t.len() else costs_.DEFAULT_OUTPUT_TOKENS)
+    out_new = np.full((n, a), np.nan, dtype)
+    if rec.height:
+        out_new[_positions(rec["input_id"], ids), _positions(rec["model"], added)] = rec["tokens"].to_numpy()
+    exp_new = costs_.expected_output_tokens_of_rows(out_new, None)
     exp_out = np.insert(np.asarray(base_models_tab.column("expected_output_tokens").to_pylist(), np.float64),
                         at, exp_new)
     settings = base.json("routing/settings.json")
     typical = float(settings["typical_input_tokens"])
     ref = costs_.reference_model(train_acc, p_in, p_out, labelled_counts(Y))
     decision = DecisionCosts(exp_out, ref, costs_.reference_cost(typical, exp_out, p_in, p_out, ref), typical)
-    params_b = np.full(len(models), np.nan)
-    sizes = dict(store.read("models").select("model", "params_b").iter_rows())
-    for j, m in enumerate(models):
-        if sizes.get(m) is not None:
-            params_b[j] = float(sizes[m])
+    params_b = model_sizes(store.read("models"), models)
 
     fit = RouterFit(
         input_ids=list(ids), models=models, datasets=list(datasets), X=X, Y=Y, member=member, P=P,
@@ -354,7 +370,6 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
     extension = {
         "base_version": base.manifest["version"],
         "added_models": added,
-        "label_parts": plan.label_parts,
         "predictor": ("a logistic output unit per added model on the base network's frozen hidden layer"
                       if params["predictor"] == "mlp" else "unchanged (reads the labels)"),
         "routing_curve": "the base's, measured without the added models",

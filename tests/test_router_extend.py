@@ -146,16 +146,16 @@ def test_what_cannot_be_extended_says_why(landed, tmp_path):
     labels = store.read("labels")
     # the record of the base's parts is missing, or does not verify: a full build
     import json as json_
-    from benchroute.artifacts.router_extend import _basis_path
+    from benchroute.artifacts.router_extend import _built_from_path
 
     version = open_bundle(dst, "default").manifest["version"]
-    path = _basis_path(dst, "default", version)
+    path = _built_from_path(dst, "default", version)
     rec = json_.loads(open(path).read())
     rec["basis"]["labels"] = rec["basis"]["labels"][:-1]  # claims fewer parts: more would look new
     open(path, "w").write(json_.dumps(rec))
     assert "no verified record" in extension_plan(dst, "default", eid, Selection(), ROUTER)
     dst, store = fresh()
-    __import__("os").remove(_basis_path(dst, "default", version))
+    __import__("os").remove(_built_from_path(dst, "default", version))
     assert "no verified record" in extension_plan(dst, "default", eid, Selection(), ROUTER)
     dst, store = fresh()
     # labels of a model the base holds landed too: a full build
@@ -185,3 +185,37 @@ def test_what_cannot_be_extended_says_why(landed, tmp_path):
     store.commit(append={"outcomes": outcomes.filter(pl.col("model") == other).head(2),
                          "labels": labels.filter(pl.col("model") == late).head(2)})
     assert "outcomes of models the base holds" in extension_plan(dst, "default", eid, Selection(), ROUTER)
+
+
+KNN = RouterSpec(predictor="knn", k=5)
+
+
+def test_a_knn_bundle_extended_equals_the_full_build_but_for_the_curve(embedded_sample_store, tmp_path):
+    """With the kNN predictor nothing is refitted in either path: the extension's files equal a
+    full build's byte for byte except the held-out curve. The late model's outcomes land before
+    the base is built and its labels after (ingest commits, then relabels): its recorded output
+    tokens are in a part the base was built from, and still found."""
+    from benchroute.transforms import costs as costs_
+
+    url = str(tmp_path / "store")
+    shutil.copytree(embedded_sample_store, url)
+    store = Store(url)
+    labels, outcomes = store.read("labels"), store.read("outcomes")
+    with_tokens = outcomes.filter(pl.col("metric").is_in(list(costs_.OUTPUT_METRICS)))["model"].unique()
+    both = sorted(set(with_tokens) & set(labels["model"]))
+    late = both[len(both) // 2]
+    store.commit(replace={"labels": labels.filter(pl.col("model") != late)})
+    eid = emb.embedders(store)[0]
+    fit_and_publish(url, "default", eid, Selection(), {}, KNN)
+    store.commit(append={"labels": labels.filter(pl.col("model") == late)})
+    plan = extension_plan(url, "default", eid, Selection(), KNN)
+    assert not isinstance(plan, str), plan
+    ext = extend_content(url, "default", eid, Selection(), KNN, plan)
+    full = bundle_content(url, "default", eid, Selection(), {}, KNN)
+    assert ext.files.keys() == full.files.keys()
+    differ = sorted(f for f in full.files if ext.files[f] != full.files[f])
+    assert differ == ["routing/curve.parquet", "routing/summary.json"] or differ == ["routing/summary.json"], differ
+    assert {k: v for k, v in ext.meta["parameters"].items() if k != "extension"} == full.meta["parameters"]
+    assert ext.meta["models"] == full.meta["models"]
+    tokens = pl.read_parquet(ext.files["models.parquet"]).filter(pl.col("model") == late)["expected_output_tokens"][0]
+    assert tokens != costs_.DEFAULT_OUTPUT_TOKENS  # read from the part the base was built from

@@ -100,6 +100,67 @@ def _positions(column: pl.Series, names: list[str]) -> np.ndarray:
     return column.replace_strict(names, range(len(names)), return_dtype=pl.Int64).to_numpy()
 
 
+def model_sizes(models: pl.DataFrame | None, names: list[str]) -> np.ndarray:
+    """(len(names),) each model's ``params_b`` from the models frame, NaN where unknown."""
+    sizes = {}
+    if models is not None and "params_b" in models.columns:
+        sizes = {m: s for m, s in models.select("model", "params_b").iter_rows() if s is not None}
+    return np.array([float(sizes[m]) if m in sizes else np.nan for m in names], np.float64)
+
+
+class LabelScatter:
+    """Label rows scattered, a batch at a time, into the label matrices of given index rows
+    (``ids``), datasets and models: ``Y`` (n × M, the mean y over a row's labels of each model;
+    NaN = none), and per dataset d its rows' y and value (``d_rows[d]``: d's index rows, sorted;
+    the last label of a cell wins). Counts are uint8 until a cell needs more."""
+
+    def __init__(self, ids: list[str], datasets: list[str], models: list[str],
+                 d_rows: list[np.ndarray], dtype) -> None:
+        self.ids, self.datasets, self.models, self.d_rows = ids, datasets, models, d_rows
+        n, M = len(ids), len(models)
+        self.dtype = np.dtype(dtype)
+        self.ysum = np.zeros((n, M), self.dtype)
+        self.ycnt = np.zeros((n, M), np.uint8)
+        self.d_y = [np.full((r.size, M), np.nan, self.dtype) for r in d_rows]
+        self.d_v: list[np.ndarray] | None = None  # stays d_y while every value equals its y
+
+    def add(self, batch: pl.DataFrame) -> None:
+        """Scatter one frame (input_id, dataset, model, y, value; every name known)."""
+        if batch.height == 0:
+            return
+        M = len(self.models)
+        rows = _positions(batch["input_id"], self.ids)
+        dcol = _positions(batch["dataset"], self.datasets)
+        mcol = _positions(batch["model"], self.models)
+        y = batch["y"].cast(pl.Float64).to_numpy()
+        v = batch["value"].cast(pl.Float64).to_numpy()
+        cells, inv = np.unique(rows * M + mcol, return_inverse=True)
+        add_n = np.bincount(inv, minlength=cells.size)
+        need = int((self.ycnt.ravel()[cells] + add_n).max())
+        if need > np.iinfo(self.ycnt.dtype).max:
+            self.ycnt = self.ycnt.astype(np.uint16 if need < 2**16 else np.uint32)
+        self.ysum.ravel()[cells] += np.bincount(inv, weights=y, minlength=cells.size).astype(self.dtype)
+        self.ycnt.ravel()[cells] += add_n.astype(self.ycnt.dtype)
+        del cells, inv, add_n
+        if self.d_v is None and not np.array_equal(y, v, equal_nan=True):
+            self.d_v = [a.copy() for a in self.d_y]
+        order = np.argsort(dcol, kind="stable")  # by dataset, batch order kept within one
+        bounds = np.searchsorted(dcol[order], np.arange(len(self.datasets) + 1))
+        for d in np.flatnonzero(np.diff(bounds)):
+            sel = order[bounds[d]:bounds[d + 1]]
+            at = np.searchsorted(self.d_rows[d], rows[sel])  # the rows' positions within d
+            self.d_y[d][at, mcol[sel]] = y[sel]
+            if self.d_v is not None:
+                self.d_v[d][at, mcol[sel]] = v[sel]
+
+    def finish(self) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """(Y, each dataset's y, each dataset's value: the same list when all values equal y)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            Y = np.divide(self.ysum, self.ycnt, out=self.ysum)  # NaN where a row has no label
+        self.ycnt = None
+        return Y, self.d_y, self.d_y if self.d_v is None else self.d_v
+
+
 @dataclass(frozen=True)
 class BenchmarkArrays:
     """The benchmark as arrays: one index row per labelled input (n), M models, D datasets.
@@ -165,7 +226,8 @@ class BenchmarkArrays:
 
         The label arrays are ``dtype`` (None: ``dense_dtype(n, M)``, float64 unless the matrix
         is leaderboard-sized); ``dataset_value`` is ``dataset_y`` itself (not a copy) when
-        every label's value equals its y. Equal to ``from_frames`` of the concatenated batches."""
+        every label's value equals its y. Equal to ``from_frames`` of the concatenated batches
+        with the same ``dtype``."""
         # Pass 1: the names (inputs, models, each input's datasets).
         id_parts, model_parts, pair_parts = [], [], []
         for batch in batches():
@@ -180,55 +242,21 @@ class BenchmarkArrays:
         dataset_names = sorted(mem["dataset"].unique().to_list())
         row_of = {iid: r for r, iid in enumerate(ids)}
         d_of = {d: j for j, d in enumerate(dataset_names)}
-        m_of = {m: j for j, m in enumerate(model_names)}
         n, D, M = len(ids), len(dataset_names), len(model_names)
         dtype = np.dtype(dense_dtype(n, M) if dtype is None else dtype)
         member = np.zeros((n, D), bool)
         member[[row_of[i] for i in mem["input_id"]], [d_of[d] for d in mem["dataset"]]] = True
         d_rows = [np.flatnonzero(member[:, d]) for d in range(D)]
-        d_y = [np.full((r_d.size, M), np.nan, dtype) for r_d in d_rows]
-        d_v: list[np.ndarray] | None = None  # stays d_y while every value equals its y
         # Pass 2: Y (mean y over the row's labels of each model) and each dataset's y and value.
-        ysum = np.zeros((n, M), dtype)
-        ycnt = np.zeros((n, M), np.uint8)
+        scatter = LabelScatter(ids, dataset_names, model_names, d_rows, dtype)
         for batch in batches():
-            if batch.height == 0:
-                continue
-            rows = _positions(batch["input_id"], ids)
-            dcol = _positions(batch["dataset"], dataset_names)
-            mcol = _positions(batch["model"], model_names)
-            y = batch["y"].cast(pl.Float64).to_numpy()
-            v = batch["value"].cast(pl.Float64).to_numpy()
-            cells, inv = np.unique(rows * M + mcol, return_inverse=True)
-            add_n = np.bincount(inv, minlength=cells.size)
-            need = int((ycnt.ravel()[cells] + add_n).max())
-            if need > np.iinfo(ycnt.dtype).max:
-                ycnt = ycnt.astype(np.uint16 if need < 2**16 else np.uint32)
-            ysum.ravel()[cells] += np.bincount(inv, weights=y, minlength=cells.size).astype(dtype)
-            ycnt.ravel()[cells] += add_n.astype(ycnt.dtype)
-            del cells, inv, add_n
-            if d_v is None and not np.array_equal(y, v, equal_nan=True):
-                d_v = [a.copy() for a in d_y]
-            order = np.argsort(dcol, kind="stable")  # by dataset, batch order kept within one
-            bounds = np.searchsorted(dcol[order], np.arange(D + 1))
-            for d in np.flatnonzero(np.diff(bounds)):
-                sel = order[bounds[d]:bounds[d + 1]]
-                at = np.searchsorted(d_rows[d], rows[sel])  # the rows' positions within d
-                d_y[d][at, mcol[sel]] = y[sel]
-                if d_v is not None:
-                    d_v[d][at, mcol[sel]] = v[sel]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            Y = np.divide(ysum, ycnt, out=ysum)  # NaN where a row has no label of the model
-        del ycnt
+            scatter.add(batch)
+        Y, d_y, d_v = scatter.finish()
         signatures, row_groups = np.unique(member, axis=0, return_inverse=True)
-        params = np.full(M, np.nan)
-        if models is not None and "params_b" in models.columns:
-            for name, size in models.select("model", "params_b").iter_rows():
-                if name in m_of and size is not None:
-                    params[m_of[name]] = float(size)
+        params = model_sizes(models, model_names)
         return cls(
             ids, X, model_names, dataset_names, Y, member, row_groups.ravel().astype(np.int64),
-            signatures.astype(bool), d_rows, d_y, d_y if d_v is None else d_v, params,
+            signatures.astype(bool), d_rows, d_y, d_v, params,
         )
 
     def families(self) -> np.ndarray:

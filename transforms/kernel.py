@@ -92,9 +92,7 @@ def lodo_accuracies(
     P = np.full((D, M), np.nan)
     u = np.full(D, np.nan)
     banned = group_members[:, held].any(axis=1)
-    # A matrix larger than one block: column totals once, each fallback as the totals less the
-    # few rows d's fold leaves out (not a pass over every allowed row per dataset).
-    totals = column_counts_sums(Y) if fallback == "train_mean" and Y.nbytes > BLOCK_BYTES else None
+    totals = fallback_totals(Y, Y.nbytes) if fallback == "train_mean" else None
     for d in range(D):
         keep = ~banned[row_groups[dataset_rows[d]]]  # d's inputs that are not held out
         if held[d] or not keep.any():
@@ -103,7 +101,7 @@ def lodo_accuracies(
         own = own.any(axis=1) if own.ndim == 2 else own
         allowed = ~(banned | own)
         neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
-        fb = _train_mean(Y, allowed[row_groups], totals) if fallback == "train_mean" else None
+        fb = train_mean(Y, allowed[row_groups], totals) if fallback == "train_mean" else None
         first_k = Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k])
         if kept is not None:
             kept[d] = (dataset_rows[d][keep], first_k)
@@ -200,7 +198,14 @@ def _smooth(
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _train_mean(Y: np.ndarray, rows: np.ndarray, totals=None) -> np.ndarray:
+def fallback_totals(Y: np.ndarray, matrix_bytes: int):
+    """Column totals of ``Y`` (``column_counts_sums``) when the label matrix it belongs to
+    (``matrix_bytes``) is larger than one block, else None: then each fold's fallback is its
+    totals less the few rows the fold leaves out, not a pass over every allowed row."""
+    return column_counts_sums(Y) if matrix_bytes > BLOCK_BYTES else None
+
+
+def train_mean(Y: np.ndarray, rows: np.ndarray, totals=None) -> np.ndarray:
     """Each column's mean label over ``rows`` (n bool); with ``totals`` (``column_counts_sums``
     of all of Y) as the totals less the rows left out."""
     if totals is None:

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-BLOCK_BYTES = 256 * 2**20  # float64 bytes of one block of label rows
+# float64 bytes of one block of label rows: every float64 label matrix (evaluate.dense_dtype:
+# up to 64 M cells) is one block, so its statistics are numpy's whole-matrix ones, bit for bit.
+BLOCK_BYTES = 512 * 2**20
 
 
 def row_blocks(n_rows: int, n_cols: int, max_bytes: int = BLOCK_BYTES) -> Iterator[slice]:

@@ -24,26 +24,39 @@ def fit_and_publish(
     files, bytes, seconds (``publish_content``) and ``extended``: the base version when the
     bundle is the latest one extended by new models (``incremental``: tried first, see
     ``artifacts.router_extend``; where it cannot be, the reason is logged and a full build runs)."""
-    from benchroute.artifacts.router_extend import extend_content, extension_plan, record_basis, store_basis
+    from benchroute.artifacts.router_extend import (
+        ExtensionError,
+        built_from_parts,
+        extend_content,
+        extension_plan,
+        record_built_from,
+    )
     from benchroute.artifacts.store import Store
 
     t0 = time.perf_counter() if started is None else started
     router = router or RouterSpec()
-    basis = store_basis(Store(store_url))  # before the build: see store_basis
+    basis = built_from_parts(Store(store_url))  # before the build: see built_from_parts
     content, base = None, None
     if incremental:
-        plan = (extension_plan(store_url, name, embedder_id, sel, router) if not evaluation
+        plan = (extension_plan(store_url, name, embedder_id, sel, router, basis) if not evaluation
                 else "an evaluation was asked for (it needs a full build)")
-        if isinstance(plan, str):
-            if log:
-                log.info("incremental publish not possible, building in full: %s", plan)
-        else:
-            content = extend_content(store_url, name, embedder_id, sel, router, plan, log=log)
-            base = plan.base.manifest["version"]
+        if not isinstance(plan, str):
+            try:
+                content = extend_content(store_url, name, embedder_id, sel, router, plan, log=log)
+                base = plan.base.manifest["version"]
+            except ExtensionError as exc:
+                plan = str(exc)
+        if isinstance(plan, str) and log:
+            log.info("incremental publish not possible, building in full: %s", plan)
     if content is None:
         content = bundle_content(store_url, name, embedder_id, sel, evaluation, router, log=log)
     published = publish_content(store_url, content, started=t0)
-    record_basis(store_url, name, published["version"], basis)
+    try:
+        record_built_from(store_url, name, published["version"], basis)
+    except (RuntimeError, OSError) as exc:  # no sealing key here: later extensions build in full
+        if log:
+            log.warning("could not record the parts %s was built from (%s): a later --incremental "
+                        "publish will build in full", published["version"], exc)
     return {**published, "extended": base}
 
 
