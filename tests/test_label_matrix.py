@@ -62,3 +62,31 @@ def test_knn_label_reads_in_small_chunks_equal_one_chunk(monkeypatch):
     est32 = knn.KNNCorrectness(5, weights="distance").fit(X, Y.astype(np.float32))
     assert est32.Y_.dtype == np.float32
     np.testing.assert_array_equal(est32.predict_from_neighbors(neigh), G)
+
+
+def test_held_out_metrics_a_block_at_a_time_equal_the_whole_matrix(monkeypatch):
+    from benchroute.transforms import label_matrix, route_metrics
+    from benchroute.transforms.routing_eval import _log_loss
+
+    rng = np.random.default_rng(3)
+    G = rng.random((300, 50))
+    Y = (rng.random((300, 50)) < 0.5).astype(float)
+    G[rng.random(G.shape) < 0.1] = np.nan
+    Y[rng.random(Y.shape) < 0.2] = np.nan
+    ok = ~np.isnan(G) & ~np.isnan(Y)
+    p, y = G[ok], Y[ok]
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    b = np.minimum((p * 15).astype(int), 14)
+    cnt = np.bincount(b, minlength=15)
+    sp, sy = np.bincount(b, weights=p, minlength=15), np.bincount(b, weights=y, minlength=15)
+    whole = (np.mean((p - y) ** 2), np.mean((p > 0.5) == (y > 0.5)),
+             np.sum(np.abs(sy - sp)[cnt > 0]) / p.size, -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    def metrics():
+        return (route_metrics.brier(G, Y), route_metrics.binary_accuracy(G, Y), route_metrics.ece(G, Y),
+                _log_loss(G, Y))
+
+    assert metrics() == whole  # one block: numpy's numbers
+    monkeypatch.setattr(label_matrix, "BLOCK_BYTES", 8 * 50 * 7)  # 7 rows a block
+    assert len(list(route_metrics.labelled_pairs(G, Y))) == 43
+    np.testing.assert_allclose(metrics(), whole, rtol=1e-12)

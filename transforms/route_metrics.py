@@ -79,30 +79,52 @@ def cost_at_quality(costs, qualities, target: float) -> float:
     return float(c0 + (target - q0) * (c1 - c0) / (q1 - q0))
 
 
+def labelled_pairs(p, y, max_bytes: int | None = None):
+    """(p, y) as float64 vectors over the entries where both exist, a block of rows at a time
+    (``label_matrix.row_blocks``): a leaderboard's held-out n × M predictions are not copied
+    whole. A matrix that fits one block gives one pair: numpy's whole-matrix numbers."""
+    from benchroute.transforms import label_matrix
+
+    p, y = np.asarray(p), np.asarray(y)
+    if p.ndim < 2:
+        p, y = p.reshape(1, -1), y.reshape(1, -1)
+    for sl in label_matrix.row_blocks(p.shape[0], int(np.prod(p.shape[1:])),
+                                      max_bytes or label_matrix.BLOCK_BYTES):
+        pb, yb = np.asarray(p[sl], np.float64), np.asarray(y[sl], np.float64)
+        ok = ~np.isnan(pb) & ~np.isnan(yb)
+        yield pb[ok], yb[ok]
+
+
+def labelled_mean(p, y, f) -> float:
+    """The mean of ``f(p, y)`` over the entries where both exist (NaN when none)."""
+    total, count = 0.0, 0
+    for pb, yb in labelled_pairs(p, y):
+        if pb.size:
+            total += float(np.add.reduce(f(pb, yb)))
+            count += pb.size
+    return total / count if count else float("nan")
+
+
 def brier(p, y) -> float:
     """Mean squared error of probabilities ``p`` against labels ``y`` over entries where both exist."""
-    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
-    ok = ~np.isnan(p) & ~np.isnan(y)
-    return float(np.mean((p[ok] - y[ok]) ** 2)) if ok.any() else float("nan")
+    return labelled_mean(p, y, lambda pb, yb: (pb - yb) ** 2)
 
 
 def ece(p, y, bins: int = 15) -> float:
     """Expected calibration error: Σ_b (n_b / n)·|mean y_b − mean p_b| over equal-width bins."""
-    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
-    ok = ~np.isnan(p) & ~np.isnan(y)
-    p, y = p[ok], y[ok]
-    if p.size == 0:
+    cnt = np.zeros(bins, np.int64)
+    sp, sy = np.zeros(bins), np.zeros(bins)
+    for pb, yb in labelled_pairs(p, y):
+        b = np.minimum((pb * bins).astype(int), bins - 1)
+        cnt += np.bincount(b, minlength=bins)
+        sp += np.bincount(b, weights=pb, minlength=bins)
+        sy += np.bincount(b, weights=yb, minlength=bins)
+    if cnt.sum() == 0:
         return float("nan")
-    b = np.minimum((p * bins).astype(int), bins - 1)
-    cnt = np.bincount(b, minlength=bins)
-    sp = np.bincount(b, weights=p, minlength=bins)
-    sy = np.bincount(b, weights=y, minlength=bins)
     nz = cnt > 0
-    return float(np.sum(np.abs(sy[nz] - sp[nz])) / p.size)
+    return float(np.sum(np.abs(sy[nz] - sp[nz])) / cnt.sum())
 
 
 def binary_accuracy(p, y) -> float:
     """Share of entries where 1[p > 0.5] equals the label (entries where both exist)."""
-    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
-    ok = ~np.isnan(p) & ~np.isnan(y)
-    return float(np.mean((p[ok] > 0.5) == (y[ok] > 0.5))) if ok.any() else float("nan")
+    return labelled_mean(p, y, lambda pb, yb: ((pb > 0.5) == (yb > 0.5)).astype(np.float64))

@@ -302,10 +302,11 @@ def _scored(Y: np.ndarray, R: np.ndarray, chosen: np.ndarray) -> tuple[float, fl
 
 
 def _log_loss(G, Y) -> float:
-    ok = ~np.isnan(G) & ~np.isnan(Y)
-    p = np.clip(G[ok], 1e-6, 1 - 1e-6)
-    y = Y[ok]
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if ok.any() else float("nan")
+    def loss(p, y):
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    return route_metrics.labelled_mean(G, Y, loss)
 
 
 def _summary(name, pts: pl.DataFrame, singles: pl.DataFrame, best, models, best_q) -> dict:
