@@ -201,6 +201,16 @@ def evaluate_routing(
     if not fs:
         raise NoHeldOutInputs(f"{split}: no held-out inputs labelled for every model")
     M = len(bench.models)
+    # The predictions first: a fit holds a copy of its training labels (80 % of a leaderboard's
+    # Y), and the cost matrices below (2 × n_test × M float64) need not be held beside it.
+    predictions = {}
+    for name, factory in predictors.items():
+        t0 = time.perf_counter()
+        G = np.vstack([_fold_predictions(factory, bench, f) for f in fs])
+        predictions[name] = (G, time.perf_counter() - t0)
+        if log:
+            log.info("routing %s/%s: %d held-out inputs, %d models, %.1f s", split, name, G.shape[0], M,
+                     predictions[name][1])
     test_rows = np.concatenate([f.test for f in fs])
     Y = np.vstack([f.Y_test for f in fs])
     # Costs: realised per held-out request, and the decision costs of each fold (training rows only).
@@ -233,12 +243,8 @@ def evaluate_routing(
     })
     point_rows, metric_rows, summary_rows = [], [], []
     choices: dict[str, dict] = {}
-    for name, factory in predictors.items():
-        t0 = time.perf_counter()
-        G = np.vstack([_fold_predictions(factory, bench, f) for f in fs])
-        fit_s = time.perf_counter() - t0
-        if log:
-            log.info("routing %s/%s: %d held-out inputs, %d models, %.1f s", split, name, Y.shape[0], M, fit_s)
+    for name in predictors:
+        G, fit_s = predictions.pop(name)
         per_pred: dict = {}
         # The default request (no cost option): argmax ĝ over every model, priced or not.
         chosen = _choose_per_fold(G, Crel, policy.Point(), fs, accs, None)
