@@ -65,7 +65,7 @@ def test_knn_label_reads_in_small_chunks_equal_one_chunk(monkeypatch):
 
 
 def test_held_out_metrics_a_block_at_a_time_equal_the_whole_matrix(monkeypatch):
-    from benchroute.transforms import label_matrix, route_metrics
+    from benchroute.transforms import route_metrics
     from benchroute.transforms.routing_eval import _log_loss
 
     rng = np.random.default_rng(3)
@@ -87,6 +87,23 @@ def test_held_out_metrics_a_block_at_a_time_equal_the_whole_matrix(monkeypatch):
                 _log_loss(G, Y))
 
     assert metrics() == whole  # one block: numpy's numbers
-    monkeypatch.setattr(label_matrix, "BLOCK_BYTES", 8 * 50 * 7)  # 7 rows a block
+    monkeypatch.setattr(route_metrics, "METRIC_BLOCK_BYTES", 8 * 50 * 7)  # 7 rows a block
     assert len(list(route_metrics.labelled_pairs(G, Y))) == 43
     np.testing.assert_allclose(metrics(), whole, rtol=1e-12)
+
+
+def test_policy_choices_a_block_of_rows_at_a_time_equal_one_call(monkeypatch):
+    from benchroute.transforms import policy, routing_eval
+    from benchroute.transforms.routing_eval import Fold
+
+    rng = np.random.default_rng(4)
+    G, C = rng.random((40, 6)), rng.random((40, 6))
+    G[rng.random(G.shape) < 0.1] = np.nan
+    fs = [Fold("a", np.arange(0), np.arange(25), G[:25]), Fold("b", np.arange(0), np.arange(15), G[25:])]
+    accs = [rng.random(6), rng.random(6)]
+    pt = policy.Point(rule="utility", value=0.3)
+    whole = np.concatenate([policy.choose(G[:25], C[:25], pt, tiebreak=accs[0]),
+                            policy.choose(G[25:], C[25:], pt, tiebreak=accs[1])])
+    np.testing.assert_array_equal(routing_eval._choose_per_fold(G, C, pt, fs, accs, None), whole)
+    monkeypatch.setattr(routing_eval, "CHOOSE_BYTES", 8 * 6 * 4)  # 4 rows a call
+    np.testing.assert_array_equal(routing_eval._choose_per_fold(G, C, pt, fs, accs, None), whole)

@@ -79,6 +79,9 @@ def cost_at_quality(costs, qualities, target: float) -> float:
     return float(c0 + (target - q0) * (c1 - c0) / (q1 - q0))
 
 
+METRIC_BLOCK_BYTES = 64 * 2**20  # float64 bytes of the predictions one block of a metric reads
+
+
 def labelled_pairs(p, y, max_bytes: int | None = None):
     """(p, y) as float64 vectors over the entries where both exist, a block of rows at a time
     (``label_matrix.row_blocks``): a leaderboard's held-out n × M predictions are not copied
@@ -89,7 +92,7 @@ def labelled_pairs(p, y, max_bytes: int | None = None):
     if p.ndim < 2:
         p, y = p.reshape(1, -1), y.reshape(1, -1)
     for sl in label_matrix.row_blocks(p.shape[0], int(np.prod(p.shape[1:])),
-                                      max_bytes or label_matrix.BLOCK_BYTES):
+                                      max_bytes or METRIC_BLOCK_BYTES):
         pb, yb = np.asarray(p[sl], np.float64), np.asarray(y[sl], np.float64)
         ok = ~np.isnan(pb) & ~np.isnan(yb)
         yield pb[ok], yb[ok]
