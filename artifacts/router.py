@@ -163,6 +163,12 @@ ANN_PREFIX = "index/ann_"  # the HNSW graph over index/embeddings.npy (artifacts
 DENSE_LABEL_CELLS = 16 * 2**20
 
 
+def predictor_arrays(bundle: VerifiedBundle) -> dict[str, np.ndarray]:
+    """The predictor's fitted arrays of a verified bundle (``predictor/<name>.npy`` by name)."""
+    return {rel[len("predictor/"):-4]: bundle.npy(rel) for rel in bundle.files
+            if rel.startswith("predictor/") and rel.endswith(".npy")}
+
+
 CURVE_COLUMNS = ("rule", "value", "cost_share", "quality", "quality_loss")
 
 
@@ -232,8 +238,7 @@ class Router:
         self.models = [ModelInfo(**row) for row in table]
         self.model_names = [m.model for m in self.models]
         self.datasets = bundle.json("datasets.json")
-        arrays = {rel[len("predictor/"):-4]: bundle.npy(rel) for rel in bundle.files
-                  if rel.startswith("predictor/") and rel.endswith(".npy")}
+        arrays = predictor_arrays(bundle)
         pstate = bundle.json("predictor/params.json")
         labels = self.knn.Y_
         if is_row_source(labels) and _needs_index(pstate):  # a kNN predictor over the index: dense

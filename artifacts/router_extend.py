@@ -41,18 +41,26 @@ import polars as pl
 
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.bundle import BundleContent, BundleStore, VerifiedBundle, open_bundle
-from benchroute.artifacts.router import ANN_PREFIX, LABELS_PREFIX, LODO_FILES, LODO_PREFIX, bundle_files, router_parameters
+from benchroute.artifacts.router import (
+    ANN_PREFIX,
+    LABELS_PREFIX,
+    LODO_FILES,
+    LODO_PREFIX,
+    bundle_files,
+    predictor_arrays,
+    router_parameters,
+)
 from benchroute.artifacts.specs import RouterSpec, Selection
 from benchroute.artifacts.store import Store, recorded_part_models
 from benchroute.transforms import costs as costs_
 from benchroute.transforms.evaluate import LabelScatter, _positions, dense_dtype, model_sizes
-from benchroute.transforms.kernel import NadarayaWatson, fallback_totals, train_mean
+from benchroute.transforms.kernel import fallback_totals, train_mean
 from benchroute.transforms.knn import aggregate_labels, normalize_rows
 from benchroute.transforms.label_matrix import column_means, labelled_counts, row_blocks
 from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import dense_forward, make_predictor, predictor_from_state, sigmoid
-from benchroute.transforms.router_fit import LodoNeighbors, RouterFit
+from benchroute.transforms.router_fit import LodoNeighbors, RouterFit, fit_kernel
 from benchroute.transforms.routing_eval import CostData, DecisionCosts, unrecorded_tokens
 from benchroute.transforms.scores import binarized_accuracy
 
@@ -283,12 +291,7 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
         P_new[d] = binarized_accuracy(G, d_y[d][np.searchsorted(d_rows[d], q_rows)])
     u = base.npy("kernel/u.npy")
     P = np.insert(base.npy("kernel/p.npy"), at, P_new, axis=1)
-    ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
-    if ok.sum() >= 2:
-        kern = NadarayaWatson().fit(u[ok], P[ok])
-        bandwidth, loo = kern.bandwidth_, kern.loo_error_
-    else:
-        bandwidth, loo = 1.0, float("nan")
+    ok, bandwidth, loo = fit_kernel(u, P)
     P = np.where(ok[:, None], P, np.nan)
     # training accuracy: the mean over datasets of each dataset's accuracy (``dataset_accuracy``)
     acc_new = np.stack([column_means(yd)[1] for yd in d_y]) if d_y else np.full((0, a), np.nan)
@@ -316,8 +319,7 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
         raise ExtensionError("the store's vectors of the base's inputs differ from the base's index")
 
     # The predictor: a new output unit per model on the base network's frozen hidden layer.
-    arrays = {rel[len("predictor/"):-4]: base.npy(rel) for rel in base.files
-              if rel.startswith("predictor/") and rel.endswith(".npy")}
+    arrays = predictor_arrays(base)
     if params["predictor"] == "mlp":
         est = predictor_from_state(base.json("predictor/params.json"), arrays)
         H = dense_forward(X, est.layers_[:-1], est.activations_[:-1])

@@ -84,6 +84,16 @@ class RouterFit:
     lodo: LodoNeighbors | None = None
 
 
+def fit_kernel(u: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(the datasets the kernel is fitted on: a descriptor and some p, its bandwidth chosen by
+    leave-one-out, that choice's error) of p(d, ·) on u(d)."""
+    ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
+    if ok.sum() < 2:  # one dataset: p̂ is its p whatever the bandwidth
+        return ok, 1.0, float("nan")
+    kern = NadarayaWatson().fit(u[ok], P[ok])
+    return ok, kern.bandwidth_, kern.loo_error_
+
+
 def fit_router(
     bench: BenchmarkArrays,
     *,
@@ -121,12 +131,7 @@ def fit_router(
         bench.dataset_y, k=k, weights=weights, fallback=fallback, k_descriptor=k_desc,
         families=bench.families(), kept=kept,
     )
-    ok = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
-    if ok.sum() >= 2:
-        kern = NadarayaWatson().fit(u[ok], P[ok])
-        bandwidth, loo = kern.bandwidth_, kern.loo_error_
-    else:  # one dataset: p̂ is its p whatever the bandwidth
-        bandwidth, loo = 1.0, float("nan")
+    ok, bandwidth, loo = fit_kernel(u, P)
     step(f"leave-one-dataset-out accuracies of {len(bench.datasets)} datasets x {len(bench.models)} models")
     train_acc = np.nanmean(bench.dataset_accuracy(), axis=0)
     n, M = bench.Y.shape
