@@ -576,6 +576,8 @@ def refresh(
     dask_address: DaskAddress = None,
     as_json: Flag("--json", "print the run's summary as JSON") = False,
     full: Flag("--full", "run every step even when nothing is new (each is then found cached)") = False,
+    incremental: Flag("--incremental", "no per-group evaluation; extend the latest version by the models "
+                      "added since it without a refit where possible, else build in full") = False,
 ) -> int:
     import time
 
@@ -597,7 +599,8 @@ def refresh(
     summary = run(landing=landing, store=store, name=name, embed=embed, router=router,
                   partitions=partitions, kinds=_kinds(selection), aliases=aliases, rules=rules,
                   # checked above already (or --full): the flow skips its own check
-                  model_cards=model_cards, full=True, **scale_parameters(dask_workers, address=dask_address))
+                  model_cards=model_cards, full=True, incremental=incremental,
+                  **scale_parameters(dask_workers, address=dask_address))
     if as_json:
         print(json.dumps(summary, indent=1, default=str))
     else:

@@ -128,21 +128,32 @@ def evaluate_group_task(store: str, embedder_id: str, group: str, fingerprint: s
 
 def _publish_key(context, p: dict) -> str:
     """The bundle's cache key: the store's data key (``stages.fit.data_key``: the commit log's
-    parts, the ingested units, both specs, the code version), the name and the evaluation."""
+    parts, the ingested units, both specs, the code version), the name, the evaluation and
+    whether an extension was asked for (a full build's key is the one it always was)."""
     from benchroute.artifacts.stages.fit import data_key
     from benchroute.artifacts.store import Store
 
     key = data_key(Store(p["store"]), p["embedder_id"], p["selection"], p["router"])
-    return digest("fit-and-publish", p["store"], p["name"], key, p["evaluation"])
+    extend = ["incremental"] if p.get("incremental") else []
+    return digest("fit-and-publish", p["store"], p["name"], key, p["evaluation"], *extend)
 
 
 @task(name="fit-and-publish", cache_policy=CacheKeyFnPolicy(cache_key_fn=_publish_key) + TASK_SOURCE,
       persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=2,
       retry_condition_fn=transient_io)
 def fit_publish_task(store: str, name: str, embedder_id: str, evaluation: dict,
-                     selection: Selection, router: RouterSpec) -> dict:
+                     selection: Selection, router: RouterSpec, incremental: bool = False) -> dict:
     return publish_stage.fit_and_publish(store, name, embedder_id, selection, evaluation, router,
-                                         log=get_run_logger())
+                                         log=get_run_logger(), incremental=incremental)
+
+
+@task(name="has-labels", cache_policy=NO_CACHE, persist_result=False, retries=2,
+      retry_delay_seconds=2, retry_condition_fn=transient_io)
+def has_labels_task(store: str, selection: Selection) -> bool:
+    from benchroute.artifacts.router_build import has_labels
+    from benchroute.artifacts.store import Store
+
+    return has_labels(Store(store), selection)
 
 
 # ============================================================================ steps (in a flow)
@@ -205,12 +216,18 @@ def embed_step(
 
 def refit_step(
     store: str, name: str, embedder_id: str, sel: Selection, router: RouterSpec, *, storage, log,
-    force: bool = False,
+    force: bool = False, incremental: bool = False,
 ) -> dict:
     """Evaluate the groups whose data changed (the others come from the cache), then fit and
-    publish if the data changed. ``force`` recomputes everything (no cache reads)."""
+    publish if the data changed. ``force`` recomputes everything (no cache reads).
+    ``incremental``: no evaluation (an extension cannot carry one, and the per-group plan reads
+    every label); the latest version is extended by the models added since it where
+    ``artifacts.router_extend`` allows, else built in full."""
     t0 = time.perf_counter()
-    plan = refit_plan_task(store, embedder_id, sel, router)
+    if incremental:
+        plan = evaluate_stage.RefitPlan((), None, None, None) if has_labels_task(store, sel) else None
+    else:
+        plan = refit_plan_task(store, embedder_id, sel, router)
     if plan is None:
         log.warning("%s: no labels%s yet; nothing to fit or publish", store,
                     "" if sel.is_all else f" in the selection {sel.to_dict()}")
@@ -245,7 +262,7 @@ def refit_step(
              sum(s == "skipped" for s in status.values()), t_eval)
 
     publish = fit_publish_task.with_options(result_storage=storage, refresh_cache=force)
-    args = (store, name, embedder_id, evaluation, sel, router)
+    args = (store, name, embedder_id, evaluation, sel, router, incremental)
     state = publish(*args, return_state=True)
     bundle = state.result()  # raises with the task's error when it failed
     cached = state.name == "Cached"
@@ -258,6 +275,8 @@ def refit_step(
     published = (bool(bundle["created"]) or bundle["version"] in recovered) and not cached
     for v in recovered:
         log.warning("finished an interrupted publish: latest moved to %s version %s", name, v)
+    if published and bundle.get("extended"):
+        log.info("extended %s version %s by the models added since (no refit)", name, bundle["extended"])
     if published:
         log.info("published %s version %s (%d models, %s bytes) at %s", name, bundle["version"],
                  bundle["models"], f"{bundle['bytes']:,}", bundle["url"])
@@ -304,11 +323,14 @@ def publish_artifacts(prefix: str, store: str, result: dict, summary_lines: list
     b = result.get("bundle")
     md = [f"# {prefix}: {'new version published' if result.get('published') else 'nothing published'}", ""]
     if b:
+        sizes = ", ".join([f"{b['models']} models"] + [  # an incremental refit counts neither
+            f"{result[k]:,} {k}" for k in ("inputs", "datasets") if result.get(k) is not None])
         md += [
             f"- bundle **{b['name']}** version `{b['version']}`",
             f"- url: `{b['url']}`",
-            f"- {b['models']} models, {result.get('inputs', 0):,} inputs, "
-            f"{result.get('datasets', 0)} datasets; {b['files']} files, {b['bytes']:,} bytes",
+            f"- {sizes}; {b['files']} files, {b['bytes']:,} bytes",
+            *([f"- extends version `{b['extended']}` by the models added since (no refit)"]
+              if b.get("extended") else []),
             f"- use it: `benchroute route --bundle {store} --name {b['name']} \"your question\"`",
         ]
     md += ["", *summary_lines]

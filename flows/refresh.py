@@ -9,6 +9,10 @@ folders or files, and on each run:
 4. evaluates only the source groups whose data changed (the others are cached by fingerprint);
 5. fits and publishes a new bundle version only when the data changed.
 
+With ``incremental`` (a leaderboard-size store) step 4 is skipped and step 5 extends the latest
+version by the models added since it, without a refit, where ``artifacts.router_extend`` allows
+(else it builds in full, without evaluation).
+
 A run with nothing new reads fingerprints and the commit log, finds every step cached and
 publishes nothing. ``python -m benchroute.flows.refresh LANDING --store URL`` runs it once.
 """
@@ -62,6 +66,7 @@ def refresh_flow(
     cache: str | None = None,
     model_cards: str | None = None,
     full: bool = False,
+    incremental: bool = False,
 ) -> dict:
     """Ingest what is new under ``landing`` into ``store``, embed new inputs (as ``embed``
     says), refit what changed and publish bundle ``name`` (fitted as ``router`` says) if the data
@@ -74,8 +79,10 @@ def refresh_flow(
     ``<store>/_cache/prefect``); ``model_cards``: a card file over the defaults and the landing
     zone's ``model_cards.*`` (a changed card refits and publishes). Unless ``full``, a run that
     finds nothing new (``artifacts.stages.refresh.check``) stops there, before any other task
-    (its summary has ``noop`` and ``reason``, zero counts, and makes no artifact). Returns what it
-    did (also a ``refresh-bundle`` artifact).
+    (its summary has ``noop`` and ``reason``, zero counts, and makes no artifact).
+    ``incremental``: no per-group evaluation; the latest version is extended by the models added
+    since it where that equals what a full build keeps (``artifacts.router_extend``), else built
+    in full. Returns what it did (also a ``refresh-bundle`` artifact).
     """
     log = get_run_logger()
     t0 = time.perf_counter()
@@ -127,7 +134,7 @@ def refresh_flow(
     timings["embed"] = embedded["seconds"]
     key = refresh_stage.data_key_now(store, embed, router)  # before the refit: see stages.refresh
     refit = refit_step(store, name, embedded["embedder_id"], Selection(), router, storage=storage,
-                       log=log)
+                       log=log, incremental=incremental)
     if refit["bundle"] is not None:
         refresh_stage.record(store, name, key, refit["bundle"]["version"])
     timings["evaluate"] = refit.get("evaluate_seconds", 0.0)
@@ -190,6 +197,8 @@ def print_summary(s: dict, store: str) -> None:
         return
     if b["version"] in b.get("recovered", []):
         state = "finished an interrupted publish: latest moved to "
+    elif s["published"] and b.get("extended"):
+        state = f"extended version {b['extended']} without a refit: published "
     else:
         state = "published new version " if s["published"] else "data unchanged; latest stays "
     print(state + f"{b['name']} {b['version']} ({b['models']} models, {b['bytes']:,} bytes)")

@@ -143,6 +143,33 @@ def test_incremental_refresh_equals_a_full_rebuild(lifecycle, tmp_path):
     assert s["bundle"]["content_hash"] == lifecycle.third["bundle"]["content_hash"]
 
 
+def test_incremental_refresh_extends_the_latest_version_by_the_models_that_land(
+        tmp_path, embedded_sample_store):
+    """``incremental``: no group is evaluated; the first refresh builds in full (nothing to
+    extend), the one after the held-back models land extends it by exactly them, without a refit,
+    and the router serves them."""
+    from benchroute.artifacts.router import load_router
+
+    landing, held, results = make_landing(tmp_path)
+    store = str(tmp_path / "store")
+    seed_vectors(embedded_sample_store, store, 0)
+    first = refresh_flow(landing=str(landing), store=store, incremental=True)
+    assert first["published"] and first["bundle"]["extended"] is None
+    assert first["evaluation"] == {"ran": [], "cached": [], "skipped": []}
+    land_held_back(landing, results)
+    second = refresh_flow(landing=str(landing), store=store, incremental=True)
+    assert second["units"]["new"] == 1 and second["evaluation"]["ran"] == []
+    assert second["published"] and second["bundle"]["extended"] == first["bundle"]["version"]
+    manifest = open_bundle(store, "default").manifest
+    assert manifest["version"] == second["bundle"]["version"] and manifest["evaluation"] == {}
+    extension = manifest["parameters"]["extension"]
+    added = _canonical(store, held)
+    assert extension["base_version"] == first["bundle"]["version"]
+    assert len(added) == 2 and set(extension["added_models"]) == added
+    assert second["bundle"]["models"] == first["bundle"]["models"] + 2
+    assert added <= set(load_router(store, "default").model_names)
+
+
 def test_evaluation_and_bundle_are_prefect_artifacts(lifecycle):
     from uuid import UUID
 

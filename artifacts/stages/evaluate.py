@@ -234,12 +234,13 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class RefitPlan:
-    """What a refit reads: the groups to evaluate and the selection's size."""
+    """What a refit reads: the groups to evaluate and the selection's size (``None`` where an
+    incremental refit did not count it: it plans no evaluation)."""
 
     groups: tuple[GroupPlan, ...]
-    inputs: int
-    models: int
-    datasets: int
+    inputs: int | None
+    models: int | None
+    datasets: int | None
 
 
 def refit_plan(store_url: str, embedder_id: str, sel: Selection, router: RouterSpec) -> RefitPlan | None:
