@@ -24,7 +24,9 @@ routers, with an extendable predictor and the build files; the store's label and
 are those the base was built from (``built_from_parts``, recorded beside the bundle, sealed)
 plus new ones; the new labels (within the selection) are all of models the base does not hold,
 on its inputs and on datasets its kernel scored; the memberships and vectors of its inputs are
-unchanged; and the outcome parts added hold no model the base holds. The new models' arrays are
+unchanged; the outcome parts added hold no model the base holds; and the models added without a
+refit over the whole chain of extensions stay within ``MAX_UNMEASURED_SHARE`` (10 %, at least one)
+of the last full build's models — they are in no held-out curve and shaped no hidden layer. The new models' arrays are
 made in the full build's float type (``evaluate.dense_dtype``) by the same functions, so what is
 kept equals a full build's (``tests/test_router_extend.py``).
 """
@@ -66,6 +68,9 @@ from benchroute.transforms.scores import binarized_accuracy
 
 EXTENDABLE_PREDICTORS = ("mlp", "knn")
 HEAD_L2 = 1.0  # ridge on a new output unit's weights, in units of one label's log-loss
+# Models an extension chain may add since the last full build, as a share of that build's models
+# (at least one): they are in no held-out routing curve and shaped no hidden layer.
+MAX_UNMEASURED_SHARE = 0.10
 
 
 BUILT_FROM_DIR = "_cache/built_from"
@@ -184,6 +189,9 @@ def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
     overlap = sorted(set(labels["model"].unique()) & base_models)
     if overlap:
         return f"new labels of models the base holds ({', '.join(overlap[:3])}…): a full build"
+    drift = _unmeasured_share(params.get("extension"), len(base_models), labels["model"].n_unique())
+    if drift:
+        return drift
     ids = base.json("index/input_ids.json")
     if not labels["input_id"].is_in(ids).all():
         return "new labels on inputs the base does not index"
@@ -213,6 +221,27 @@ def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
     added = set(labels["model"].unique().to_list())
     token_parts = [rel for rel in now["outcomes"] if rel not in recorded or recorded[rel] & added]
     return ExtensionPlan(base, labels, token_parts, label_parts)
+
+
+def extension_chain(extension: dict | None) -> list[dict]:
+    """A bundle's ``parameters.extension`` and the ones it extends, newest first."""
+    chain = []
+    while isinstance(extension, dict):
+        chain.append(extension)
+        extension = extension.get("extends")
+    return chain
+
+
+def _unmeasured_share(extension: dict | None, n_base: int, n_new: int) -> str | None:
+    """Why the models added without a refit would be too many, or None: the routing curve and the
+    hidden layer are the last full build's, fitted on its models; past ``MAX_UNMEASURED_SHARE``
+    of them added since (and more than one model), a full build measures the router again."""
+    added = sum(len(e.get("added_models") or []) for e in extension_chain(extension))
+    fitted = n_base - added  # the models of the last full build
+    if added + n_new > max(1.0, MAX_UNMEASURED_SHARE * fitted):
+        return (f"{added + n_new} models added without a refit since the last full build would pass "
+                f"{MAX_UNMEASURED_SHARE:.0%} of its {fitted}: a full build measures the router on them")
+    return None
 
 
 def _base_models(base: VerifiedBundle) -> list[str]:

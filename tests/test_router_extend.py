@@ -131,6 +131,40 @@ def test_the_extension_is_published_loaded_and_routes(landed, tmp_path):
     assert again == "no new labels since the base"
 
 
+def test_an_extension_chain_stops_at_its_share_of_unmeasured_models(landed, tmp_path, monkeypatch):
+    """The models added without a refit count over the whole chain of extensions: past
+    ``MAX_UNMEASURED_SHARE`` of the last full build's models (one is always allowed) the plan
+    asks for a full build."""
+    from benchroute.artifacts import router_extend
+
+    url, eid, late = landed
+    dst = str(tmp_path / "store")
+    shutil.copytree(url, dst)
+    assert fit_and_publish(dst, "default", eid, Selection(), {}, ROUTER, incremental=True)["extended"]
+    store = Store(dst)
+    twin = lambda t: t.filter(pl.col("model") == late).with_columns(model=pl.lit(f"{late}-twin"))  # noqa: E731
+    store.commit(append={"outcomes": twin(store.read("outcomes")), "labels": twin(store.read("labels"))})
+    fitted = len(open_bundle(dst, "default").manifest["models"]) - 1
+    plan = extension_plan(dst, "default", eid, Selection(), ROUTER)
+    assert not isinstance(plan, str) and 2 <= router_extend.MAX_UNMEASURED_SHARE * fitted, plan
+    monkeypatch.setattr(router_extend, "MAX_UNMEASURED_SHARE", 1.99 / fitted)  # the limit: 1.99 models
+    why = extension_plan(dst, "default", eid, Selection(), ROUTER)
+    assert isinstance(why, str) and f"2 models added without a refit" in why and f"its {fitted}" in why
+    monkeypatch.setattr(router_extend, "MAX_UNMEASURED_SHARE", 2.0 / fitted)  # exactly 2: allowed
+    assert not isinstance(extension_plan(dst, "default", eid, Selection(), ROUTER), str)
+
+
+def test_unmeasured_share_counts_the_chain_and_allows_one_model():
+    from benchroute.artifacts.router_extend import _unmeasured_share, extension_chain
+
+    chain = {"added_models": ["c"], "extends": {"added_models": ["a", "b"]}}
+    assert [len(e["added_models"]) for e in extension_chain(chain)] == [1, 2]
+    assert _unmeasured_share(chain, 33, 0) is None  # 3 of 30
+    assert "4 models" in _unmeasured_share(chain, 33, 1)  # 4 of 30 > 3
+    assert _unmeasured_share(None, 5, 1) is None  # one model on a tiny base
+    assert "2 models" in _unmeasured_share(None, 5, 2)
+
+
 def test_what_cannot_be_extended_says_why(landed, tmp_path):
     url, eid, late = landed
     copies = iter(range(10))
