@@ -149,7 +149,7 @@ def test_an_extension_chain_stops_at_its_share_of_unmeasured_models(landed, tmp_
     assert not isinstance(plan, str) and 2 <= router_extend.MAX_UNMEASURED_SHARE * fitted, plan
     monkeypatch.setattr(router_extend, "MAX_UNMEASURED_SHARE", 1.99 / fitted)  # the limit: 1.99 models
     why = extension_plan(dst, "default", eid, Selection(), ROUTER)
-    assert isinstance(why, str) and f"2 models added without a refit" in why and f"its {fitted}" in why
+    assert isinstance(why, str) and "2 models added without a refit" in why and f"its {fitted}" in why
     monkeypatch.setattr(router_extend, "MAX_UNMEASURED_SHARE", 2.0 / fitted)  # exactly 2: allowed
     assert not isinstance(extension_plan(dst, "default", eid, Selection(), ROUTER), str)
 
