@@ -138,7 +138,12 @@ def token_frames(store: Store, parts: list[str] | None = None) -> tuple[pl.DataF
     """(input texts, recorded output tokens per input and model) of the store (of its outcome
     ``parts``; None = all): what ``cost_data`` reads, to read once when several benchmarks of one
     store are costed."""
-    texts = store.read("inputs", columns=["input_id", "text"])
+    return store.read("inputs", columns=["input_id", "text"]), recorded_output_tokens(store, parts)
+
+
+def recorded_output_tokens(store: Store, parts: list[str] | None = None) -> pl.DataFrame:
+    """The mean recorded output length (tokens) per input and model in the store's outcome
+    ``parts`` (None = all), from the unperturbed output-length metrics (``costs.OUTPUT_METRICS``)."""
     metrics = list(costs_.OUTPUT_METRICS)
     wanted = pl.col("metric").is_in(metrics) & pl.col("perturbation").is_null()
     columns = ["input_id", "model", "metric", "value", "perturbation"]
@@ -151,12 +156,11 @@ def token_frames(store: Store, parts: list[str] | None = None) -> tuple[pl.DataF
             for b in store.iter_batches(rel, columns)]
     outcomes = pl.concat(kept) if kept else store.read_parts(
         "outcomes", [], ["input_id", "model", "metric", "value", "perturbation"])
-    recorded = (
+    return (
         outcomes
         .with_columns(tokens=pl.col("value") * pl.col("metric").replace_strict(costs_.OUTPUT_METRICS))
         .group_by("input_id", "model").agg(pl.col("tokens").mean())
     )
-    return texts, recorded
 
 
 def model_prices(cards: list[dict], models: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +54,14 @@ from benchroute.artifacts.router import (
 from benchroute.artifacts.specs import RouterSpec, Selection
 from benchroute.artifacts.store import Store, recorded_part_models
 from benchroute.transforms import costs as costs_
-from benchroute.transforms.evaluate import LabelScatter, _positions, dense_dtype, model_sizes
+from benchroute.transforms.evaluate import (
+    LabelScatter,
+    _positions,
+    dataset_accuracies,
+    dense_dtype,
+    mean_over_datasets,
+    model_sizes,
+)
 from benchroute.transforms.kernel import fallback_totals, train_mean
 from benchroute.transforms.knn import aggregate_labels, normalize_rows
 from benchroute.transforms.label_matrix import column_means, labelled_counts, row_blocks
@@ -283,7 +289,7 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
         finite,
         model_prices,
         pq_models,
-        token_frames,
+        recorded_output_tokens,
     )
 
     t0 = time.perf_counter()
@@ -323,10 +329,7 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
     ok, bandwidth, loo = fit_kernel(u, P)
     P = np.where(ok[:, None], P, np.nan)
     # training accuracy: the mean over datasets of each dataset's accuracy (``dataset_accuracy``)
-    acc_new = np.stack([column_means(yd)[1] for yd in d_y]) if d_y else np.full((0, a), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        train_new = np.nan_to_num(np.nanmean(acc_new, axis=0), nan=0.0)
+    train_new = np.nan_to_num(mean_over_datasets(dataset_accuracies(d_y, a)), nan=0.0)  # as ``fit_router``
     base_models_tab = base.parquet("models.parquet")
     train_acc = np.insert(np.asarray(base_models_tab.column("train_acc").to_pylist(), np.float64), at, train_new)
     if log:
@@ -369,7 +372,7 @@ def extend_content(store_url: str, name: str, embedder_id: str, sel: Selection, 
     # Prices, expected output tokens, the reference model and its cost.
     cards = cards_for(store, models)
     p_in, p_out = model_prices(cards, models)
-    _, recorded = token_frames(store, parts=plan.token_parts)  # as ``cost_data``, for the new models
+    recorded = recorded_output_tokens(store, parts=plan.token_parts)  # as ``cost_data``, for the new models
     rec = recorded.filter(pl.col("model").is_in(added) & pl.col("input_id").is_in(ids))
     out_new = np.full((n, a), np.nan, dtype)
     if rec.height:

@@ -44,6 +44,8 @@ Everything is deterministic given ``EvalConfig.seed``.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -270,11 +272,27 @@ class BenchmarkArrays:
     def dataset_accuracy(self, exclude_rows: np.ndarray | None = None) -> np.ndarray:
         """Accuracy of each model on each dataset over its labelled inputs (D × M, NaN = none),
         leaving out the index rows where ``exclude_rows`` (n bool) is true."""
-        out = np.full((len(self.datasets), len(self.models)), np.nan)
-        for d, yd in enumerate(self.dataset_y):
-            keep = None if exclude_rows is None else ~exclude_rows[self.dataset_rows[d]]
-            out[d] = column_means(yd, keep)[1]
-        return out
+        keep = (None if exclude_rows is None
+                else [~exclude_rows[rows] for rows in self.dataset_rows])
+        return dataset_accuracies(self.dataset_y, len(self.models), keep)
+
+
+def dataset_accuracies(dataset_y: list[np.ndarray], n_models: int,
+                       keep: list[np.ndarray] | None = None) -> np.ndarray:
+    """(D × M) each model's accuracy on each dataset over its labelled inputs (NaN = none) from
+    the per-dataset labels ``dataset_y`` (each n_d × M), over the rows ``keep[d]`` if given."""
+    out = np.full((len(dataset_y), n_models), np.nan)
+    for d, yd in enumerate(dataset_y):
+        out[d] = column_means(yd, None if keep is None else keep[d])[1]
+    return out
+
+
+def mean_over_datasets(acc: np.ndarray) -> np.ndarray:
+    """(M,) each model's mean per-dataset accuracy (``dataset_accuracies``), NaN where it has none:
+    the training accuracy of the tie-break, the BMA order and the reference model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a model labelled on no dataset
+        return np.nanmean(acc, axis=0)
 
 
 @dataclass(frozen=True)

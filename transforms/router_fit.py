@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchroute.transforms.evaluate import BenchmarkArrays
+from benchroute.transforms.evaluate import BenchmarkArrays, mean_over_datasets
 from benchroute.transforms.kernel import NadarayaWatson, lodo_accuracies
 from benchroute.transforms.knn import Fallback, Neighbors, Weights, self_neighbors
 from benchroute.transforms.label_matrix import labelled_counts
@@ -133,7 +133,7 @@ def fit_router(
     )
     ok, bandwidth, loo = fit_kernel(u, P)
     step(f"leave-one-dataset-out accuracies of {len(bench.datasets)} datasets x {len(bench.models)} models")
-    train_acc = np.nanmean(bench.dataset_accuracy(), axis=0)
+    train_acc = mean_over_datasets(bench.dataset_accuracy())
     n, M = bench.Y.shape
     if cost is None:
         nan = np.full(M, np.nan)

@@ -35,7 +35,7 @@ import polars as pl
 
 from benchroute.transforms import costs as costs_
 from benchroute.transforms import policy, route_metrics
-from benchroute.transforms.evaluate import BenchmarkArrays
+from benchroute.transforms.evaluate import BenchmarkArrays, mean_over_datasets
 from benchroute.transforms.knn import COVERAGE_K, KNNCorrectness, covered
 from benchroute.transforms.label_matrix import labelled_counts
 
@@ -149,9 +149,7 @@ def train_accuracy(bench: BenchmarkArrays, train_rows: np.ndarray) -> np.ndarray
     the choice of reference model, as in ``router_fit`` (there over all rows)."""
     held = np.ones(len(bench.input_ids), bool)
     held[train_rows] = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(bench.dataset_accuracy(exclude_rows=held), axis=0)
+    return mean_over_datasets(bench.dataset_accuracy(exclude_rows=held))
 
 
 def predict_with_coverage(predictor, X_train, Y_train, X_test, *, k: int = COVERAGE_K) -> np.ndarray:
