@@ -80,13 +80,33 @@ def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFr
     """(labels, memberships, models) of the store, labels restricted to the selection
     (``selection_filter``) and holding the columns a router is fitted and evaluated from
     (``LABEL_COLUMNS``: not the rule text or the outcome count, a third of a label's bytes),
-    filtered a part at a time."""
+    filtered a part at a time. Past ``FRAME_MAX_LABELS`` labels it stops reading and raises
+    ``TooManyLabels`` (the callers — the per-group evaluation, pair routers, stability, the
+    backfill's dry run — hold them all; the publish and its extension stream them instead)."""
     memberships = store.read("memberships")
     models = store.read("models")
-    parts = list(label_batches(store, selection_filter(memberships, sel))())
+    parts, rows = [], 0
+    for part in label_batches(store, selection_filter(memberships, sel))():
+        rows += part.height
+        if rows > FRAME_MAX_LABELS:
+            raise TooManyLabels(
+                f"{store.url}: the selection holds more than {FRAME_MAX_LABELS:,} labels, too many to "
+                "evaluate in memory (the per-group evaluation, pair routers and stability read them "
+                "all): publish with --no-evaluate (or --incremental), or select fewer sources, "
+                "datasets or models")
+        parts.append(part)
     labels = (pl.concat(parts, how="vertical_relaxed", rechunk=False) if parts
               else store.read_parts("labels", [], LABEL_COLUMNS))
     return labels, memberships, models
+
+
+# The most labels ``select_frames`` holds in memory (~80-95 bytes each as a frame: 40 M ≈ 3.5 GB,
+# the 50k × 1,000 leaderboard; 100k × 4,000 holds 293 M).
+FRAME_MAX_LABELS = 40_000_000
+
+
+class TooManyLabels(ValueError):
+    """The selection's labels are too many to hold as one frame (``select_frames``)."""
 
 
 # The label columns routers are fitted and evaluated from.

@@ -179,3 +179,23 @@ def test_cli(tmp_path, capsys):
     assert np.load(tmp_path / "synth" / "embeddings.npy").shape == (50, 16)
     with pytest.raises(ValueError, match="16-d"):
         synth.write_embeddings(str(tmp_path / "store"), tmp_path)  # default embedder is 384-d
+
+
+def test_a_selection_too_big_to_hold_in_memory_is_refused_at_the_boundary(ingested, monkeypatch):
+    """``select_frames`` (the evaluation's labels) holds at most ``FRAME_MAX_LABELS`` labels and
+    names the way out past it; a selection under the limit is read whole."""
+    from benchroute.artifacts import router_build
+    from benchroute.artifacts.specs import Selection
+    from benchroute.artifacts.store import Store
+
+    store = Store(ingested[0])
+    n = store.read("labels").height
+    assert len(store.parts("labels")) >= 1 and n > 0
+    monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", n)
+    assert router_build.select_frames(store, Selection())[0].height == n
+    monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", n - 1)
+    with pytest.raises(router_build.TooManyLabels, match=f"more than {n - 1:,} labels.*--no-evaluate"):
+        router_build.select_frames(store, Selection())
+    one = sorted(store.read("labels")["dataset"].unique())[0]
+    small = router_build.select_frames(store, Selection(datasets=(one,)))[0]
+    assert 0 < small.height < n and set(small["dataset"]) == {one}
