@@ -318,6 +318,64 @@ def test_dataset_value_is_dataset_y_only_while_every_value_equals_its_y():
         np.testing.assert_array_equal(b.dataset_value[d], same.dataset_value[d])
 
 
+def _single_dataset_fixture():
+    """The real fixture's inputs that sit in one dataset (a leaderboard's layout)."""
+    emb, ids, labels, memberships, models = _fixture_frames()
+    single = memberships.group_by("input_id").len().filter(pl.col("len") == 1)["input_id"]
+    labels = labels.filter(pl.col("input_id").is_in(single.implode()))
+    return emb, ids, labels, memberships.filter(pl.col("input_id").is_in(single.implode())), models
+
+
+def _scattered(b: BenchmarkArrays, labels: pl.DataFrame, dtype=np.float64):
+    """Each dataset's y and value scattered as stored copies (``LabelScatter`` without derive)."""
+    from benchroute.transforms.evaluate import LabelScatter
+
+    scatter = LabelScatter(b.input_ids, b.datasets, b.models, b.dataset_rows, dtype)
+    scatter.add(labels)
+    return scatter.finish()
+
+
+def test_each_dataset_s_labels_are_y_s_rows_when_every_input_is_in_one_dataset():
+    """Not a second copy of every label (1.6 GB on a leaderboard): Y's rows, made when asked
+    for, equal to what the scatter stores, bit for bit, in float64 and float32."""
+    from benchroute.transforms.evaluate import DatasetRows
+
+    emb, ids, labels, memberships, models = _single_dataset_fixture()
+    assert labels.height > 100 and labels["dataset"].n_unique() > 1
+    for dtype in (np.float64, np.float32):
+        batches = [labels.slice(s, 97) for s in range(0, labels.height, 97)]
+        b = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: iter(batches), memberships,
+                                         models, dtype=dtype)
+        assert isinstance(b.dataset_y, DatasetRows) and b.dataset_value is b.dataset_y
+        Y, d_y, _ = _scattered(b, labels, dtype)
+        np.testing.assert_array_equal(b.Y, Y)
+        assert len(b.dataset_y) == len(d_y) == len(b.datasets)
+        for d, yd in enumerate(d_y):
+            assert b.dataset_y[d].dtype == dtype
+            np.testing.assert_array_equal(b.dataset_y[d], yd)
+        assert [x.shape for x in b.dataset_y[1:3]] == [x.shape for x in d_y[1:3]]
+
+
+def test_a_second_label_in_a_cell_or_a_value_other_than_y_scatters_each_dataset_again():
+    emb, ids, labels, memberships, models = _single_dataset_fixture()
+    # the same input, dataset and model twice: Y averages, the dataset keeps the last label
+    first = labels.head(1)
+    again = first.with_columns(y=1 - pl.col("y"), value=1 - pl.col("value"))
+    twice = pl.concat([labels, again])
+    b = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: [twice], memberships, models)
+    assert isinstance(b.dataset_y, list)
+    Y, d_y, _ = _scattered(b, twice)
+    np.testing.assert_array_equal(b.Y, Y)
+    for x, y in zip(b.dataset_y, d_y, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert np.nanmax(np.abs(b.Y - 0.5)) == 0.5 and (b.Y == 0.5).sum() == 1
+    # a value other than y: dataset_value is its own copy
+    scored = labels.with_columns(value=pl.when(pl.int_range(pl.len()) == 7).then(0.25).otherwise(pl.col("value")))
+    v = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: [scored], memberships, models)
+    assert isinstance(v.dataset_y, list) and v.dataset_value is not v.dataset_y
+    assert sum(int((x == 0.25).sum()) for x in v.dataset_value) == 1
+
+
 def test_label_counts_past_255_in_one_cell_keep_counting():
     """Y is a mean over a cell's labels, counted in uint8 until a cell needs more: 300 labels of
     one input and model (in three batches) must average, not wrap around at 256."""

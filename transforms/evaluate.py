@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import warnings
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -117,14 +117,18 @@ class LabelScatter:
     the last label of a cell wins). Counts are uint8 until a cell needs more."""
 
     def __init__(self, ids: list[str], datasets: list[str], models: list[str],
-                 d_rows: list[np.ndarray], dtype) -> None:
+                 d_rows: list[np.ndarray], dtype, *, derive: bool = False) -> None:
         self.ids, self.datasets, self.models, self.d_rows = ids, datasets, models, d_rows
         n, M = len(ids), len(models)
         self.dtype = np.dtype(dtype)
         self.ysum = np.zeros((n, M), self.dtype)
         self.ycnt = np.zeros((n, M), np.uint8)
-        self.d_y = [np.full((r.size, M), np.nan, self.dtype) for r in d_rows]
+        # ``derive``: every row is in one dataset, so each dataset's y may be Y's rows
+        # (``DatasetRows``) instead of a second copy of every label; ``finish`` checks it.
+        self.derive = derive
+        self.d_y = [] if derive else [np.full((r.size, M), np.nan, self.dtype) for r in d_rows]
         self.d_v: list[np.ndarray] | None = None  # stays d_y while every value equals its y
+        self.values_differ = False
 
     def add(self, batch: pl.DataFrame) -> None:
         """Scatter one frame (input_id, dataset, model, y, value; every name known)."""
@@ -144,8 +148,11 @@ class LabelScatter:
         self.ysum.ravel()[cells] += np.bincount(inv, weights=y, minlength=cells.size).astype(self.dtype)
         self.ycnt.ravel()[cells] += add_n.astype(self.ycnt.dtype)
         del cells, inv, add_n
-        if self.d_v is None and not np.array_equal(y, v, equal_nan=True):
-            self.d_v = [a.copy() for a in self.d_y]
+        if not self.values_differ and not np.array_equal(y, v, equal_nan=True):
+            self.values_differ = True
+            self.d_v = None if self.derive else [a.copy() for a in self.d_y]
+        if self.derive:
+            return
         order = np.argsort(dcol, kind="stable")  # by dataset, batch order kept within one
         bounds = np.searchsorted(dcol[order], np.arange(len(self.datasets) + 1))
         for d in np.flatnonzero(np.diff(bounds)):
@@ -155,12 +162,37 @@ class LabelScatter:
             if self.d_v is not None:
                 self.d_v[d][at, mcol[sel]] = v[sel]
 
-    def finish(self) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """(Y, each dataset's y, each dataset's value: the same list when all values equal y)."""
+    def finish(self) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None:
+        """(Y, each dataset's y, each dataset's value: the same list when all values equal y).
+        With ``derive``: None when each dataset's y is not Y's rows (a cell with two labels, or
+        values other than y): the caller scatters again without ``derive``."""
+        if self.derive and (self.values_differ or int(self.ycnt.max(initial=0)) > 1):
+            return None
         with np.errstate(invalid="ignore", divide="ignore"):
             Y = np.divide(self.ysum, self.ycnt, out=self.ysum)  # NaN where a row has no label
         self.ycnt = None
+        if self.derive:
+            rows = DatasetRows(Y, self.d_rows)
+            return Y, rows, rows
         return Y, self.d_y, self.d_y if self.d_v is None else self.d_v
+
+
+class DatasetRows(Sequence):
+    """Each dataset's labels as the rows of ``Y`` (``dataset_rows[d]``), made when asked for (a
+    copy of one dataset's rows), not stored: what ``dataset_y`` is when every index row is in one
+    dataset with at most one label per model (a leaderboard), where it equals Y's rows exactly and
+    a second copy of every label would cost as much as Y (1.6 GB at 100k × 4,000)."""
+
+    def __init__(self, Y: np.ndarray, d_rows: list[np.ndarray]) -> None:
+        self.Y, self.d_rows = Y, d_rows
+
+    def __len__(self) -> int:
+        return len(self.d_rows)
+
+    def __getitem__(self, d):
+        if isinstance(d, slice):
+            return [self[i] for i in range(*d.indices(len(self)))]
+        return self.Y[self.d_rows[d]]
 
 
 @dataclass(frozen=True)
@@ -183,8 +215,8 @@ class BenchmarkArrays:
     row_groups: np.ndarray
     group_members: np.ndarray
     dataset_rows: list[np.ndarray]
-    dataset_y: list[np.ndarray]
-    dataset_value: list[np.ndarray]
+    dataset_y: Sequence[np.ndarray]
+    dataset_value: Sequence[np.ndarray]
     params_b: np.ndarray
 
     @classmethod
@@ -228,7 +260,8 @@ class BenchmarkArrays:
 
         The label arrays are ``dtype`` (None: ``dense_dtype(n, M)``, float64 unless the matrix
         is leaderboard-sized); ``dataset_value`` is ``dataset_y`` itself (not a copy) when
-        every label's value equals its y. Equal to ``from_frames`` of the concatenated batches
+        every label's value equals its y, and ``dataset_y`` is ``Y``'s rows (``DatasetRows``, not
+        stored) when besides every row is in one dataset with one label per cell. Equal to ``from_frames`` of the concatenated batches
         with the same ``dtype``."""
         # Pass 1: the names (inputs, models, each input's datasets).
         id_parts, model_parts, pair_parts = [], [], []
@@ -249,11 +282,19 @@ class BenchmarkArrays:
         member = np.zeros((n, D), bool)
         member[[row_of[i] for i in mem["input_id"]], [d_of[d] for d in mem["dataset"]]] = True
         d_rows = [np.flatnonzero(member[:, d]) for d in range(D)]
-        # Pass 2: Y (mean y over the row's labels of each model) and each dataset's y and value.
-        scatter = LabelScatter(ids, dataset_names, model_names, d_rows, dtype)
-        for batch in batches():
-            scatter.add(batch)
-        Y, d_y, d_v = scatter.finish()
+        # Pass 2: Y (mean y over the row's labels of each model) and each dataset's y and value;
+        # each dataset's y as Y's rows where every row is in one dataset (``DatasetRows``), else
+        # (or where a cell turns out to hold two labels) scattered separately, by a third pass.
+        single = bool(n) and bool((member.sum(axis=1) == 1).all())
+        for derive in (True, False)[0 if single else 1:]:
+            scatter = LabelScatter(ids, dataset_names, model_names, d_rows, dtype, derive=derive)
+            for batch in batches():
+                scatter.add(batch)
+            done = scatter.finish()
+            del scatter
+            if done is not None:
+                break
+        Y, d_y, d_v = done
         signatures, row_groups = np.unique(member, axis=0, return_inverse=True)
         params = model_sizes(models, model_names)
         return cls(
