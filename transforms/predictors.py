@@ -55,6 +55,16 @@ from benchroute.transforms.label_matrix import column_means, labelled_counts, ro
 STATE_FORMAT = 1
 PLATT_EPS = 1e-4  # base probabilities are clipped to [eps, 1 - eps] before the logit
 MAX_TORCH_THREADS = 1  # tiny matmuls: 2 threads gain little and collapse when the CPU is shared
+# A network with this many outputs or more (a leaderboard's models) trains on up to
+# ``WIDE_TORCH_THREADS`` threads: its output layer and loss dominate an epoch, and 2 threads took
+# 0.67x the time of 1 at 40k rows x 4,000 models, with bit-identical weights (benchmarks/mlp_threads.py).
+WIDE_OUTPUTS = 1024
+WIDE_TORCH_THREADS = 2
+
+
+def torch_threads(n_outputs: int) -> int:
+    """The most threads a network with ``n_outputs`` outputs trains on."""
+    return WIDE_TORCH_THREADS if n_outputs >= WIDE_OUTPUTS else MAX_TORCH_THREADS
 
 
 class NotFittedError(RuntimeError):
@@ -407,16 +417,17 @@ def validation_split(
 
 
 @contextlib.contextmanager
-def seeded_torch(seed: int):
-    """Torch on a forked CPU RNG seeded with ``seed``, at most ``MAX_TORCH_THREADS`` threads and
-    with deterministic algorithms; the caller's RNG, threads and setting are restored after."""
+def seeded_torch(seed: int, threads: int | None = None):
+    """Torch on a forked CPU RNG seeded with ``seed``, at most ``threads`` threads (default
+    ``MAX_TORCH_THREADS``; never more than the caller's) and with deterministic algorithms; the
+    caller's RNG, threads and setting are restored after."""
     import torch
 
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        torch.set_num_threads(max(1, min(MAX_TORCH_THREADS, prev_threads)))
+        torch.set_num_threads(max(1, min(MAX_TORCH_THREADS if threads is None else threads, prev_threads)))
         torch.use_deterministic_algorithms(True)
         try:
             yield
@@ -525,7 +536,7 @@ class _NetworkPredictor(BasePredictor):
             val_rows, train_rows = val_rows[:0], labelled
         self.val_rows_ = val_rows
 
-        with seeded_torch(self.seed):
+        with seeded_torch(self.seed, torch_threads(Y.shape[1])):
             module = self._build(torch, X.shape[1], Y.shape[1], self.prior_)
             history, best_epoch = self._loop(torch, module, X, Y, train_rows, val_rows, rng)
             layers = self._extract(module)
