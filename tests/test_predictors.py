@@ -185,6 +185,41 @@ def test_network_fit_leaves_torch_settings_alone(data):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_wide_networks_train_on_two_threads_narrow_ones_on_one(data, monkeypatch):
+    """Threads while training, by the number of outputs (never more than the caller allows); the
+    same threads give the same weights (1 and 2 threads may differ in the last bits)."""
+    import torch
+
+    from benchroute.transforms import predictors
+
+    assert predictors.torch_threads(predictors.WIDE_OUTPUTS - 1) == 1
+    assert predictors.torch_threads(predictors.WIDE_OUTPUTS) == 2
+    seen = []
+    real = predictors.MLPPredictor._loop
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(predictors.MLPPredictor, "_loop", spy)
+    X, Y = data["Xtr"][:300], data["Ytr"][:300]
+    caller = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        narrow = MLPPredictor(max_epochs=2).fit(X, Y)
+        monkeypatch.setattr(predictors, "WIDE_OUTPUTS", Y.shape[1])
+        wide = MLPPredictor(max_epochs=2).fit(X, Y)
+        again = MLPPredictor(max_epochs=2).fit(X, Y)
+        torch.set_num_threads(1)
+        capped = MLPPredictor(max_epochs=2).fit(X, Y)
+    finally:
+        torch.set_num_threads(caller)
+    assert seen == [1, 2, 2, 1]
+    for a, b, c, d in zip(wide.layers_, again.layers_, narrow.layers_, capped.layers_):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(c[0], d[0])
+
+
 def test_early_stopping_restores_the_best_epoch():
     """A wide net with a high learning rate on 300 rows overfits: training stops `patience`
     epochs after the best validation loss, and the weights kept are that epoch's."""

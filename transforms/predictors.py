@@ -57,7 +57,9 @@ PLATT_EPS = 1e-4  # base probabilities are clipped to [eps, 1 - eps] before the 
 MAX_TORCH_THREADS = 1  # tiny matmuls: 2 threads gain little and collapse when the CPU is shared
 # A network with this many outputs or more (a leaderboard's models) trains on up to
 # ``WIDE_TORCH_THREADS`` threads: its output layer and loss dominate an epoch, and 2 threads took
-# 0.67x the time of 1 at 40k rows x 4,000 models, with bit-identical weights (benchmarks/mlp_threads.py).
+# 0.67x the time of 1 at 40k rows x 4,000 models (benchmarks/mlp_threads.py). Equal threads give
+# equal weights; 1 and 2 threads may differ in the last bits (equal at that size, not at every
+# size), so a wide network built on a one-core machine may differ from a 2+ core machine's.
 WIDE_OUTPUTS = 1024
 WIDE_TORCH_THREADS = 2
 
