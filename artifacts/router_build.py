@@ -52,7 +52,8 @@ def selection_filter(memberships: pl.DataFrame, sel: Selection) -> pl.Expr:
 
 def label_batches(store: Store, keep: pl.Expr, columns: list[str] | None = None):
     """A callable giving the selected labels a stored part at a time (``LABEL_COLUMNS``), the
-    same parts in the same order on every call (``BenchmarkArrays.from_batches`` reads twice)."""
+    same parts in the same order on every call (``BenchmarkArrays.from_batches`` reads them
+    two or three times)."""
     parts = store.parts("labels")
     cols = columns or LABEL_COLUMNS
 
@@ -91,9 +92,9 @@ def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFr
         if rows > FRAME_MAX_LABELS:
             raise TooManyLabels(
                 f"{store.url}: the selection holds more than {FRAME_MAX_LABELS:,} labels, too many to "
-                "evaluate in memory (the per-group evaluation, pair routers and stability read them "
-                "all): publish with --no-evaluate (or --incremental), or select fewer sources, "
-                "datasets or models")
+                "hold in memory (the per-group evaluation, pair routers and stability read them all): "
+                "publish with --no-evaluate [--incremental] and without pair routers or stability, "
+                "refresh with --incremental, or select fewer sources, datasets or models")
         parts.append(part)
     labels = (pl.concat(parts, how="vertical_relaxed", rechunk=False) if parts
               else store.read_parts("labels", [], LABEL_COLUMNS))

@@ -667,13 +667,14 @@ def deploy(
     host: Annotated[str, _opt("--host", help="where a started server listens")] = "127.0.0.1",
     port: Annotated[int, _opt("--port")] = 4200,
     run_now: Flag("--run-now", "also trigger one refresh right away") = False,
+    incremental: Flag("--incremental", "each scheduled refresh runs as refresh --incremental") = False,
 ) -> int:
     from benchroute.flows import deploy as mod
 
     return mod.serve_deployments(landing, store, name=name, cron=cron,
                                  timezone=timezone, rules=rules, aliases=aliases,
                                  model_cards=model_cards, workers=dask_workers, address=dask_address,
-                                 host=host, port=port, run_now=run_now)
+                                 host=host, port=port, run_now=run_now, incremental=incremental)
 
 
 # -------------------------------------------------------------------------------------- main

@@ -34,9 +34,11 @@ def deployments(
     rules: str | None = None,
     aliases: str | None = None,
     model_cards: str | None = None,
+    incremental: bool = False,
 ) -> list:
-    """The two deployments: ``refresh/scheduled`` (cron, one run at a time) and
-    ``backfill/manual`` (no schedule; its dumps default to the landing location)."""
+    """The two deployments: ``refresh/scheduled`` (cron, one run at a time; ``incremental``: each
+    run extends the latest bundle by the models that landed, without evaluation, where it can)
+    and ``backfill/manual`` (no schedule; its dumps default to the landing location)."""
     from benchroute.flows.backfill import backfill_flow
     from benchroute.flows.refresh import refresh_flow
     from benchroute.flows.scale import scale_parameters, with_task_runner
@@ -50,7 +52,8 @@ def deployments(
             name="scheduled",
             schedule=CronSchedule(cron=cron, timezone=timezone or "UTC"),
             parameters={"landing": landing, "store": store, "name": name, "rules": rules,
-                        "aliases": aliases, "model_cards": model_cards, **scale},
+                        "aliases": aliases, "model_cards": model_cards, "incremental": incremental,
+                        **scale},
             concurrency_limit=1,  # a slow run is never overlapped by the next one
             description=f"Ingest what is new in {landing}, embed, refit, publish {name} if the data changed.",
             tags=["benchroute", "refresh"],
@@ -119,6 +122,7 @@ def serve_deployments(
     host: str = "127.0.0.1",
     port: int = 4200,
     run_now: bool = False,
+    incremental: bool = False,
 ) -> int:
     """Serve ``deployments(…)`` until Ctrl-C, against ``PREFECT_API_URL`` or a Prefect server
     started here on ``host:port`` (stopped on exit); then leave the process (``os._exit``)."""
@@ -142,7 +146,7 @@ def serve_deployments(
             deps = deployments(landing, store, name=name, cron=cron,
                                workers=workers, address=address,
                                timezone=timezone, rules=rules, aliases=aliases,
-                               model_cards=model_cards)
+                               model_cards=model_cards, incremental=incremental)
             ui = api[: -len("/api")] if api.endswith("/api") else api
             print(f"Prefect UI: {ui}  (runs: {ui}/runs, deployments: {ui}/deployments)", flush=True)
             if run_now:

@@ -11,7 +11,7 @@ def test_deployments_schedule_the_refresh_and_offer_the_backfill(tmp_path):
     assert (refresh.flow_name, refresh.name) == ("refresh", "scheduled")
     assert [s.schedule.cron for s in refresh.schedules] == [DEFAULT_CRON] == ["0 * * * *"]
     assert refresh.parameters["landing"].endswith("landing") and refresh.parameters["store"].endswith("store")
-    assert refresh.concurrency_limit == 1
+    assert refresh.concurrency_limit == 1 and refresh.parameters["incremental"] is False
     assert (backfill.flow_name, backfill.name) == ("backfill", "manual")
     assert not backfill.schedules and backfill.parameters["paths"] == [str(tmp_path / "landing")]
     # the parameter schemas carry the flows' types (the UI validates runs against them)
@@ -25,6 +25,8 @@ def test_deployments_schedule_the_refresh_and_offer_the_backfill(tmp_path):
 
 
 def test_deployments_on_dask(tmp_path):
-    refresh, _ = deployments("s3://bucket/landing", "s3://bucket/store", cron="*/15 * * * *", workers=2)
+    refresh, _ = deployments("s3://bucket/landing", "s3://bucket/store", cron="*/15 * * * *", workers=2,
+                             incremental=True)
     assert [s.schedule.cron for s in refresh.schedules] == ["*/15 * * * *"]
+    assert refresh.parameters["incremental"] is True
     assert refresh.parameters["embed_concurrency"] == 2

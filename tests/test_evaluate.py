@@ -362,8 +362,13 @@ def test_a_second_label_in_a_cell_or_a_value_other_than_y_scatters_each_dataset_
     first = labels.head(1)
     again = first.with_columns(y=1 - pl.col("y"), value=1 - pl.col("value"))
     twice = pl.concat([labels, again])
-    b = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: [twice], memberships, models)
-    assert isinstance(b.dataset_y, list)
+    calls = []
+
+    def counted(frame):
+        return lambda: calls.append(1) or [frame]
+
+    b = BenchmarkArrays.from_batches(_rows_of(emb, ids), counted(twice), memberships, models)
+    assert isinstance(b.dataset_y, list) and len(calls) == 3  # found only after the scatter
     Y, d_y, _ = _scattered(b, twice)
     np.testing.assert_array_equal(b.Y, Y)
     for x, y in zip(b.dataset_y, d_y, strict=True):
@@ -371,8 +376,10 @@ def test_a_second_label_in_a_cell_or_a_value_other_than_y_scatters_each_dataset_
     assert np.nanmax(np.abs(b.Y - 0.5)) == 0.5 and (b.Y == 0.5).sum() == 1
     # a value other than y: dataset_value is its own copy
     scored = labels.with_columns(value=pl.when(pl.int_range(pl.len()) == 7).then(0.25).otherwise(pl.col("value")))
-    v = BenchmarkArrays.from_batches(_rows_of(emb, ids), lambda: [scored], memberships, models)
+    calls.clear()
+    v = BenchmarkArrays.from_batches(_rows_of(emb, ids), counted(scored), memberships, models)
     assert isinstance(v.dataset_y, list) and v.dataset_value is not v.dataset_y
+    assert len(calls) == 2  # seen while reading the names: no attempt to derive
     assert sum(int((x == 0.25).sum()) for x in v.dataset_value) == 1
 
 

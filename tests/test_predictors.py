@@ -186,8 +186,9 @@ def test_network_fit_leaves_torch_settings_alone(data):
 
 
 def test_wide_networks_train_on_two_threads_narrow_ones_on_one(data, monkeypatch):
-    """Threads while training, by the number of outputs (never more than the caller allows); the
-    same threads give the same weights (1 and 2 threads may differ in the last bits)."""
+    """Threads while training, by the number of outputs and the cores the process may use (not
+    torch's setting before the fit); the same threads give the same weights (1 and 2 threads may
+    differ in the last bits)."""
     import torch
 
     from benchroute.transforms import predictors
@@ -203,14 +204,17 @@ def test_wide_networks_train_on_two_threads_narrow_ones_on_one(data, monkeypatch
 
     monkeypatch.setattr(predictors.MLPPredictor, "_loop", spy)
     X, Y = data["Xtr"][:300], data["Ytr"][:300]
+    from benchroute.transforms import embedder
+
     caller = torch.get_num_threads()
+    monkeypatch.setattr(embedder, "available_cores", lambda: 2)
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)  # e.g. left so by an embedder on one core: not a cap
         narrow = MLPPredictor(max_epochs=2).fit(X, Y)
         monkeypatch.setattr(predictors, "WIDE_OUTPUTS", Y.shape[1])
         wide = MLPPredictor(max_epochs=2).fit(X, Y)
         again = MLPPredictor(max_epochs=2).fit(X, Y)
-        torch.set_num_threads(1)
+        monkeypatch.setattr(embedder, "available_cores", lambda: 1)  # one core: one thread
         capped = MLPPredictor(max_epochs=2).fit(X, Y)
     finally:
         torch.set_num_threads(caller)

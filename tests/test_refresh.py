@@ -170,6 +170,20 @@ def test_incremental_refresh_extends_the_latest_version_by_the_models_that_land(
     assert added <= set(load_router(store, "default").model_names)
 
 
+def test_an_incremental_publish_has_its_own_cache_key(lifecycle):
+    """An extension is not the full build of the same data: neither may be served from the
+    other's cached result (and a full build's key is what it was before extensions)."""
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.artifacts.specs import RouterSpec, Selection
+    from benchroute.flows.pipeline import _publish_key
+
+    p = {"store": lifecycle.store, "name": "default", "embedder_id": emb.embedders(Store(lifecycle.store))[0],
+         "evaluation": {}, "selection": Selection(), "router": RouterSpec()}
+    full = _publish_key(None, p)
+    assert _publish_key(None, {**p, "incremental": False}) == full
+    assert _publish_key(None, {**p, "incremental": True}) != full
+
+
 def test_evaluation_and_bundle_are_prefect_artifacts(lifecycle):
     from uuid import UUID
 

@@ -110,11 +110,19 @@ def model_sizes(models: pl.DataFrame | None, names: list[str]) -> np.ndarray:
     return np.array([float(sizes[m]) if m in sizes else np.nan for m in names], np.float64)
 
 
+def _values_are_y(batch: pl.DataFrame, y: np.ndarray | None = None, v: np.ndarray | None = None) -> bool:
+    """Whether every label's value equals its y (NaN equal to NaN)."""
+    if y is None:
+        y, v = batch["y"].cast(pl.Float64).to_numpy(), batch["value"].cast(pl.Float64).to_numpy()
+    return bool(np.array_equal(y, v, equal_nan=True))
+
+
 class LabelScatter:
     """Label rows scattered, a batch at a time, into the label matrices of given index rows
     (``ids``), datasets and models: ``Y`` (n × M, the mean y over a row's labels of each model;
     NaN = none), and per dataset d its rows' y and value (``d_rows[d]``: d's index rows, sorted;
-    the last label of a cell wins). Counts are uint8 until a cell needs more."""
+    the last label of a cell wins), stored, or with ``derive`` taken from Y's rows
+    (``DatasetRows``). Counts are uint8 until a cell needs more."""
 
     def __init__(self, ids: list[str], datasets: list[str], models: list[str],
                  d_rows: list[np.ndarray], dtype, *, derive: bool = False) -> None:
@@ -148,7 +156,7 @@ class LabelScatter:
         self.ysum.ravel()[cells] += np.bincount(inv, weights=y, minlength=cells.size).astype(self.dtype)
         self.ycnt.ravel()[cells] += add_n.astype(self.ycnt.dtype)
         del cells, inv, add_n
-        if not self.values_differ and not np.array_equal(y, v, equal_nan=True):
+        if not self.values_differ and not _values_are_y(batch, y, v):
             self.values_differ = True
             self.d_v = None if self.derive else [a.copy() for a in self.d_y]
         if self.derive:
@@ -255,7 +263,8 @@ class BenchmarkArrays:
     ) -> BenchmarkArrays:
         """Assemble from labels given a batch at a time: ``batches()`` yields frames with the
         columns input_id, dataset, model, y and value, the same rows in the same order on each
-        call; it is called twice (names, then values), so no frame of all labels is ever held.
+        call; it is called twice (names, then values; a third time when each dataset's labels
+        cannot be Y's rows after all), so no frame of all labels is ever held.
         ``embeddings(ids)``: the embedding rows of the labelled input ids (sorted), aligned.
 
         The label arrays are ``dtype`` (None: ``dense_dtype(n, M)``, float64 unless the matrix
@@ -265,10 +274,12 @@ class BenchmarkArrays:
         with the same ``dtype``."""
         # Pass 1: the names (inputs, models, each input's datasets).
         id_parts, model_parts, pair_parts = [], [], []
+        values_are_y = True
         for batch in batches():
             id_parts.append(batch["input_id"].unique())
             model_parts.append(batch["model"].unique())
             pair_parts.append(batch.select("input_id", "dataset").unique())
+            values_are_y = values_are_y and _values_are_y(batch)
         ids = sorted(pl.concat(id_parts).unique().to_list()) if id_parts else []
         X = normalize_rows(embeddings(ids))
         model_names = sorted(pl.concat(model_parts).unique().to_list()) if model_parts else []
@@ -285,7 +296,7 @@ class BenchmarkArrays:
         # Pass 2: Y (mean y over the row's labels of each model) and each dataset's y and value;
         # each dataset's y as Y's rows where every row is in one dataset (``DatasetRows``), else
         # (or where a cell turns out to hold two labels) scattered separately, by a third pass.
-        single = bool(n) and bool((member.sum(axis=1) == 1).all())
+        single = values_are_y and bool(n) and bool((member.sum(axis=1) == 1).all())
         for derive in (True, False)[0 if single else 1:]:
             scatter = LabelScatter(ids, dataset_names, model_names, d_rows, dtype, derive=derive)
             for batch in batches():
@@ -318,7 +329,7 @@ class BenchmarkArrays:
         return dataset_accuracies(self.dataset_y, len(self.models), keep)
 
 
-def dataset_accuracies(dataset_y: list[np.ndarray], n_models: int,
+def dataset_accuracies(dataset_y: Sequence[np.ndarray], n_models: int,
                        keep: list[np.ndarray] | None = None) -> np.ndarray:
     """(D × M) each model's accuracy on each dataset over its labelled inputs (NaN = none) from
     the per-dataset labels ``dataset_y`` (each n_d × M), over the rows ``keep[d]`` if given."""
@@ -382,12 +393,12 @@ def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator
         yield HeldOutTask(
             d, bench.datasets[d], local, rows, bench.dataset_y[d][local],
             bench.dataset_value[d][local], held, train_rows, fb, grouped.merge(allowed, rows=rows),
-            kernel, P, u, fit_on, np.nanmean(np.where(held[:, None], np.nan, d_acc), axis=0),
+            kernel, P, u, fit_on, mean_over_datasets(np.where(held[:, None], np.nan, d_acc)),
         )
 
 
 def task_kernel(bench: BenchmarkArrays, cfg: EvalConfig, grouped, held: np.ndarray,
-                Y: np.ndarray, dataset_y: list[np.ndarray]):
+                Y: np.ndarray, dataset_y: Sequence[np.ndarray]):
     """(kernel, P, u, fit_on): nested LODO p(d, m), u(d) on the training datasets (``held``
     left out, each training dataset with its family) from the labels ``Y`` / ``dataset_y``, and
     the Gaussian smoother fitted on the datasets with a descriptor and some p."""

@@ -420,16 +420,20 @@ def validation_split(
 
 @contextlib.contextmanager
 def seeded_torch(seed: int, threads: int | None = None):
-    """Torch on a forked CPU RNG seeded with ``seed``, at most ``threads`` threads (default
-    ``MAX_TORCH_THREADS``; never more than the caller's) and with deterministic algorithms; the
-    caller's RNG, threads and setting are restored after."""
+    """Torch on a forked CPU RNG seeded with ``seed``, on ``threads`` threads (default
+    ``MAX_TORCH_THREADS``) or as many cores as this process may use if fewer
+    (``embedder.available_cores``: the affinity mask and CPU quota, not torch's current setting,
+    which whatever ran before in the process may have changed) and with deterministic
+    algorithms; the caller's RNG, threads and setting are restored after."""
     import torch
+
+    from benchroute.transforms.embedder import available_cores
 
     prev_threads = torch.get_num_threads()
     prev_det = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        torch.set_num_threads(max(1, min(MAX_TORCH_THREADS if threads is None else threads, prev_threads)))
+        torch.set_num_threads(max(1, min(MAX_TORCH_THREADS if threads is None else threads, available_cores())))
         torch.use_deterministic_algorithms(True)
         try:
             yield
