@@ -25,10 +25,10 @@ are those the base was built from (``built_from_parts``, recorded beside the bun
 plus new ones; the new labels (within the selection) are all of models the base does not hold,
 on its inputs and on datasets its kernel scored; the memberships and vectors of its inputs are
 unchanged; the outcome parts added hold no model the base holds; and the models added without a
-refit over the whole chain of extensions stay within ``MAX_UNMEASURED_SHARE`` (10 %, at least one)
-of the last full build's models — they are in no held-out curve and shaped no hidden layer. The new models' arrays are
-made in the full build's float type (``evaluate.dense_dtype``) by the same functions, so what is
-kept equals a full build's (``tests/test_router_extend.py``).
+refit over the whole chain of extensions stay within ``MAX_UNMEASURED_SHARE`` (10 %, at least
+one) of the last full build's models — they are in no held-out curve and shaped no hidden layer.
+The new models' arrays are made in the full build's float type (``evaluate.dense_dtype``) by the
+same functions, so what is kept equals a full build's (``tests/test_router_extend.py``).
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ Everything is deterministic given ``EvalConfig.seed``.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -270,8 +269,8 @@ class BenchmarkArrays:
         The label arrays are ``dtype`` (None: ``dense_dtype(n, M)``, float64 unless the matrix
         is leaderboard-sized); ``dataset_value`` is ``dataset_y`` itself (not a copy) when
         every label's value equals its y, and ``dataset_y`` is ``Y``'s rows (``DatasetRows``, not
-        stored) when besides every row is in one dataset with one label per cell. Equal to ``from_frames`` of the concatenated batches
-        with the same ``dtype``."""
+        stored) when besides every row is in one dataset with one label per cell. Equal to
+        ``from_frames`` of the concatenated batches with the same ``dtype``."""
         # Pass 1: the names (inputs, models, each input's datasets).
         id_parts, model_parts, pair_parts = [], [], []
         values_are_y = True
