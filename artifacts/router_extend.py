@@ -141,13 +141,12 @@ class ExtensionError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExtensionPlan:
-    """A base bundle and what the store holds beyond it: the new labels (within the selection),
-    the parts they came from, and the outcome parts to read the added models' tokens from."""
+    """A base bundle and what the store holds beyond it: the new labels (within the selection)
+    and the outcome parts to read the added models' tokens from."""
 
     base: VerifiedBundle
     labels: pl.DataFrame
     token_parts: list[str]  # outcome parts that may hold the added models' output lengths
-    label_parts: list[str]
 
 
 def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
@@ -226,7 +225,7 @@ def extension_plan(store_url: str, name: str, embedder_id: str, sel: Selection,
     # committed before the base was built and their labels after (ingest commits, then relabels).
     added = set(labels["model"].unique().to_list())
     token_parts = [rel for rel in now["outcomes"] if rel not in recorded or recorded[rel] & added]
-    return ExtensionPlan(base, labels, token_parts, label_parts)
+    return ExtensionPlan(base, labels, token_parts)
 
 
 def extension_chain(extension: dict | None) -> list[dict]:

@@ -109,11 +109,9 @@ def model_sizes(models: pl.DataFrame | None, names: list[str]) -> np.ndarray:
     return np.array([float(sizes[m]) if m in sizes else np.nan for m in names], np.float64)
 
 
-def _values_are_y(batch: pl.DataFrame, y: np.ndarray | None = None, v: np.ndarray | None = None) -> bool:
-    """Whether every label's value equals its y (NaN equal to NaN)."""
-    if y is None:
-        y, v = batch["y"].cast(pl.Float64).to_numpy(), batch["value"].cast(pl.Float64).to_numpy()
-    return bool(np.array_equal(y, v, equal_nan=True))
+def _y_and_value(batch: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """A label frame's y and value as float64 vectors."""
+    return batch["y"].cast(pl.Float64).to_numpy(), batch["value"].cast(pl.Float64).to_numpy()
 
 
 class LabelScatter:
@@ -130,12 +128,12 @@ class LabelScatter:
         self.dtype = np.dtype(dtype)
         self.ysum = np.zeros((n, M), self.dtype)
         self.ycnt = np.zeros((n, M), np.uint8)
-        # ``derive``: every row is in one dataset, so each dataset's y may be Y's rows
-        # (``DatasetRows``) instead of a second copy of every label; ``finish`` checks it.
+        # ``derive``: the caller saw every row in one dataset and every value equal its y, so
+        # each dataset's y may be Y's rows (``DatasetRows``), not a second copy of every label;
+        # ``finish`` checks the one thing left, one label per cell.
         self.derive = derive
         self.d_y = [] if derive else [np.full((r.size, M), np.nan, self.dtype) for r in d_rows]
         self.d_v: list[np.ndarray] | None = None  # stays d_y while every value equals its y
-        self.values_differ = False
 
     def add(self, batch: pl.DataFrame) -> None:
         """Scatter one frame (input_id, dataset, model, y, value; every name known)."""
@@ -143,10 +141,8 @@ class LabelScatter:
             return
         M = len(self.models)
         rows = _positions(batch["input_id"], self.ids)
-        dcol = _positions(batch["dataset"], self.datasets)
         mcol = _positions(batch["model"], self.models)
-        y = batch["y"].cast(pl.Float64).to_numpy()
-        v = batch["value"].cast(pl.Float64).to_numpy()
+        y, v = _y_and_value(batch)
         cells, inv = np.unique(rows * M + mcol, return_inverse=True)
         add_n = np.bincount(inv, minlength=cells.size)
         need = int((self.ycnt.ravel()[cells] + add_n).max())
@@ -155,11 +151,11 @@ class LabelScatter:
         self.ysum.ravel()[cells] += np.bincount(inv, weights=y, minlength=cells.size).astype(self.dtype)
         self.ycnt.ravel()[cells] += add_n.astype(self.ycnt.dtype)
         del cells, inv, add_n
-        if not self.values_differ and not _values_are_y(batch, y, v):
-            self.values_differ = True
-            self.d_v = None if self.derive else [a.copy() for a in self.d_y]
         if self.derive:
             return
+        if self.d_v is None and not np.array_equal(y, v, equal_nan=True):
+            self.d_v = [a.copy() for a in self.d_y]
+        dcol = _positions(batch["dataset"], self.datasets)
         order = np.argsort(dcol, kind="stable")  # by dataset, batch order kept within one
         bounds = np.searchsorted(dcol[order], np.arange(len(self.datasets) + 1))
         for d in np.flatnonzero(np.diff(bounds)):
@@ -171,9 +167,9 @@ class LabelScatter:
 
     def finish(self) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]] | None:
         """(Y, each dataset's y, each dataset's value: the same list when all values equal y).
-        With ``derive``: None when each dataset's y is not Y's rows (a cell with two labels, or
-        values other than y): the caller scatters again without ``derive``."""
-        if self.derive and (self.values_differ or int(self.ycnt.max(initial=0)) > 1):
+        With ``derive``: None when each dataset's y is not Y's rows (a cell with two labels): the
+        caller scatters again without ``derive``."""
+        if self.derive and int(self.ycnt.max(initial=0)) > 1:
             return None
         with np.errstate(invalid="ignore", divide="ignore"):
             Y = np.divide(self.ysum, self.ycnt, out=self.ysum)  # NaN where a row has no label
@@ -278,7 +274,7 @@ class BenchmarkArrays:
             id_parts.append(batch["input_id"].unique())
             model_parts.append(batch["model"].unique())
             pair_parts.append(batch.select("input_id", "dataset").unique())
-            values_are_y = values_are_y and _values_are_y(batch)
+            values_are_y = values_are_y and bool(np.array_equal(*_y_and_value(batch), equal_nan=True))
         ids = sorted(pl.concat(id_parts).unique().to_list()) if id_parts else []
         X = normalize_rows(embeddings(ids))
         model_names = sorted(pl.concat(model_parts).unique().to_list()) if model_parts else []

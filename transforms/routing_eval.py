@@ -37,7 +37,7 @@ from benchroute.transforms import costs as costs_
 from benchroute.transforms import policy, route_metrics
 from benchroute.transforms.evaluate import BenchmarkArrays, mean_over_datasets
 from benchroute.transforms.knn import COVERAGE_K, KNNCorrectness, covered
-from benchroute.transforms.label_matrix import labelled_counts
+from benchroute.transforms.label_matrix import labelled_counts, row_blocks
 
 
 @dataclass(frozen=True)
@@ -293,10 +293,9 @@ def _choose_per_fold(G, Crel, pt, fs, accs, allowed) -> np.ndarray:
     rows at a time (a choice depends on its row only; a leaderboard's ranking of every model of
     20k rows at once held 4 GB)."""
     out, start = [], 0
-    step = max(1, CHOOSE_BYTES // (8 * max(G.shape[1], 1)))
     for f, acc in zip(fs, accs):
-        for s in range(start, start + f.test.size, step):
-            sl = slice(s, min(s + step, start + f.test.size))
+        for b in row_blocks(f.test.size, G.shape[1], CHOOSE_BYTES):
+            sl = slice(start + b.start, start + b.stop)
             out.append(policy.choose(G[sl], Crel[sl], pt, allowed=allowed, tiebreak=acc))
         start += f.test.size
     return np.concatenate(out) if out else np.empty(0, np.int64)
