@@ -77,32 +77,81 @@ def selected_input_ids(store: Store, sel: Selection) -> pl.Series:
     return pl.concat(ids).unique() if ids else pl.Series("input_id", [], pl.String)
 
 
-def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """(labels, memberships, models) of the store, labels restricted to the selection
-    (``selection_filter``) and holding the columns a router is fitted and evaluated from
-    (``LABEL_COLUMNS``: not the rule text or the outcome count, a third of a label's bytes),
-    filtered a part at a time. Past ``FRAME_MAX_LABELS`` labels it stops reading and raises
-    ``TooManyLabels`` (the callers — the per-group evaluation, pair routers, stability, the
-    backfill's dry run — hold them all; the publish and its extension stream them instead)."""
-    memberships = store.read("memberships")
-    models = store.read("models")
-    parts, rows = [], 0
-    for part in label_batches(store, selection_filter(memberships, sel))():
-        rows += part.height
-        if rows > FRAME_MAX_LABELS:
+class SelectedLabels:
+    """The selection's labels (``selection_filter``; ``LABEL_COLUMNS``: not the rule text or the
+    outcome count, a third of a label's bytes) a stored part at a time, with their distinct
+    (dataset, model) pairs (``coverage``). Read once here; the parts are kept in memory while
+    they hold at most ``FRAME_MAX_LABELS`` labels (``held``), else each call of ``batches``
+    reads them again from the store, so a leaderboard's labels are never all in memory. Either
+    way ``batches`` yields the same frames, a part at a time: results (and
+    ``fingerprints.labels_digest``) do not depend on which. ``rows``: how many labels;
+    ``input_ids``: their distinct inputs."""
+
+    def __init__(self, store: Store, sel: Selection, memberships: pl.DataFrame | None = None,
+                 *, max_labels: int | None = None) -> None:
+        self.store = store
+        self.memberships = store.read("memberships") if memberships is None else memberships
+        self.keep = selection_filter(self.memberships, sel)
+        self.parts = store.parts("labels")
+        self.limit = FRAME_MAX_LABELS if max_labels is None else max_labels
+        held: list[pl.DataFrame] | None = []
+        coverage, ids, rows = [], [], 0
+        for rel in self.parts:
+            cols = LABEL_COLUMNS if held is not None else ["input_id", "dataset", "model"]
+            part = self.store.read_parts("labels", [rel], cols).filter(self.keep)
+            coverage.append(part.select("dataset", "model").unique())
+            ids.append(part["input_id"].unique())
+            rows += part.height
+            if held is not None and rows <= self.limit:
+                held.append(part)
+            else:
+                held = None  # too many: each pass reads the store again
+        self.held = held
+        self.rows = rows
+        self.coverage = (pl.concat(coverage).unique() if coverage
+                         else pl.DataFrame(schema={"dataset": pl.String, "model": pl.String}))
+        self.input_ids = pl.concat(ids).unique() if ids else pl.Series("input_id", [], pl.String)
+
+    def batches(self, where: pl.Expr | None = None, columns: list[str] | None = None):
+        """A callable giving the labels a part at a time (only those ``where`` holds; only
+        ``columns``), the same frames in the same order on every call: what
+        ``BenchmarkArrays.from_batches`` and ``labels_digest`` read."""
+        keep = self.keep if where is None else self.keep & where
+        cols = columns or LABEL_COLUMNS
+
+        def held():
+            for part in self.held:
+                yield part.filter(where).select(cols) if where is not None else part.select(cols)
+
+        def stored():
+            for rel in self.parts:
+                yield self.store.read_parts("labels", [rel], cols).filter(keep)
+
+        return held if self.held is not None else stored
+
+    def frame(self) -> pl.DataFrame:
+        """All the selected labels as one frame; ``TooManyLabels`` past ``FRAME_MAX_LABELS``."""
+        if self.held is None:
             raise TooManyLabels(
-                f"{store.url}: the selection holds more than {FRAME_MAX_LABELS:,} labels, too many to "
-                "hold in memory (the per-group evaluation, pair routers and stability read them all): "
-                "publish with --no-evaluate [--incremental] and without pair routers or stability, "
-                "refresh with --incremental, or select fewer sources, datasets or models")
-        parts.append(part)
-    labels = (pl.concat(parts, how="vertical_relaxed", rechunk=False) if parts
-              else store.read_parts("labels", [], LABEL_COLUMNS))
-    return labels, memberships, models
+                f"{self.store.url}: the selection holds {self.rows:,} labels, more than "
+                f"{self.limit:,}, too many to hold in memory (pair routers, stability and "
+                "the backfill's plan read them all): publish without pair routers or stability, "
+                "or select fewer sources, datasets or models")
+        return (pl.concat(self.held, how="vertical_relaxed", rechunk=False) if self.held
+                else self.store.read_parts("labels", [], LABEL_COLUMNS))
 
 
-# The most labels ``select_frames`` holds in memory (~80-95 bytes each as a frame: 40 M ≈ 3.5 GB,
-# the 50k × 1,000 leaderboard; 100k × 4,000 holds 293 M).
+def select_frames(store: Store, sel: Selection) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(labels, memberships, models) of the store, labels restricted to the selection as one
+    frame (``SelectedLabels.frame``: ``TooManyLabels`` past ``FRAME_MAX_LABELS``). For pair
+    routers and stability, which hold them all; the publish, its extension and the per-group
+    evaluation stream them instead."""
+    selected = SelectedLabels(store, sel)
+    return selected.frame(), selected.memberships, store.read("models")
+
+
+# The most labels held in memory as frames (~80-95 bytes each: 40 M ≈ 3.5 GB, the 50k × 1,000
+# leaderboard; 100k × 4,000 holds 293 M): past it ``SelectedLabels`` re-reads the store.
 FRAME_MAX_LABELS = 40_000_000
 
 

@@ -24,6 +24,8 @@ import time
 
 from benchroute.artifacts.report import write_report
 from benchroute.artifacts.store import Store
+from benchroute.artifacts.router_build import SelectedLabels
+from benchroute.artifacts.specs import Selection
 from benchroute.flows.evaluate import pick_embedder, routing_groups
 
 
@@ -47,8 +49,7 @@ def main() -> int:
     eid = pick_embedder(store, None)
     t0 = time.perf_counter()
     routing = routing_groups(
-        store, eid, store.read("labels"), store.read("memberships"), store.read("models"),
-        predictors, splits=splits, sources=args.sources, max_folds=args.max_folds, seed=args.seed,
+        store, eid, SelectedLabels(store, Selection()), store.read("models"), predictors, splits=splits, sources=args.sources, max_folds=args.max_folds, seed=args.seed,
     )
     print(f"# cost-aware routing on {args.store} ({time.perf_counter() - t0:.0f} s)\n")
     print("Baseline: the best single priced model on the held-out inputs (ratio 1.000 at cost share 1).\n")

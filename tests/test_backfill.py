@@ -114,3 +114,40 @@ def test_backfill_of_a_selection_embeds_only_its_inputs(embedded_sample_store, t
     st = Store(store)
     present = set(emb.present_ids(st, emb.embedders(st)[0]))
     assert set(wanted) <= present and not (set(left_out) - set(wanted)) & present
+
+
+def test_labels_past_the_memory_limit_are_read_from_the_store_with_the_same_results(
+        embedded_sample_store, monkeypatch):
+    """``SelectedLabels`` holds the selection's labels while they are few, else re-reads the
+    store a part at a time for each pass (a leaderboard): the same frames, coverage and inputs,
+    so the same plan (fingerprints included) and the same evaluation of a group."""
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.artifacts import router_build
+    from benchroute.artifacts.router_build import SelectedLabels
+
+    store = Store(embedded_sample_store)
+    eid = emb.embedders(store)[0]
+    held = SelectedLabels(store, Selection())
+    streamed = SelectedLabels(store, Selection(), max_labels=held.rows - 1)
+    assert held.held is not None and streamed.held is None
+    one = pl.col("model") == held.coverage["model"].sort()[0]
+    for where in (None, one):
+        a, b = list(held.batches(where)()), list(streamed.batches(where)())
+        assert len(a) == len(b) == len(held.parts)
+        for x, y in zip(a, b, strict=True):
+            assert x.equals(y)
+    assert held.coverage.sort("dataset", "model").equals(streamed.coverage.sort("dataset", "model"))
+    assert held.input_ids.sort().equals(streamed.input_ids.sort())
+    assert held.rows == streamed.rows == store.read("labels").height
+    with pytest.raises(router_build.TooManyLabels, match=f"more than {held.rows - 1:,}"):
+        streamed.frame()
+
+    plan = refit_plan(embedded_sample_store, eid, Selection(), RouterSpec())
+    group = min((g for g in plan.groups if not g.skipped), key=lambda g: g.inputs * g.models)
+    entry = evaluate_group(embedded_sample_store, eid, group.name, group.fingerprint, Selection(),
+                           RouterSpec())
+    monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", 0)  # every pass reads the store
+    assert SelectedLabels(store, Selection()).held is None
+    assert refit_plan(embedded_sample_store, eid, Selection(), RouterSpec()) == plan
+    assert evaluate_group(embedded_sample_store, eid, group.name, group.fingerprint, Selection(),
+                          RouterSpec()) == entry

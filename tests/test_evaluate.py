@@ -266,6 +266,25 @@ def test_fixture_end_to_end(fixture_eval):
     assert md.splitlines()[0].startswith("| metric | S1 | S2 | S3")
 
 
+def test_the_searched_neighbour_path_evaluates_as_the_stored_lists(fixture_eval, monkeypatch):
+    """Where the per-group lists would not fit (a leaderboard) every merge searches and nested
+    LODO narrows each dataset's lists (``kernel.lodo_neighbours``): the same evaluation."""
+    from benchroute.transforms import knn
+
+    b, ev = fixture_eval
+    monkeypatch.setattr(knn, "GROUPED_MAX_BYTES", 0)
+    searched = evaluate_lodo(b, EvalConfig(k=5, seed=0))
+    for name in ("table1", "per_task", "predictor", "alpha", "table2"):
+        a, c = getattr(ev, name), getattr(searched, name)
+        assert a.columns == c.columns and a.height == c.height, name
+        for col in a.columns:
+            if a[col].dtype.is_float():
+                np.testing.assert_allclose(c[col].to_numpy(), a[col].to_numpy(), rtol=1e-6,
+                                           atol=1e-9, err_msg=f"{name}.{col}")
+            else:
+                assert c[col].to_list() == a[col].to_list(), f"{name}.{col}"
+
+
 # ---------------------------------------------------------------- labels a batch at a time
 def _fixture_frames():
     emb = np.load(FIXTURE / "embeddings.npy").astype(np.float32)

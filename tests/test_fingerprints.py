@@ -10,6 +10,7 @@ from benchroute.transforms.fingerprints import (
     digest,
     frame_digest,
     group_fingerprint,
+    labels_digest,
     partition_ids,
 )
 
@@ -38,7 +39,7 @@ def test_group_fingerprint_reads_only_the_groups_data():
     mem = labels.select("input_id", "dataset").unique().with_columns(pl.lit("s").alias("source"))
     models = pl.DataFrame({"model": ["m1", "m2", "other"], "params_b": [7.0, None, 70.0]})
     fp = lambda lab, m=mem, mo=models, p=None: group_fingerprint(  # noqa: E731
-        lab, m, mo, datasets=["d1", "d2"], model_names=["m1", "m2"], params=p or {"k": 10})
+        *labels_digest([lab]), m, mo, datasets=["d1", "d2"], model_names=["m1", "m2"], params=p or {"k": 10})
     base = fp(labels)
     # another model's size, another input's membership: not read by this group
     assert fp(labels, mo=models.with_columns(pl.when(pl.col("model") == "other").then(8.0)
@@ -49,6 +50,20 @@ def test_group_fingerprint_reads_only_the_groups_data():
     assert fp(labels, mo=models.with_columns(pl.lit(1.0).alias("params_b"))) != base
     assert fp(labels.with_columns(pl.col("y").reverse())) != base
     assert fp(labels, p={"k": 5}) != base
+
+
+def test_labels_digest_streams_batches_as_a_set_of_row_sets():
+    labels = _labels()
+    one, ids = labels_digest([labels.head(4), labels.tail(2)])
+    assert sorted(ids.to_list()) == ["a1", "b2", "c3"]
+    # batches in any order, rows in any order within one, empty batches and other columns: equal
+    assert labels_digest([labels.tail(2).reverse(), labels.head(0), labels.head(4)])[0] == one
+    assert labels_digest([labels.head(4).with_columns(metric=pl.lit("em")), labels.tail(2)])[0] == one
+    # a changed value, a dropped row, the rows cut into other batches: not equal
+    assert labels_digest([labels.head(4), labels.tail(2).with_columns(value=pl.lit(0.5))])[0] != one
+    assert labels_digest([labels.head(4), labels.tail(1)])[0] != one
+    assert labels_digest([labels.head(3), labels.tail(3)])[0] != one
+    assert labels_digest([])[0] != one
 
 
 def test_partitions_are_stable_complete_and_disjoint():

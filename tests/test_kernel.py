@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchroute.transforms.kernel import (
+    lodo_neighbours,
     NadarayaWatson,
     lodo_accuracies,
     mean_knn_distance,
@@ -88,6 +89,11 @@ def test_lodo_accuracies_equal_separate_fits_per_fold(block_bytes, monkeypatch):
     grouped = grouped_topk(X, X, groups, k, self_rows=np.arange(n))
     held = np.array([False, False, True])
     P, u = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=k, held_out=held)
+    # narrowed from the lists without a held-out dataset (a leaderboard's nested LODO): the same
+    base = lodo_neighbours(grouped, sigs, rows)
+    P_b, u_b = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=k, held_out=held, base=base)
+    np.testing.assert_array_equal(P_b, P)
+    np.testing.assert_array_equal(u_b, u)
     assert member[rows[0], 2].any() or member[rows[1], 2].any()  # the case is exercised
     assert np.isnan(P[2]).all() and np.isnan(u[2])
     for d in (0, 1):

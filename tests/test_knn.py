@@ -207,3 +207,30 @@ def test_covered_marks_models_with_a_labelled_neighbour():
     neigh = Neighbors(np.array([[0, 2], [1, -1], [2, -1]]), np.zeros((3, 2), np.float32))
     # Query 0 sees rows 0 and 2 (model 0 only); query 1 row 1 (model 1); -1 is no neighbour.
     assert covered(neigh, Y).tolist() == [[True, False, False], [False, True, False], [True, False, False]]
+
+
+def test_narrowed_lists_search_again_only_where_a_neighbour_is_now_left_out():
+    """``narrowed``: the top-k among fewer rows from the top-k among more, searching again only
+    the queries whose list held a row now left out; equal to searching every query anew."""
+    from benchroute.transforms.knn import cosine_topk, narrowed
+
+    X, _, _ = _data(n=120, seed=7)
+    Xn = normalize_rows(X)
+    Q = np.arange(0, 120, 4)
+    base = cosine_topk(Xn[Q], Xn, 5, self_rows=Q)
+    allowed = np.ones(120, bool)
+    allowed[np.r_[10:40]] = False
+    asked = []
+
+    def search(at):
+        asked.append(at)
+        return cosine_topk(Xn[Q[at]], Xn, 5, exclude=~allowed, self_rows=Q[at])
+
+    got = narrowed(base, allowed, search)
+    ref = cosine_topk(Xn[Q], Xn, 5, exclude=~allowed, self_rows=Q)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_allclose(got.similarities, ref.similarities, atol=1e-6)
+    stale = (~allowed[base.indices]).any(axis=1)
+    assert 0 < stale.sum() < len(Q)  # both kinds of query are exercised
+    np.testing.assert_array_equal(np.concatenate(asked), np.flatnonzero(stale))
+    assert narrowed(base, np.ones(120, bool), search) is base

@@ -8,6 +8,7 @@ import pytest
 
 from benchroute.transforms import knn
 from benchroute.transforms.label_matrix import (
+    RowsOf,
     column_counts_sums,
     column_means,
     rows_with_label,
@@ -38,6 +39,34 @@ def test_blocked_statistics_equal_numpy(dtype, max_bytes):
         with np.errstate(invalid="ignore"):
             np.testing.assert_array_equal(means, np.nansum(Ys, axis=0, dtype=np.float64) / counts)
     np.testing.assert_array_equal(rows_with_label(Y, max_bytes=max_bytes), ~np.isnan(Y).all(axis=1))
+
+
+@pytest.mark.parametrize("max_bytes", [1, 8 * 7 * 5, 2**30])
+def test_a_row_view_reads_as_the_rows_it_stands_for(max_bytes):
+    """``RowsOf`` (the evaluation's training index without a copy of Y's rows, grown by a
+    task's labelled inputs): its rows and its column means are those of the dense stack, bit
+    for bit, in any block size."""
+    Y = _labels()
+    rows = np.array([0, 3, 8, 9, 10, 40, 41, 56])
+    extra = _labels(n=4, seed=1)
+    for sel in (rows, np.isin(np.arange(Y.shape[0]), rows)):
+        view = RowsOf(Y, sel)
+        grown = view.stack(extra[:2]).stack(extra[2:])
+        for v, dense in ((view, Y[sel]), (grown, np.vstack([Y[sel], extra]))):
+            assert v.shape == dense.shape and knn.is_row_source(v)
+            idx = np.array([len(dense) - 1, 0, -1, 2, len(dense) - 1])
+            got = v.rows(idx)
+            np.testing.assert_array_equal(got[idx >= 0], dense[idx[idx >= 0]])
+            assert np.isnan(got[idx < 0]).all()
+            np.testing.assert_array_equal(v.column_means(max_bytes),
+                                          column_means(dense, max_bytes=max_bytes)[1])
+    with pytest.raises(IndexError):
+        RowsOf(Y, rows).rows([len(rows)])
+    # the kNN predictor reads it as it reads the dense rows
+    X = np.random.default_rng(3).normal(size=(Y.shape[0], 5))
+    a = knn.KNNCorrectness(3).fit(X[rows], RowsOf(Y, rows)).predict_proba(X[:9])
+    b = knn.KNNCorrectness(3).fit(X[rows], Y[rows]).predict_proba(X[:9])
+    np.testing.assert_array_equal(a, b)
 
 
 def test_value_range_ignores_nan_and_reports_no_label():

@@ -182,8 +182,9 @@ def test_cli(tmp_path, capsys):
 
 
 def test_a_selection_too_big_to_hold_in_memory_is_refused_at_the_boundary(ingested, monkeypatch):
-    """``select_frames`` (the evaluation's labels) holds at most ``FRAME_MAX_LABELS`` labels and
-    names the way out past it; a selection under the limit is read whole."""
+    """``select_frames`` (the labels pair routers and stability hold) holds at most
+    ``FRAME_MAX_LABELS`` labels and names the way out past it; a selection under the limit is
+    read whole."""
     from benchroute.artifacts import router_build
     from benchroute.artifacts.specs import Selection
     from benchroute.artifacts.store import Store
@@ -194,7 +195,7 @@ def test_a_selection_too_big_to_hold_in_memory_is_refused_at_the_boundary(ingest
     monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", n)
     assert router_build.select_frames(store, Selection())[0].height == n
     monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", n - 1)
-    with pytest.raises(router_build.TooManyLabels, match=f"more than {n - 1:,} labels.*--no-evaluate"):
+    with pytest.raises(router_build.TooManyLabels, match=f"more than {n - 1:,}, too many.*pair routers"):
         router_build.select_frames(store, Selection())
     one = sorted(store.read("labels")["dataset"].unique())[0]
     small = router_build.select_frames(store, Selection(datasets=(one,)))[0]

@@ -53,20 +53,25 @@ import polars as pl
 
 from benchroute.transforms.kernel import (
     NadarayaWatson,
+    fallback_totals,
     lodo_accuracies,
+    lodo_neighbours,
     mean_knn_distance,
     neighbor_share_estimate,
+    train_mean,
 )
 from benchroute.transforms.knn import (
     Fallback,
     KNNCorrectness,
     Neighbors,
+    SearchedNeighbors,
     Weights,
     aggregate_labels,
-    grouped_topk,
+    narrowed,
     normalize_rows,
+    self_neighbors,
 )
-from benchroute.transforms.label_matrix import column_means
+from benchroute.transforms.label_matrix import RowsOf, column_means
 from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.scores import binarized_accuracy, s3, score_task, task_scores
 from benchroute.transforms.selection import TIE_RULES, choice_metrics, choose, choose_rows
@@ -371,9 +376,15 @@ class HeldOutTask:
 
 def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator[HeldOutTask]:
     """The held-out tasks of ``bench`` in dataset order (datasets with ``cfg.min_inputs``
-    complete inputs), with neighbours from ``grouped`` (``knn.grouped_topk`` of the index)."""
+    complete inputs), with neighbours from ``grouped`` (``knn.self_neighbors`` of the index).
+    Where that searches per merge (a leaderboard), every dataset's lists without its family
+    are searched once (``kernel.lodo_neighbours``) and each task narrows them (``knn.narrowed``):
+    a search of the rows a task changes, not of every row per task."""
     M = len(bench.models)
     families = bench.families()
+    totals = fallback_totals(bench.Y, bench.Y.nbytes)  # a leaderboard's fallbacks: no copy of Y
+    base = (lodo_neighbours(grouped, bench.group_members, bench.dataset_rows, families)
+            if isinstance(grouped, SearchedNeighbors) else None)
     for d in range(len(bench.datasets)):
         local = bench.complete_rows(d)
         if local.size < cfg.min_inputs or M < 2:
@@ -382,25 +393,30 @@ def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator
         held = families[d]  # d and the other parts of its benchmark (lodo_groups)
         allowed = ~bench.group_members[:, held].any(axis=1)
         train_rows = allowed[bench.row_groups]
-        fb = _column_means(bench.Y[train_rows]) if cfg.fallback == "train_mean" else None
-        kernel, P, u, fit_on = task_kernel(bench, cfg, grouped, held, bench.Y, bench.dataset_y)
+        fb = train_mean(bench.Y, train_rows, totals) if cfg.fallback == "train_mean" else None
+        kernel, P, u, fit_on = task_kernel(bench, cfg, grouped, held, bench.Y, bench.dataset_y,
+                                           base=base)
         d_acc = bench.dataset_accuracy(exclude_rows=~train_rows)  # no input of d' counts
+        neigh = (grouped.merge(allowed, rows=rows) if base is None else
+                 narrowed(base[d].take(local), train_rows,
+                          lambda at: grouped.merge(allowed, rows=rows[at])))
         yield HeldOutTask(
             d, bench.datasets[d], local, rows, bench.dataset_y[d][local],
-            bench.dataset_value[d][local], held, train_rows, fb, grouped.merge(allowed, rows=rows),
+            bench.dataset_value[d][local], held, train_rows, fb, neigh,
             kernel, P, u, fit_on, mean_over_datasets(np.where(held[:, None], np.nan, d_acc)),
         )
 
 
 def task_kernel(bench: BenchmarkArrays, cfg: EvalConfig, grouped, held: np.ndarray,
-                Y: np.ndarray, dataset_y: Sequence[np.ndarray]):
+                Y: np.ndarray, dataset_y: Sequence[np.ndarray], *, base: dict | None = None):
     """(kernel, P, u, fit_on): nested LODO p(d, m), u(d) on the training datasets (``held``
     left out, each training dataset with its family) from the labels ``Y`` / ``dataset_y``, and
-    the Gaussian smoother fitted on the datasets with a descriptor and some p."""
+    the Gaussian smoother fitted on the datasets with a descriptor and some p. ``base``: the
+    lists nested LODO narrows (``kernel.lodo_neighbours``; None: merged from ``grouped``)."""
     P, u = lodo_accuracies(
         grouped, bench.group_members, bench.row_groups, Y, bench.dataset_rows, dataset_y,
         k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
-        k_descriptor=cfg.k_descriptor or cfg.k, held_out=held, families=bench.families(),
+        k_descriptor=cfg.k_descriptor or cfg.k, held_out=held, families=bench.families(), base=base,
     )
     fit_on = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
     return NadarayaWatson().fit(u[fit_on], P[fit_on]), P, u, fit_on
@@ -443,8 +459,8 @@ def evaluate_lodo(
     k_desc = cfg.k_descriptor or cfg.k
     k_search = max(cfg.k, k_desc)
     M = len(bench.models)
-    grouped = grouped_topk(bench.X, bench.X, bench.row_groups, k_search,
-                           self_rows=np.arange(len(bench.input_ids)))
+    # per-group lists where they fit, else a search per merge (a leaderboard's would be GBs)
+    grouped = self_neighbors(bench.X, bench.row_groups, k_search)
     ll = _loglik_matrix(loglik, bench) if loglik is not None else None
     tasks = []
     per_task, pred_rows, alpha_rows, route = [], [], [], _RouteTotals(M)
@@ -531,12 +547,6 @@ def _first(neigh: Neighbors, k: int) -> Neighbors:
     return Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k])
 
 
-def _column_means(Y: np.ndarray) -> np.ndarray:
-    cnt = (~np.isnan(Y)).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, np.nansum(Y, axis=0) / np.maximum(cnt, 1), np.nan)
-
-
 def _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc, G0, p_true0, name):
     """Rows of the α curve for one task (α = 0 reuses the main path)."""
     out = []
@@ -547,8 +557,9 @@ def _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc, G0, p
             p_mae = float(np.nanmean(np.abs(p_hat - p_true0)))
         else:
             if knn is None:
+                # the training rows' labels as a view (``RowsOf``), not a copy of Y's rows
                 knn = KNNCorrectness(cfg.k, weights=cfg.weights, fallback=cfg.fallback).fit(
-                    bench.X[train_rows], bench.Y[train_rows])
+                    bench.X[train_rows], RowsOf(bench.Y, train_rows))
             rng = np.random.default_rng([cfg.seed, d, int(round(alpha * 1e6))])
             n_lab = min(len(rows) - 1, max(1, int(round(alpha * len(rows)))))
             lab = np.zeros(len(rows), bool)

@@ -41,8 +41,27 @@ def frame_digest(df: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
+LABEL_DIGEST_COLUMNS = ["input_id", "dataset", "model", "y", "value"]
+
+
+def labels_digest(batches: Iterable[pl.DataFrame]) -> tuple[str, pl.Series]:
+    """(A digest of label rows given a batch at a time, their distinct input ids), holding one
+    batch at a time. Each non-empty batch's rows count as a set (``frame_digest``) and the
+    batches as a set of those: equal batches in any order give an equal digest; the same rows
+    cut into other batches (a store whose parts were rewritten) give another, which only costs
+    a cached evaluation."""
+    parts, ids = [], []
+    for batch in batches:
+        if batch.height:
+            parts.append(frame_digest(batch.select(LABEL_DIGEST_COLUMNS)))
+            ids.append(batch["input_id"].unique())
+    input_ids = pl.concat(ids).unique() if ids else pl.Series("input_id", [], pl.String)
+    return digest(sorted(parts)), input_ids
+
+
 def group_fingerprint(
-    labels: pl.DataFrame,
+    label_digest: str,
+    input_ids: pl.Series,
     memberships: pl.DataFrame,
     models: pl.DataFrame,
     *,
@@ -52,19 +71,17 @@ def group_fingerprint(
 ) -> str:
     """Everything one leave-one-dataset-out group's evaluation reads.
 
-    ``labels`` are the group's labels (``input_id, dataset, model, y, value``), ``memberships``
-    the store's (only the group's inputs count: an input's other datasets shape the index),
-    ``models`` the model table (sizes of the group's models), ``params`` the embedder id, the
-    evaluation's parameters and the code version.
+    ``label_digest`` and ``input_ids``: ``labels_digest`` of the group's labels (``input_id,
+    dataset, model, y, value``); ``memberships`` the store's (only the group's inputs count: an
+    input's other datasets shape the index), ``models`` the model table (sizes of the group's
+    models), ``params`` the embedder id, the evaluation's parameters and the code version.
     """
-    lab = labels.select("input_id", "dataset", "model", "y", "value")
-    ids = lab["input_id"].unique()
-    mem = memberships.filter(pl.col("input_id").is_in(ids.implode())).select("input_id", "dataset").unique()
+    mem = memberships.filter(pl.col("input_id").is_in(input_ids.implode())).select("input_id", "dataset").unique()
     size = models.filter(pl.col("model").is_in(list(model_names))).select("model", "params_b").unique()
     return digest(
         sorted(datasets),
         sorted(model_names),
-        frame_digest(lab),
+        label_digest,
         frame_digest(mem),
         frame_digest(size),
         params,

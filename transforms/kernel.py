@@ -26,6 +26,7 @@ from benchroute.transforms.knn import (
     Neighbors,
     Weights,
     aggregate_labels,
+    narrowed,
 )
 from benchroute.transforms.label_matrix import BLOCK_BYTES, column_counts_sums, column_means
 from benchroute.transforms.scores import binarized_accuracy
@@ -72,6 +73,7 @@ def lodo_accuracies(
     held_out: np.ndarray | None = None,
     families: np.ndarray | None = None,
     kept: dict | None = None,
+    base: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """p(d, m) (D × M) and u(d) (D,) by leave-one-dataset-out.
 
@@ -85,6 +87,9 @@ def lodo_accuracies(
     whole of d's family left out of the neighbours (None: d alone). ``kept``: a dict that gets,
     per scored dataset d, ``(rows, neighbours)`` (its scored index rows and their k neighbours:
     what a model added later needs to get its p(d, m) without a search, ``router_fit.LodoNeighbors``).
+    ``base``: per dataset d, the neighbours of all of ``dataset_rows[d]`` without ``held_out``
+    (``lodo_neighbours``): each nested list is narrowed from them (``knn.narrowed``), searched
+    again only where a neighbour is now held out. The same neighbours either way.
     """
     D = group_members.shape[1]
     M = Y.shape[1]
@@ -100,7 +105,12 @@ def lodo_accuracies(
         own = group_members[:, families[d] if families is not None else d]
         own = own.any(axis=1) if own.ndim == 2 else own
         allowed = ~(banned | own)
-        neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
+        if base is not None:
+            rows = dataset_rows[d][keep]
+            neigh = narrowed(base[d].take(keep), allowed[row_groups],
+                             lambda at, rows=rows, allowed=allowed: grouped.merge(allowed, rows=rows[at]))
+        else:
+            neigh = grouped.merge(allowed, rows=dataset_rows[d][keep])
         fb = train_mean(Y, allowed[row_groups], totals) if fallback == "train_mean" else None
         first_k = Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k])
         if kept is not None:
@@ -109,6 +119,20 @@ def lodo_accuracies(
         P[d] = binarized_accuracy(G, dataset_labels[d][keep])
         u[d] = mean_knn_distance(neigh, k_descriptor or k)
     return P, u
+
+
+def lodo_neighbours(grouped: GroupedNeighbors, group_members: np.ndarray,
+                    dataset_rows: Sequence[np.ndarray], families: np.ndarray | None = None) -> dict:
+    """Per dataset d, the neighbours (as many as ``grouped`` holds) of all its index rows among
+    the rows of no dataset of d's family (None: of d): the lists that nested leave-one-dataset-out
+    narrows (``lodo_accuracies``' ``base``). One search of every row where each merge searches
+    (``knn.SearchedNeighbors``), instead of one per held-out task."""
+    out = {}
+    for d in range(group_members.shape[1]):
+        own = group_members[:, families[d] if families is not None else d]
+        own = own.any(axis=1) if own.ndim == 2 else own
+        out[d] = grouped.merge(~own, rows=dataset_rows[d])
+    return out
 
 
 class NadarayaWatson:

@@ -62,6 +62,27 @@ class Neighbors:
     def __len__(self) -> int:
         return self.indices.shape[0]
 
+    def take(self, rows) -> Neighbors:
+        """The lists of queries ``rows`` (positions or a boolean mask)."""
+        return Neighbors(self.indices[rows], self.similarities[rows])
+
+
+def narrowed(base: Neighbors, allowed: np.ndarray, search) -> Neighbors:
+    """The top-k among the index rows where ``allowed`` (bool over index rows) holds, from
+    ``base``: the exact top-k of the same queries among a superset of those rows. A query
+    whose base list holds no row now disallowed keeps it (every allowed row ranked below those
+    rows, in the same order: ties go to the lower row either way); the others are searched
+    again, ``search(positions)`` giving the new top-k of the queries at those positions. Nested
+    leave-one-dataset-out leaves one more dataset out: most lists stay as they were."""
+    idx = base.indices
+    stale = ((idx >= 0) & ~allowed[np.maximum(idx, 0)]).any(axis=1)
+    if not stale.any():
+        return base
+    redo = search(np.flatnonzero(stale))
+    out_i, out_s = base.indices.copy(), base.similarities.copy()
+    out_i[stale], out_s[stale] = redo.indices, redo.similarities
+    return Neighbors(out_i, out_s)
+
 
 def normalize_rows(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, as float32 (a zero row stays zero)."""
@@ -413,13 +434,13 @@ class SearchedNeighbors:
 
 
 def self_neighbors(X: np.ndarray, groups: np.ndarray, k: int, *,
-                   max_bytes: int = GROUPED_MAX_BYTES) -> GroupedNeighbors | SearchedNeighbors:
+                   max_bytes: int | None = None) -> GroupedNeighbors | SearchedNeighbors:
     """Every index row's neighbours among the other rows, by group of rows, for
     leave-one-dataset-out: ``grouped_topk`` (one search, lists kept) when its lists fit
     ``max_bytes``, else ``SearchedNeighbors`` (a search per merge; the same neighbours)."""
     groups = np.asarray(groups)
     n_groups = int(groups.max()) + 1 if groups.size else 0
-    if X.shape[0] * n_groups * k * 12 <= max_bytes:
+    if X.shape[0] * n_groups * k * 12 <= (GROUPED_MAX_BYTES if max_bytes is None else max_bytes):
         return grouped_topk(X, X, groups, k, self_rows=np.arange(X.shape[0]))
     return SearchedNeighbors(np.asarray(X, np.float32), groups, k)
 

@@ -16,7 +16,7 @@ Datasets of other sources are their own family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -45,12 +45,56 @@ def same_family(datasets: list[str]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Group:
+    """One source's benchmark: its datasets, the models labelled on every one of them, the
+    ``labels`` of those (None where the group was planned from ``label_coverage`` alone, as a
+    store too large to hold its labels as one frame plans it), the other models seen, and why it
+    is not evaluated (None = evaluated)."""
+
     name: str
     datasets: list[str]
     models: list[str]
-    labels: pl.DataFrame
+    labels: pl.DataFrame | None = None
     dropped_models: list[str] = field(default_factory=list)
-    skipped: str | None = None  # why the group is not evaluated (None = evaluated)
+    skipped: str | None = None
+
+
+def group_shapes(
+    coverage: pl.DataFrame,
+    memberships: pl.DataFrame,
+    *,
+    min_datasets: int = 3,
+    min_models: int = 2,
+    exclude_models: list[str] | tuple[str, ...] = (),
+) -> list[Group]:
+    """The groups of ``lodo_groups`` from the labels' distinct (dataset, model) pairs alone
+    (``coverage``; a leaderboard's are ~1 M of its 300 M labels), without their labels."""
+    dataset_source = (
+        memberships.select("dataset", "source")
+        .unique()
+        .sort("source")
+        .unique("dataset", keep="first")  # a dataset fed by two sources goes to the first
+    )
+    cov = (coverage.select("dataset", "model").unique()
+           .filter(~pl.col("model").is_in(list(exclude_models)))
+           .join(dataset_source, on="dataset", how="inner"))
+    groups = []
+    for (source,), part in cov.group_by("source", maintain_order=False):
+        datasets = sorted(part["dataset"].unique().to_list())
+        n_of = part.group_by("model").agg(pl.col("dataset").n_unique().alias("n"))
+        models = sorted(n_of.filter(pl.col("n") == len(datasets))["model"].to_list())
+        dropped = sorted(set(n_of["model"].to_list()) - set(models))
+        skipped = None
+        if len(datasets) < min_datasets:
+            skipped = f"{len(datasets)} dataset(s); leave-one-dataset-out needs {min_datasets}"
+        elif len(models) < min_models:
+            skipped = f"{len(models)} model(s) labelled on every dataset; need {min_models}"
+        groups.append(Group(source, datasets, models, None, dropped, skipped))
+    return sorted(groups, key=lambda g: g.name)
+
+
+def group_filter(group: Group) -> pl.Expr:
+    """The labels of ``group``: its datasets and its models."""
+    return pl.col("dataset").is_in(group.datasets) & pl.col("model").is_in(group.models)
 
 
 def lodo_groups(
@@ -61,35 +105,8 @@ def lodo_groups(
     min_models: int = 2,
     exclude_models: list[str] | tuple[str, ...] = (),
 ) -> list[Group]:
-    """One group per source: datasets of that source, models labelled on all of them."""
-    dataset_source = (
-        memberships.select("dataset", "source")
-        .unique()
-        .sort("source")
-        .unique("dataset", keep="first")  # a dataset fed by two sources goes to the first
-    )
-    lab = labels.filter(~pl.col("model").is_in(list(exclude_models))).join(
-        dataset_source, on="dataset", how="inner"
-    )
-    groups = []
-    for (source,), part in lab.group_by("source", maintain_order=False):
-        datasets = sorted(part["dataset"].unique().to_list())
-        coverage = part.group_by("model").agg(pl.col("dataset").n_unique().alias("n"))
-        models = sorted(coverage.filter(pl.col("n") == len(datasets))["model"].to_list())
-        dropped = sorted(set(coverage["model"].to_list()) - set(models))
-        skipped = None
-        if len(datasets) < min_datasets:
-            skipped = f"{len(datasets)} dataset(s); leave-one-dataset-out needs {min_datasets}"
-        elif len(models) < min_models:
-            skipped = f"{len(models)} model(s) labelled on every dataset; need {min_models}"
-        groups.append(
-            Group(
-                name=source,
-                datasets=datasets,
-                models=models,
-                labels=part.filter(pl.col("model").is_in(models)).drop("source"),
-                dropped_models=dropped,
-                skipped=skipped,
-            )
-        )
-    return sorted(groups, key=lambda g: g.name)
+    """One group per source: datasets of that source, models labelled on all of them, with
+    their labels (``group_shapes`` of the labels' coverage)."""
+    shapes = group_shapes(labels.select("dataset", "model"), memberships, min_datasets=min_datasets,
+                          min_models=min_models, exclude_models=exclude_models)
+    return [replace(g, labels=labels.filter(group_filter(g))) for g in shapes]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchroute.transforms.knn import KNNCorrectness, normalize_rows
+from benchroute.transforms.label_matrix import RowsOf
 
 
 def s1(G: np.ndarray) -> np.ndarray:
@@ -93,13 +94,12 @@ def score_task(
     Y_labelled = np.asarray(Y_labelled, np.float64)
     if Y_labelled.ndim == 1:
         Y_labelled = Y_labelled[:, None]
+    # a row view over the index's labels (``RowsOf``) grows without a copy of them
+    Y_aug = knn.Y_.stack(Y_labelled) if isinstance(knn.Y_, RowsOf) else np.vstack([knn.Y_, Y_labelled])
     aug = KNNCorrectness(
         knn.n_neighbors, weights=knn.weights, fallback=knn.fallback,
         max_block_bytes=knn.max_block_bytes,
-    ).fit(
-        np.vstack([knn.X_, normalize_rows(X_labelled)]),
-        np.vstack([knn.Y_, Y_labelled]),
-    )
+    ).fit(np.vstack([knn.X_, normalize_rows(X_labelled)]), Y_aug)
     self_rows = knn.X_.shape[0] + np.arange(len(X_labelled))
     G_lab = aug.predict_proba(X_labelled, self_rows=self_rows)
     measured = binarized_accuracy(G_lab, Y_labelled)

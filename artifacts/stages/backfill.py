@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.bundle import BundleStore
-from benchroute.artifacts.router_build import select_frames
+from benchroute.artifacts.router_build import SelectedLabels
 from benchroute.artifacts.specs import Selection
-from benchroute.artifacts.stages.embed import n_partitions, selected_ids
+from benchroute.artifacts.stages.embed import n_partitions
 from benchroute.artifacts.store import Store
 from benchroute.transforms.ids import glob_expr
 from benchroute.transforms.ingest import discover
-from benchroute.transforms.lodo_groups import lodo_groups
+from benchroute.transforms.lodo_groups import group_shapes
 
 
 def backfill_plan(
@@ -28,13 +28,15 @@ def backfill_plan(
     known = set(store.units().values())
     new = [u.key for u in units if u.fingerprint not in known]
     _, identity = resolve(embedder)
-    ids = selected_ids(store_url, sel)
-    if ids is None:
-        ids = store.read("inputs", columns=["input_id"])["input_id"].unique()
+    labels = SelectedLabels(store, sel)
+    memberships = labels.memberships
+    # the inputs the bundle is built from (``stages.embed.selected_ids``): the selection's, or all
+    ids = (store.read("inputs", columns=["input_id"])["input_id"].unique() if sel.is_all
+           else labels.input_ids)
     present = emb_store.present_ids(store, identity)
     missing = int((~ids.is_in(present.implode())).sum() or 0)
-    labels, memberships, _ = select_frames(store, sel)
-    all_labels = store.read("labels", columns=["dataset", "model"])
+    # every stored (dataset, model) pair, to name the patterns that match nothing at all
+    all_labels = SelectedLabels(store, Selection(), memberships, max_labels=0).coverage
     unmatched = {}
     for what, col in (("datasets", "dataset"), ("models", "model"), ("exclude_models", "model")):
         for pattern in getattr(sel, what) or ():
@@ -43,7 +45,7 @@ def backfill_plan(
     have = set(memberships["source"].unique().to_list())
     if [s for s in sel.sources or () if s not in have]:
         unmatched["sources"] = [s for s in sel.sources if s not in have]
-    groups = lodo_groups(labels, memberships, exclude_models=list(sel.exclude_models or []))
+    groups = group_shapes(labels.coverage, memberships, exclude_models=list(sel.exclude_models or []))
     return {
         "store": store_url,
         "ingest": {"dumps": len(units), "new": new, "already_in_store": len(units) - len(new)},
@@ -58,9 +60,9 @@ def backfill_plan(
             "name": name,
             "versions_now": len(BundleStore(store_url).versions(name)),
             "selection": sel.to_dict(),
-            "datasets": sorted(labels["dataset"].unique().to_list()),
-            "models": sorted(labels["model"].unique().to_list()),
-            "inputs": labels["input_id"].n_unique(),
+            "datasets": sorted(labels.coverage["dataset"].unique().to_list()),
+            "models": sorted(labels.coverage["model"].unique().to_list()),
+            "inputs": labels.input_ids.len(),
             "groups": {g.name: g.skipped or f"{len(g.datasets)} datasets x {len(g.models)} models"
                        for g in groups},
         },

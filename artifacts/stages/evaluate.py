@@ -19,9 +19,9 @@ from benchroute.artifacts import embeddings as emb_store
 from benchroute.artifacts.embeddings import EmbedderChoiceError, pick_embedder
 from benchroute.artifacts.report import write_report
 from benchroute.artifacts.router_build import (
+    SelectedLabels,
     cost_data,
     evaluation_entry,
-    select_frames,
     token_frames,
 )
 from benchroute.artifacts.specs import STABILITY_B, RouterSpec, Selection
@@ -33,8 +33,8 @@ from benchroute.transforms.evaluate import (
     Evaluation,
     evaluate_lodo,
 )
-from benchroute.transforms.fingerprints import group_fingerprint
-from benchroute.transforms.lodo_groups import lodo_groups
+from benchroute.transforms.fingerprints import group_fingerprint, labels_digest
+from benchroute.transforms.lodo_groups import Group, group_filter, group_shapes
 from benchroute.transforms.model_cards import cards_for
 from benchroute.transforms.predictors import make_predictor
 from benchroute.transforms.router_fit import DEFAULT_PREDICTOR
@@ -49,20 +49,41 @@ from benchroute.transforms.stability_summary import StoreView, stability_summary
 EvaluationError = EmbedderChoiceError
 
 
-def loglik_frame(outcomes: pl.DataFrame) -> pl.DataFrame:
-    """Per-input log-likelihoods where the data has them (HELM's ``logprob``), for the LL baseline."""
-    return (
-        outcomes.filter((pl.col("metric") == "logprob") & pl.col("perturbation").is_null())
-        .group_by("input_id", "dataset", "model")
-        .agg(pl.col("value").mean())
-    )
+def loglik_frame(store: Store) -> pl.DataFrame:
+    """Per-input log-likelihoods where the data has them (HELM's ``logprob``), for the LL
+    baseline: the store's outcomes a batch at a time, keeping only unperturbed ``logprob`` rows
+    (a part whose metric column holds none is not read further)."""
+    wanted = (pl.col("metric") == "logprob") & pl.col("perturbation").is_null()
+    columns = ["input_id", "dataset", "model", "metric", "value", "perturbation"]
+    kept = [b.filter(wanted)
+            for rel in store.parts("outcomes")
+            if any((m["metric"] == "logprob").any() for m in store.iter_batches(rel, ["metric"]))
+            for b in store.iter_batches(rel, columns)]
+    outcomes = pl.concat(kept) if kept else store.read_parts("outcomes", [], columns)
+    return outcomes.group_by("input_id", "dataset", "model").agg(pl.col("value").mean())
+
+
+def group_arrays(store: Store, embedder_id: str, labels: SelectedLabels, group: Group,
+                 models: pl.DataFrame) -> BenchmarkArrays:
+    """One group's ``BenchmarkArrays``, its labels streamed a part at a time (``labels.batches``)."""
+    return BenchmarkArrays.from_batches(
+        lambda ids: emb_store.read_matrix(store, embedder_id, ids)[0],
+        labels.batches(group_filter(group)), labels.memberships, models)
+
+
+def store_groups(labels: SelectedLabels, *, sources: list[str] | None = None,
+                 exclude_models: list[str] | None = None, min_datasets: int = 3) -> list[Group]:
+    """The source groups of the selected labels (``lodo_groups.group_shapes`` of their
+    coverage: no labels held), only ``sources`` where given."""
+    groups = group_shapes(labels.coverage, labels.memberships, exclude_models=exclude_models or [],
+                          min_datasets=min_datasets)
+    return [g for g in groups if not sources or g.name in sources]
 
 
 def evaluate_groups(
     store: Store,
     embedder_id: str,
-    labels: pl.DataFrame,
-    memberships: pl.DataFrame,
+    labels: SelectedLabels,
     models: pl.DataFrame,
     config: EvalConfig,
     *,
@@ -72,19 +93,15 @@ def evaluate_groups(
     stability_B: int = 0,
     log=None,
 ) -> tuple[dict[str, Evaluation], dict[str, str]]:
-    """Evaluate each source group; returns the evaluations and the reasons groups were skipped.
-    ``stability_B`` > 0: each choice's ``flip_task`` from that many resamples (``evaluate_lodo``)."""
-    groups = lodo_groups(labels, memberships, exclude_models=exclude_models or [])
-    if sources:
-        groups = [g for g in groups if g.name in sources]
+    """Evaluate each source group of ``labels``, its arrays built a group at a time; returns the
+    evaluations and the reasons groups were skipped. ``stability_B`` > 0: each choice's
+    ``flip_task`` from that many resamples (``evaluate_lodo``)."""
+    groups = store_groups(labels, sources=sources, exclude_models=exclude_models)
     skipped = {g.name: g.skipped for g in groups if g.skipped}
-    groups = [g for g in groups if not g.skipped]
-    needed = sorted(set().union(*(set(g.labels["input_id"]) for g in groups)))
-    X, ids = emb_store.read_matrix(store, embedder_id, needed)
     results: dict[str, Evaluation] = {}
-    for g in groups:
+    for g in (g for g in groups if not g.skipped):
         t = time.perf_counter()
-        bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
+        bench = group_arrays(store, embedder_id, labels, g, models)
         ll = None
         if loglik is not None:
             ll = loglik.filter(pl.col("dataset").is_in(g.datasets) & pl.col("model").is_in(g.models))
@@ -100,14 +117,14 @@ def evaluate_groups(
                 g.name, len(g.datasets), len(g.models), bench.X.shape[0],
                 time.perf_counter() - t, len(g.dropped_models),
             )
+        del bench
     return results, skipped
 
 
 def routing_groups(
     store: Store,
     embedder_id: str,
-    labels: pl.DataFrame,
-    memberships: pl.DataFrame,
+    labels: SelectedLabels,
     models: pl.DataFrame,
     predictors: list[str],
     *,
@@ -119,18 +136,14 @@ def routing_groups(
     log=None,
 ) -> dict[str, dict[str, RoutingResult]]:
     """Per source group and split, each predictor's cost-aware router (``transforms.routing_eval``)."""
-    groups = [g for g in lodo_groups(labels, memberships, exclude_models=exclude_models or [],
-                                     min_datasets=1) if not g.skipped]
-    if sources:
-        groups = [g for g in groups if g.name in sources]
+    groups = [g for g in store_groups(labels, sources=sources, exclude_models=exclude_models,
+                                      min_datasets=1) if not g.skipped]
     if not groups:
         return {}
-    needed = sorted(set().union(*(set(g.labels["input_id"]) for g in groups)))
-    X, ids = emb_store.read_matrix(store, embedder_id, needed)
     out: dict[str, dict[str, RoutingResult]] = {}
     tokens = token_frames(store)  # read once for every group
     for g in groups:
-        bench = BenchmarkArrays.from_frames(X, ids, g.labels, memberships, models)
+        bench = group_arrays(store, embedder_id, labels, g, models)
         cost = cost_data(store, bench, cards_for(store, list(bench.models)), tokens)
         factories = {p: (lambda p=p: make_predictor(p)) for p in dict.fromkeys(predictors)}
         for split in splits:
@@ -168,18 +181,17 @@ def evaluate_store(
     t0 = time.perf_counter()
     store = Store(store_url)
     embedder_id = pick_embedder(store, embedder)
-    labels = store.read("labels")
-    memberships = store.read("memberships")
+    labels = SelectedLabels(store, Selection())
+    memberships = labels.memberships
     models = store.read("models")
-    outcomes = store.read("outcomes", columns=["input_id", "dataset", "model", "metric", "value", "perturbation"])
-    loglik = loglik_frame(outcomes)
+    loglik = loglik_frame(store)
     results, skipped = evaluate_groups(
-        store, embedder_id, labels, memberships, models, config,
+        store, embedder_id, labels, models, config,
         sources=sources, exclude_models=exclude_models, loglik=loglik, stability_B=stability_B,
         log=log,
     )
     routing = routing_groups(
-        store, embedder_id, labels, memberships, models, predictors or ["knn", DEFAULT_PREDICTOR],
+        store, embedder_id, labels, models, predictors or ["knn", DEFAULT_PREDICTOR],
         splits=routing_splits, seed=config.seed, sources=sources, exclude_models=exclude_models,
         log=log,
     ) if routing_splits else {}
@@ -197,7 +209,7 @@ def evaluate_store(
     if stability_B > 0:
         datasets = (memberships.filter(pl.col("source").is_in(sources))["dataset"].unique().to_list()
                     if sources else None)
-        kept = labels.filter(~pl.col("model").is_in(exclude_models or []))["model"].unique()
+        kept = labels.coverage.filter(~pl.col("model").is_in(exclude_models or []))["model"].unique()
         stability = stability_summary(StoreView(store, datasets, kept.to_list()), B=stability_B,
                                       seed=config.seed)
         meta["stability_B"] = stability_B
@@ -244,20 +256,29 @@ class RefitPlan:
 
 
 def refit_plan(store_url: str, embedder_id: str, sel: Selection, router: RouterSpec) -> RefitPlan | None:
-    """The evaluation groups with their fingerprints; ``None`` without labels."""
+    """The evaluation groups with their fingerprints; ``None`` without labels. The labels are
+    read a part at a time (``SelectedLabels``), each group's once more for its fingerprint."""
     store = Store(store_url)
-    labels, memberships, models = select_frames(store, sel)
-    if labels.height == 0:
+    labels = SelectedLabels(store, sel)
+    if labels.rows == 0:
         return None
+    models = store.read("models")
     params = eval_params(embedder_id, router.k, router.weights)
     groups = []
-    for g in lodo_groups(labels, memberships, exclude_models=list(sel.exclude_models or [])):
-        fingerprint = None if g.skipped else group_fingerprint(
-            g.labels, memberships, models, datasets=g.datasets, model_names=g.models, params=params)
-        groups.append(GroupPlan(g.name, len(g.datasets), len(g.models), g.labels["input_id"].n_unique(),
-                                g.skipped or None, fingerprint))
-    return RefitPlan(tuple(groups), labels["input_id"].n_unique(), labels["model"].n_unique(),
-                     labels["dataset"].n_unique())
+    for g in store_groups(labels, exclude_models=list(sel.exclude_models or [])):
+        fingerprint, ids = _group_fingerprint(labels, g, models, params)
+        groups.append(GroupPlan(g.name, len(g.datasets), len(g.models), ids.len(),
+                                g.skipped or None, None if g.skipped else fingerprint))
+    return RefitPlan(tuple(groups), labels.input_ids.len(), labels.coverage["model"].n_unique(),
+                     labels.coverage["dataset"].n_unique())
+
+
+def _group_fingerprint(labels: SelectedLabels, group: Group, models: pl.DataFrame,
+                       params: dict) -> tuple[str, pl.Series]:
+    """(``group_fingerprint`` of one group, its input ids), its labels read a part at a time."""
+    label_digest, ids = labels_digest(labels.batches(group_filter(group))())
+    return group_fingerprint(label_digest, ids, labels.memberships, models, datasets=group.datasets,
+                             model_names=group.models, params=params), ids
 
 
 def evaluate_group(
@@ -268,20 +289,19 @@ def evaluate_group(
     when the store no longer matches ``fingerprint`` (it changed since the plan: a cached result
     under that key would be wrong)."""
     store = Store(store_url)
-    labels, memberships, models = select_frames(store, sel)
+    labels = SelectedLabels(store, sel)
+    models = store.read("models")
     exclude = list(sel.exclude_models or [])
-    found = [g for g in lodo_groups(labels, memberships, exclude_models=exclude) if g.name == group]
-    now = found and group_fingerprint(
-        found[0].labels, memberships, models, datasets=found[0].datasets,
-        model_names=found[0].models, params=eval_params(embedder_id, router.k, router.weights),
-    )
+    found = store_groups(labels, sources=[group], exclude_models=exclude)
+    now = found and _group_fingerprint(
+        labels, found[0], models, eval_params(embedder_id, router.k, router.weights))[0]
     if now != fingerprint:
         raise PipelineError(
             f"{store_url}: group {group!r} changed while this run was planning it "
             "(another writer?); run again"
         )
     results, skipped = evaluate_groups(
-        store, embedder_id, labels, memberships, models, EvalConfig(k=router.k, weights=router.weights),
+        store, embedder_id, labels, models, EvalConfig(k=router.k, weights=router.weights),
         sources=[group], exclude_models=exclude, log=log,
     )
     if group in results:
@@ -291,14 +311,14 @@ def evaluate_group(
 
 def evaluate_all(
     store: Store, embedder_id: str, sel: Selection, router: RouterSpec, *, log=None,
-    frames: tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame] | None = None,
+    labels: SelectedLabels | None = None,
 ) -> dict:
     """Every source group of the selection evaluated here and now (no cache): the evaluation a
-    bundle carries, ``{group: evaluation_entry or {"skipped": why}}``. ``frames``: the
-    selection's ``select_frames`` when the caller has read them already."""
-    labels, memberships, models = frames if frames is not None else select_frames(store, sel)
+    bundle carries, ``{group: evaluation_entry or {"skipped": why}}``. ``labels``: the
+    selection's ``SelectedLabels`` when the caller has read them already."""
+    labels = labels if labels is not None else SelectedLabels(store, sel)
     results, skipped = evaluate_groups(
-        store, embedder_id, labels, memberships, models, EvalConfig(k=router.k, weights=router.weights),
+        store, embedder_id, labels, store.read("models"), EvalConfig(k=router.k, weights=router.weights),
         exclude_models=list(sel.exclude_models) if sel.exclude_models else None, log=log,
     )
     evaluation = {g: {"skipped": why} for g, why in skipped.items()}

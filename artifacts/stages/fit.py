@@ -63,7 +63,7 @@ def fit_inputs(store_url: str, options: FitOptions, *, log=None) -> FitInputs:
     ``options.evaluate``, every source group's evaluation run here (the flows' cached per-group
     evaluation is the same ``evaluate`` stage)."""
     from benchroute.artifacts.embeddings import pick_embedder
-    from benchroute.artifacts.router_build import has_labels, select_frames
+    from benchroute.artifacts.router_build import has_labels
     from benchroute.artifacts.stages.evaluate import evaluate_all
 
     store = Store(store_url)
@@ -71,9 +71,7 @@ def fit_inputs(store_url: str, options: FitOptions, *, log=None) -> FitInputs:
     sel = options.selection
     if not has_labels(store, sel):
         raise ValueError(f"{store_url}: no labels to build a router from ({sel.to_dict()})")
-    # the selected labels as one frame only for the evaluation (a leaderboard's would not fit)
-    evaluation = (evaluate_all(store, embedder_id, sel, options.router, log=log,
-                               frames=select_frames(store, sel)) if options.evaluate else {})
+    evaluation = evaluate_all(store, embedder_id, sel, options.router, log=log) if options.evaluate else {}
     return FitInputs(embedder_id, sel, evaluation)
 
 
