@@ -80,9 +80,11 @@ def selected_input_ids(store: Store, sel: Selection) -> pl.Series:
 class SelectedLabels:
     """The selection's labels (``selection_filter``; ``LABEL_COLUMNS``: not the rule text or the
     outcome count, a third of a label's bytes) a stored part at a time, with their distinct
-    (dataset, model) pairs (``coverage``). Read once here; the parts are kept in memory while
-    they hold at most ``FRAME_MAX_LABELS`` labels (``held``), else each call of ``batches``
-    reads them again from the store, so a leaderboard's labels are never all in memory. Either
+    (dataset, model) pairs (``coverage``). Read once here; the selected parts are kept in
+    memory (``held``) when they hold at most ``FRAME_MAX_LABELS`` labels (kept while reading
+    when the stored labels, counted from the parts' footers, are that few; else read once more:
+    never more than the limit held), else each call of ``batches`` reads them again from the
+    store, so a leaderboard's labels are never all in memory. Either
     way ``batches`` yields the same frames, a part at a time: results (and
     ``fingerprints.labels_digest``) do not depend on which. ``rows``: how many labels;
     ``input_ids``: their distinct inputs."""
@@ -94,7 +96,10 @@ class SelectedLabels:
         self.keep = selection_filter(self.memberships, sel)
         self.parts = store.parts("labels")
         self.limit = FRAME_MAX_LABELS if max_labels is None else max_labels
-        held: list[pl.DataFrame] | None = []
+        # kept while reading only when the whole store is small (its parts' footers): else a
+        # leaderboard's parts would be held up to the limit (3.5 GB) before it is known
+        stored = sum(store.part_rows(rel) for rel in self.parts)
+        held: list[pl.DataFrame] | None = [] if stored <= self.limit else None
         coverage, ids, rows = [], [], 0
         for rel in self.parts:
             cols = LABEL_COLUMNS if held is not None else ["input_id", "dataset", "model"]
@@ -102,12 +107,12 @@ class SelectedLabels:
             coverage.append(part.select("dataset", "model").unique())
             ids.append(part["input_id"].unique())
             rows += part.height
-            if held is not None and rows <= self.limit:
+            if held is not None:
                 held.append(part)
-            else:
-                held = None  # too many: each pass reads the store again
         self.held = held
         self.rows = rows
+        if held is None and rows <= self.limit:  # a few labels of a large store
+            self.held = list(self.batches()())
         self.coverage = (pl.concat(coverage).unique() if coverage
                          else pl.DataFrame(schema={"dataset": pl.String, "model": pl.String}))
         self.input_ids = pl.concat(ids).unique() if ids else pl.Series("input_id", [], pl.String)

@@ -141,6 +141,11 @@ def test_labels_past_the_memory_limit_are_read_from_the_store_with_the_same_resu
     assert held.rows == streamed.rows == store.read("labels").height
     with pytest.raises(router_build.TooManyLabels, match=f"more than {held.rows - 1:,}"):
         streamed.frame()
+    # a selection under the limit of a store over it: read once more and held
+    name = held.coverage["model"].sort()[0]
+    few = SelectedLabels(store, Selection(models=(name,)), max_labels=held.rows - 1)
+    assert few.held is not None and 0 < few.rows < held.rows
+    assert few.frame().equals(SelectedLabels(store, Selection(models=(name,))).frame())
 
     plan = refit_plan(embedded_sample_store, eid, Selection(), RouterSpec())
     group = min((g for g in plan.groups if not g.skipped), key=lambda g: g.inputs * g.models)
