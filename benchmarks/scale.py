@@ -16,11 +16,16 @@ time and peak RSS are its own: ``os.wait4`` on the child):
    ``LABELS_IN_MEMORY`` labels: it packs from one frame);
 5. ``publish`` (``benchroute publish --no-evaluate``: fit, pack, index, publish) and ``route``: the
    bundle's bytes, cold load + verify, single-query routing p50/p99 given an embedding;
-6. ``synth+1``, ``ingest+1``, ``publish+1``, ``route+1``: one more model's results land
+6. ``evaluate``: the evaluation a bundle carries (``stages.evaluate.evaluate_all``, per source
+   group leave-one-dataset-out; ``--no-evaluate`` skips it). The default synthetic world leaves
+   each model off a quarter of the benchmarks, so almost no model is labelled on every dataset
+   and the group is skipped after the coverage pass; ``--complete`` generates every model on
+   every benchmark with no label missing, so every held-out dataset is evaluated;
+7. ``synth+1``, ``ingest+1``, ``publish+1``, ``route+1``: one more model's results land
    (``synth.py --models-from``), are ingested (appended labels) and published as an extension
    of the latest bundle (``publish --incremental``: no refit, ``artifacts.router_extend``); the
    note gives each as a share of the full step;
-7. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
+8. ``ann``: exact search vs HNSW (``artifacts.ann_index``) over the vectors as the bundle stores
    them (float16): build time, serialised bytes, recall@10 on the held-out queries, single-query
    latency p50/p99 on one thread.
 
@@ -166,6 +171,22 @@ def measure_ann(synth_dir: str, out: str, k: int = 10, n_latency: int = 300) -> 
     Path(out).write_text(json.dumps(rows))
 
 
+def measure_evaluate(store: str, out: str) -> None:
+    """The evaluation a bundle carries (``stages.evaluate.evaluate_all``, what ``publish``
+    without ``--no-evaluate`` runs): per source group its held-out tasks, or why it is skipped."""
+    from benchroute.artifacts.embeddings import pick_embedder
+    from benchroute.artifacts.specs import RouterSpec, Selection
+    from benchroute.artifacts.stages.evaluate import evaluate_all
+    from benchroute.artifacts.store import Store
+
+    st = Store(store)
+    ev = evaluate_all(st, pick_embedder(st, None), Selection(), RouterSpec())
+    Path(out).write_text(json.dumps({
+        g: {"skipped": e["skipped"]} if "skipped" in e else
+        {"tasks": e.get("n_tasks"), "predictor_accuracy": e.get("predictor_accuracy"),
+         "kernel_mae": e.get("kernel_mae")} for g, e in ev.items()}))
+
+
 def measure_route(store: str, synth_dir: str, out: str, name: str = "scale", n_queries: int = 300) -> None:
     """The published bundle as a consumer meets it: bytes, cold load + verify, and single-query
     routing given an embedding (the synthetic held-out queries), p50 / p99."""
@@ -204,7 +225,7 @@ def mib(b: float) -> str:
 
 
 def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int = 1,
-             bundle: bool = True) -> dict:
+             bundle: bool = True, evaluate: bool = True, complete: bool = False) -> dict:
     tag = f"{n}x{m}"
     base = work / tag
     shutil.rmtree(base, ignore_errors=True)
@@ -213,9 +234,12 @@ def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int
     env = child_env(base / "prefect", threads=threads)
     res: dict = {"size": tag, "n": n, "models": m, "steps": []}
     models = 1 if ann_only else m
+    # ``complete``: every model run on every benchmark, no label missing (a leaderboard whose
+    # source group leave-one-dataset-out can evaluate; by default almost no model covers all)
+    shape = ["--run-share", "1", "--missing", "0"] if complete else []
     res["steps"].append(run_step("synth", [PY, str(HERE / "synth.py"), "--inputs", str(n),
-                                           "--models", str(models), "--out", str(syn), "--seed", "0"],
-                                 env, log))
+                                           "--models", str(models), "--out", str(syn), "--seed", "0",
+                                           *shape], env, log))
     res["synth"] = json.loads((syn / "synth" / "meta.json").read_text())
     res["synth"].pop("datasets", None)
     if not ann_only:
@@ -236,11 +260,16 @@ def run_size(n: int, m: int, work: Path, *, ann_only: bool = False, threads: int
             res["steps"].append(run_step("route", [PY, __file__, "_route", str(store), str(syn), str(rt)],
                                          env, log))
             res["route"] = json.loads(rt.read_text())
+        if evaluate:
+            evj = base / "evaluate.json"
+            res["steps"].append(run_step("evaluate", [PY, __file__, "_evaluate", str(store), str(evj)],
+                                         env, log))
+            res["evaluate"] = json.loads(evj.read_text())
         # One more model's results land (model m of an (m + 1)-model world, same inputs).
         new = base / "new_model"
         res["steps"].append(run_step("synth+1", [PY, str(HERE / "synth.py"), "--inputs", str(n),
                                                  "--models", str(m + 1), "--models-from", str(m),
-                                                 "--out", str(new), "--seed", "0"], env, log))
+                                                 "--out", str(new), "--seed", "0", *shape], env, log))
         res["steps"].append(run_step("ingest+1", [BENCHROUTE, "ingest", str(new / "long_table"),
                                                   "--store", str(store), "--no-progress"], env, log))
         if bundle:  # the latest bundle extended by the new model (artifacts.router_extend)
@@ -269,6 +298,10 @@ def print_tables(results: list[dict], project: list[tuple[int, int]]) -> None:
                 note = f"store {mib(r['store_bytes'])} MiB on disk"
             elif s["step"] == "labels" and "skipped" in r["labels"]:
                 note = r["labels"]["skipped"]
+            elif s["step"] == "evaluate":
+                note = "; ".join(f"{g}: {e['skipped']}" if "skipped" in e else
+                                 f"{g}: {e['tasks']} held-out tasks, predictor accuracy "
+                                 f"{e['predictor_accuracy']:.3f}" for g, e in r["evaluate"].items())
             elif s["step"] in ("ingest+1", "publish+1"):
                 full = next(x for x in r["steps"] if x["step"] == s["step"][:-2])
                 note = f"{100 * s['seconds'] / full['seconds']:.1f} % of the full {s['step'][:-2]}"
@@ -318,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_ann":
         measure_ann(*argv[1:3])
         return 0
+    if argv and argv[0] == "_evaluate":
+        measure_evaluate(*argv[1:3])
+        return 0
     if argv and argv[0] == "_route":
         measure_route(*argv[1:4])
         return 0
@@ -330,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="work folder (default: a temporary one, removed)")
     ap.add_argument("--threads", type=int, default=1, help="threads per step (BLAS, polars)")
     ap.add_argument("--no-bundle", action="store_true", help="skip publish and the routing measurement")
+    ap.add_argument("--no-evaluate", action="store_true",
+                    help="skip the evaluation a bundle carries (per-group leave-one-dataset-out)")
+    ap.add_argument("--complete", action="store_true",
+                    help="every model on every benchmark, no label missing (evaluable groups)")
     ap.add_argument("--json", help="write every measurement here")
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="benchroute-scale-"))
@@ -338,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         for text in filter(None, a.sizes.split(",")):
             n, m = parse_size(text)
             print(f"running {n}x{m} …", file=sys.stderr, flush=True)
-            results.append(run_size(n, m, work, threads=a.threads, bundle=not a.no_bundle))
+            results.append(run_size(n, m, work, threads=a.threads, bundle=not a.no_bundle,
+                                    evaluate=not a.no_evaluate, complete=a.complete))
         for text in filter(None, a.ann_sizes.split(",")):
             n = int(float(text))
             print(f"running ANN only at {n} …", file=sys.stderr, flush=True)

@@ -266,13 +266,17 @@ def test_fixture_end_to_end(fixture_eval):
     assert md.splitlines()[0].startswith("| metric | S1 | S2 | S3")
 
 
-def test_the_searched_neighbour_path_evaluates_as_the_stored_lists(fixture_eval, monkeypatch):
+@pytest.mark.parametrize("totals", [False, True])
+def test_the_searched_neighbour_path_evaluates_as_the_stored_lists(fixture_eval, monkeypatch, totals):
     """Where the per-group lists would not fit (a leaderboard) every merge searches and nested
-    LODO narrows each dataset's lists (``kernel.lodo_neighbours``): the same evaluation."""
-    from benchroute.transforms import knn
+    LODO narrows each dataset's folds (``kernel.lodo_base``): the same evaluation. ``totals``:
+    Y counts as large too, so fallbacks and the α curve's index means come from fold totals."""
+    from benchroute.transforms import kernel, knn
 
     b, ev = fixture_eval
     monkeypatch.setattr(knn, "GROUPED_MAX_BYTES", 0)
+    if totals:
+        monkeypatch.setattr(kernel, "FOLD_TOTALS_BYTES", 0)
     searched = evaluate_lodo(b, EvalConfig(k=5, seed=0))
     for name in ("table1", "per_task", "predictor", "alpha", "table2"):
         a, c = getattr(ev, name), getattr(searched, name)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchroute.transforms.kernel import (
-    lodo_neighbours,
+    lodo_base,
     NadarayaWatson,
     lodo_accuracies,
     mean_knn_distance,
@@ -72,7 +72,7 @@ def test_lodo_accuracies_equal_separate_fits_per_fold(block_bytes, monkeypatch):
     import benchroute.transforms.kernel as kernel_mod
 
     if block_bytes is not None:
-        monkeypatch.setattr(kernel_mod, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(kernel_mod, "FOLD_TOTALS_BYTES", block_bytes)
     rng = np.random.default_rng(2)
     n, D, M, k = 90, 3, 4, 5
     X = normalize_rows(rng.normal(size=(n, 6)))
@@ -89,8 +89,10 @@ def test_lodo_accuracies_equal_separate_fits_per_fold(block_bytes, monkeypatch):
     grouped = grouped_topk(X, X, groups, k, self_rows=np.arange(n))
     held = np.array([False, False, True])
     P, u = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=k, held_out=held)
-    # narrowed from the lists without a held-out dataset (a leaderboard's nested LODO): the same
-    base = lodo_neighbours(grouped, sigs, rows)
+    # narrowed from the folds without a held-out dataset (a leaderboard's nested LODO): the same
+    # (dataset 1 keeps its base p where its lists and fallback-free labels allow it)
+    base = lodo_base(grouped, sigs, groups, Y, rows, labels, k=k)
+    np.testing.assert_array_equal(base.P, lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=k)[0])
     P_b, u_b = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=k, held_out=held, base=base)
     np.testing.assert_array_equal(P_b, P)
     np.testing.assert_array_equal(u_b, u)
@@ -113,3 +115,34 @@ def test_neighbor_share_estimate_by_hand():
     # neighbours: rows 0, 1 (d0), 2 (d1), 3 (d1 and d2) -> shares d0: 2, d1: 2, d2: 1
     # model 0: (2·0.9 + 2·0.3) / 4 (d2 has no p); model 1: only d0 -> 0.5
     np.testing.assert_allclose(neighbor_share_estimate(nb, member, P), [0.6, 0.5])
+
+
+def test_a_nested_fold_keeps_its_base_p_only_where_the_fallback_played_no_part():
+    """``lodo_base``: a dataset whose lists do not change when another is held out keeps its p,
+    unless a label of its came from the fallback (the models' mean label over the allowed rows),
+    which holding out another dataset changes. A's neighbours are A' rows, unlabelled for model
+    1: A's model-1 predictions are the fallback, 0.625 over B and C (predict 1), 0.25 over B
+    alone once C is held out (predict 0); A's model-1 labels are all 1."""
+    rng = np.random.default_rng(0)
+    n_d, dim = 20, 6
+    e1 = np.eye(dim)[0] * 5
+    X = normalize_rows(np.vstack([e1 + rng.normal(size=(n_d, dim)) * 0.3 for _ in range(2)]
+                                 + [-e1 + rng.normal(size=(n_d, dim)) * 0.3 for _ in range(2)]))
+    rows = [np.arange(d * n_d, (d + 1) * n_d) for d in range(4)]  # A, A', B, C
+    groups = np.repeat(np.arange(4), n_d)
+    sigs = np.eye(4, dtype=bool)
+    Y = np.zeros((4 * n_d, 2))
+    Y[:, 0] = rng.random(4 * n_d) < 0.5
+    Y[rows[0], 1] = 1.0
+    Y[rows[1], 1] = np.nan
+    Y[rows[2], 1] = (np.arange(n_d) < n_d // 4).astype(float)  # a quarter of B
+    Y[rows[3], 1] = 1.0
+    labels = [Y[r] for r in rows]
+    grouped = grouped_topk(X, X, groups, 3, self_rows=np.arange(len(X)))
+    base = lodo_base(grouped, sigs, groups, Y, rows, labels, k=3)
+    assert not base.fallback_free[0] and base.fallback_free[1]  # A' rows' neighbours are labelled A rows
+    held = np.array([False, False, False, True])
+    P, _ = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=3, held_out=held)
+    P_b, _ = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=3, held_out=held, base=base)
+    assert base.P[0, 1] == 1.0 and P[0, 1] == 0.0  # the fallback turned
+    np.testing.assert_array_equal(P_b, P)

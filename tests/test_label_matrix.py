@@ -60,6 +60,12 @@ def test_a_row_view_reads_as_the_rows_it_stands_for(max_bytes):
             assert np.isnan(got[idx < 0]).all()
             np.testing.assert_array_equal(v.column_means(max_bytes),
                                           column_means(dense, max_bytes=max_bytes)[1])
+    # with the rows' counts and sums known (fold totals), only the extra rows are summed
+    stats = column_counts_sums(Y, rows)
+    known = RowsOf(Y, rows, stats=stats).stack(extra)
+    np.testing.assert_allclose(known.column_means(max_bytes),
+                               column_means(np.vstack([Y[rows], extra]))[1], rtol=1e-12)
+    assert known.stats is stats
     with pytest.raises(IndexError):
         RowsOf(Y, rows).rows([len(rows)])
     # the kNN predictor reads it as it reads the dense rows

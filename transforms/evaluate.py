@@ -54,8 +54,9 @@ import polars as pl
 from benchroute.transforms.kernel import (
     NadarayaWatson,
     fallback_totals,
+    fold_counts_sums,
     lodo_accuracies,
-    lodo_neighbours,
+    lodo_base,
     mean_knn_distance,
     neighbor_share_estimate,
     train_mean,
@@ -71,7 +72,7 @@ from benchroute.transforms.knn import (
     normalize_rows,
     self_neighbors,
 )
-from benchroute.transforms.label_matrix import RowsOf, column_means
+from benchroute.transforms.label_matrix import RowsOf, column_means, means_of
 from benchroute.transforms.lodo_groups import same_family
 from benchroute.transforms.scores import binarized_accuracy, s3, score_task, task_scores
 from benchroute.transforms.selection import TIE_RULES, choice_metrics, choose, choose_rows
@@ -355,7 +356,9 @@ class HeldOutTask:
     (n bool: the rows that may be neighbours), ``fb`` (the fallback), ``neigh`` (each input's
     nearest allowed rows, as many as the search asked for), ``kernel`` / ``P`` / ``u`` /
     ``fit_on`` (the nested estimates and the smoother fitted on them), ``train_acc`` (M,: mean
-    per-dataset accuracy over the training datasets, the BMA scores and the tie-break)."""
+    per-dataset accuracy over the training datasets, the BMA scores and the tie-break),
+    ``train_stats`` (the training rows' label counts and sums, where Y is large enough to keep
+    fold totals: ``kernel.fallback_totals``; else None)."""
 
     d: int
     name: str
@@ -372,18 +375,22 @@ class HeldOutTask:
     u: np.ndarray
     fit_on: np.ndarray
     train_acc: np.ndarray
+    train_stats: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator[HeldOutTask]:
     """The held-out tasks of ``bench`` in dataset order (datasets with ``cfg.min_inputs``
     complete inputs), with neighbours from ``grouped`` (``knn.self_neighbors`` of the index).
     Where that searches per merge (a leaderboard), every dataset's lists without its family
-    are searched once (``kernel.lodo_neighbours``) and each task narrows them (``knn.narrowed``):
-    a search of the rows a task changes, not of every row per task."""
+    are searched once with their p and u (``kernel.lodo_base``) and each task narrows them
+    (``knn.narrowed``): a search of the rows a task changes, not of every row per task, and a
+    new p only where something changed."""
     M = len(bench.models)
     families = bench.families()
     totals = fallback_totals(bench.Y, bench.Y.nbytes)  # a leaderboard's fallbacks: no copy of Y
-    base = (lodo_neighbours(grouped, bench.group_members, bench.dataset_rows, families)
+    base = (lodo_base(grouped, bench.group_members, bench.row_groups, bench.Y, bench.dataset_rows,
+                      bench.dataset_y, k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
+                      k_descriptor=cfg.k_descriptor or cfg.k, families=families)
             if isinstance(grouped, SearchedNeighbors) else None)
     for d in range(len(bench.datasets)):
         local = bench.complete_rows(d)
@@ -393,26 +400,30 @@ def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator
         held = families[d]  # d and the other parts of its benchmark (lodo_groups)
         allowed = ~bench.group_members[:, held].any(axis=1)
         train_rows = allowed[bench.row_groups]
-        fb = train_mean(bench.Y, train_rows, totals) if cfg.fallback == "train_mean" else None
+        # the training rows' label counts and sums, where fold totals are kept (large Y)
+        stats = fold_counts_sums(bench.Y, train_rows, totals) if totals is not None else None
+        fb = ((means_of(*stats) if stats is not None else train_mean(bench.Y, train_rows))
+              if cfg.fallback == "train_mean" else None)
         kernel, P, u, fit_on = task_kernel(bench, cfg, grouped, held, bench.Y, bench.dataset_y,
                                            base=base)
         d_acc = bench.dataset_accuracy(exclude_rows=~train_rows)  # no input of d' counts
         neigh = (grouped.merge(allowed, rows=rows) if base is None else
-                 narrowed(base[d].take(local), train_rows,
+                 narrowed(base.neighbours[d].take(local), train_rows,
                           lambda at: grouped.merge(allowed, rows=rows[at])))
         yield HeldOutTask(
             d, bench.datasets[d], local, rows, bench.dataset_y[d][local],
             bench.dataset_value[d][local], held, train_rows, fb, neigh,
             kernel, P, u, fit_on, mean_over_datasets(np.where(held[:, None], np.nan, d_acc)),
+            stats,
         )
 
 
 def task_kernel(bench: BenchmarkArrays, cfg: EvalConfig, grouped, held: np.ndarray,
-                Y: np.ndarray, dataset_y: Sequence[np.ndarray], *, base: dict | None = None):
+                Y: np.ndarray, dataset_y: Sequence[np.ndarray], *, base=None):
     """(kernel, P, u, fit_on): nested LODO p(d, m), u(d) on the training datasets (``held``
     left out, each training dataset with its family) from the labels ``Y`` / ``dataset_y``, and
     the Gaussian smoother fitted on the datasets with a descriptor and some p. ``base``: the
-    lists nested LODO narrows (``kernel.lodo_neighbours``; None: merged from ``grouped``)."""
+    folds nested LODO narrows (``kernel.lodo_base``; None: merged from ``grouped``)."""
     P, u = lodo_accuracies(
         grouped, bench.group_members, bench.row_groups, Y, bench.dataset_rows, dataset_y,
         k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
@@ -501,7 +512,7 @@ def evaluate_lodo(
                               "p_share": p_share[m],
                               "u": u_new, "bandwidth": kern.bandwidth_})
         alpha_rows += _alpha_curve(bench, cfg, d, rows, Yt, A, t.train_rows, p_hat, train_acc,
-                                   G, p_true, name)
+                                   G, p_true, name, t.train_stats)
         route.add(G, Vt, train_acc, choose(train_acc, "expectation"))
     per_task_df = pl.DataFrame(per_task) if per_task else pl.DataFrame()
     predictor = pl.DataFrame(pred_rows) if pred_rows else pl.DataFrame()
@@ -547,7 +558,8 @@ def _first(neigh: Neighbors, k: int) -> Neighbors:
     return Neighbors(neigh.indices[:, :k], neigh.similarities[:, :k])
 
 
-def _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc, G0, p_true0, name):
+def _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc, G0, p_true0, name,
+                 train_stats=None):
     """Rows of the α curve for one task (α = 0 reuses the main path)."""
     out = []
     knn = None
@@ -559,7 +571,7 @@ def _alpha_curve(bench, cfg, d, rows, Yt, A, train_rows, p_hat, train_acc, G0, p
             if knn is None:
                 # the training rows' labels as a view (``RowsOf``), not a copy of Y's rows
                 knn = KNNCorrectness(cfg.k, weights=cfg.weights, fallback=cfg.fallback).fit(
-                    bench.X[train_rows], RowsOf(bench.Y, train_rows))
+                    bench.X[train_rows], RowsOf(bench.Y, train_rows, stats=train_stats))
             rng = np.random.default_rng([cfg.seed, d, int(round(alpha * 1e6))])
             n_lab = min(len(rows) - 1, max(1, int(round(alpha * len(rows)))))
             lab = np.zeros(len(rows), bool)

@@ -50,9 +50,14 @@ def column_means(Y: np.ndarray, rows: np.ndarray | None = None, *,
                  max_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Per column: (number of labels, their mean), the mean NaN where a column has none."""
     counts, sums = column_counts_sums(Y, rows, max_bytes=max_bytes)
+    return counts, means_of(counts, sums)
+
+
+def means_of(counts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Each column's mean from its label count and sum (NaN where it has no label)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / np.maximum(counts, 1)
-    return counts, np.where(counts > 0, means, np.nan)
+    return np.where(counts > 0, means, np.nan)
 
 
 def labelled_counts(Y: np.ndarray, rows: np.ndarray | None = None, *,
@@ -86,10 +91,14 @@ class RowsOf:
     ``Y[rows]`` or ``np.vstack([Y[rows], extra])`` holds, read a neighbours' rows at a time and
     never copied whole (a leaderboard's training index without one held-out task is 1.6 GB).
     ``column_means`` adds the same rows in the same blocks as ``column_means`` of the dense
-    float64 stack, so a float64 matrix gives bit-identical means either way."""
+    float64 stack, so a float64 matrix gives bit-identical means either way; with ``stats``
+    (the label counts and sums of Y's ``rows``, known already: a leaderboard's fold totals) it
+    adds only the extra rows' to them, no pass over Y's."""
 
-    def __init__(self, Y: np.ndarray, rows: np.ndarray, extra: np.ndarray | None = None) -> None:
+    def __init__(self, Y: np.ndarray, rows: np.ndarray, extra: np.ndarray | None = None,
+                 *, stats: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.Y = np.asarray(Y)
+        self.stats = stats
         rows = np.asarray(rows)
         self.index = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
         M = self.Y.shape[1]
@@ -104,7 +113,7 @@ class RowsOf:
         """These rows followed by ``extra``'s (after any extra rows already here)."""
         extra = np.asarray(extra, np.float64)
         extra = extra[:, None] if extra.ndim == 1 else extra
-        return RowsOf(self.Y, self.index, np.vstack([self.extra, extra]))
+        return RowsOf(self.Y, self.index, np.vstack([self.extra, extra]), stats=self.stats)
 
     def rows(self, idx, dtype=np.float64) -> np.ndarray:
         """Rows ``idx`` (len(idx) × M, NaN rows for index -1), in the order given."""
@@ -122,11 +131,13 @@ class RowsOf:
     def column_means(self, max_bytes: int = BLOCK_BYTES) -> np.ndarray:
         """Each column's mean over the rows that have a label (NaN for none)."""
         n, M = self.shape
+        if self.stats is not None:
+            more = column_counts_sums(self.extra, max_bytes=max_bytes)
+            return means_of(self.stats[0] + more[0], self.stats[1] + more[1])
         counts = np.zeros(M, np.int64)
         sums = np.zeros(M, np.float64)
         for sl in row_blocks(n, M, max_bytes):
             block = self.rows(np.arange(sl.start, sl.stop))
             counts += (~np.isnan(block)).sum(axis=0)
             sums += np.nansum(block, axis=0, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return means_of(counts, sums)
