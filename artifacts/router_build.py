@@ -128,9 +128,11 @@ class SelectedLabels:
             for part in self.held:
                 yield part.filter(where).select(cols) if where is not None else part.select(cols)
 
+        read = list(dict.fromkeys([*cols, "dataset", "model"]))  # what the filters read
+
         def stored():
             for rel in self.parts:
-                yield self.store.read_parts("labels", [rel], cols).filter(keep)
+                yield self.store.read_parts("labels", [rel], read).filter(keep).select(cols)
 
         return held if self.held is not None else stored
 
@@ -216,21 +218,27 @@ def token_frames(store: Store, parts: list[str] | None = None) -> tuple[pl.DataF
     return store.read("inputs", columns=["input_id", "text"]), recorded_output_tokens(store, parts)
 
 
+def unperturbed_outcomes(store: Store, metrics: list[str], columns: list[str],
+                         parts: list[str] | None = None) -> pl.DataFrame:
+    """The store's unperturbed outcome rows of ``metrics`` (their ``columns``), from its outcome
+    ``parts`` (None = all), a batch at a time: all outcomes would not fit in memory on a
+    leaderboard. A part whose metric column holds none of them is not read further (a
+    leaderboard's parts mostly record no output length and no log-likelihood: one column read
+    instead of five)."""
+    wanted = pl.col("metric").is_in(metrics) & pl.col("perturbation").is_null()
+    read = list(dict.fromkeys([*columns, "metric", "perturbation"]))
+    kept = [b.filter(wanted).select(columns)
+            for rel in (store.parts("outcomes") if parts is None else parts)
+            if any(m["metric"].is_in(metrics).any() for m in store.iter_batches(rel, ["metric"]))
+            for b in store.iter_batches(rel, read)]
+    return pl.concat(kept) if kept else store.read_parts("outcomes", [], columns)
+
+
 def recorded_output_tokens(store: Store, parts: list[str] | None = None) -> pl.DataFrame:
     """The mean recorded output length (tokens) per input and model in the store's outcome
     ``parts`` (None = all), from the unperturbed output-length metrics (``costs.OUTPUT_METRICS``)."""
-    metrics = list(costs_.OUTPUT_METRICS)
-    wanted = pl.col("metric").is_in(metrics) & pl.col("perturbation").is_null()
-    columns = ["input_id", "model", "metric", "value", "perturbation"]
-    # The outcomes a batch at a time, keeping only output-length rows (all of them would not fit
-    # in memory on a leaderboard); a part whose metric column holds no output length is not
-    # read further (a leaderboard's parts mostly record none: one column read instead of five).
-    kept = [b.filter(wanted)
-            for rel in (store.parts("outcomes") if parts is None else parts)
-            if any(m["metric"].is_in(metrics).any() for m in store.iter_batches(rel, ["metric"]))
-            for b in store.iter_batches(rel, columns)]
-    outcomes = pl.concat(kept) if kept else store.read_parts(
-        "outcomes", [], ["input_id", "model", "metric", "value", "perturbation"])
+    outcomes = unperturbed_outcomes(store, list(costs_.OUTPUT_METRICS),
+                                    ["input_id", "model", "metric", "value"], parts)
     return (
         outcomes
         .with_columns(tokens=pl.col("value") * pl.col("metric").replace_strict(costs_.OUTPUT_METRICS))

@@ -23,6 +23,7 @@ from benchroute.artifacts.router_build import (
     cost_data,
     evaluation_entry,
     token_frames,
+    unperturbed_outcomes,
 )
 from benchroute.artifacts.specs import STABILITY_B, RouterSpec, Selection
 from benchroute.artifacts.stages import PipelineError
@@ -50,16 +51,9 @@ EvaluationError = EmbedderChoiceError
 
 
 def loglik_frame(store: Store) -> pl.DataFrame:
-    """Per-input log-likelihoods where the data has them (HELM's ``logprob``), for the LL
-    baseline: the store's outcomes a batch at a time, keeping only unperturbed ``logprob`` rows
-    (a part whose metric column holds none is not read further)."""
-    wanted = (pl.col("metric") == "logprob") & pl.col("perturbation").is_null()
-    columns = ["input_id", "dataset", "model", "metric", "value", "perturbation"]
-    kept = [b.filter(wanted)
-            for rel in store.parts("outcomes")
-            if any((m["metric"] == "logprob").any() for m in store.iter_batches(rel, ["metric"]))
-            for b in store.iter_batches(rel, columns)]
-    outcomes = pl.concat(kept) if kept else store.read_parts("outcomes", [], columns)
+    """Per-input log-likelihoods where the data has them (HELM's unperturbed ``logprob``), for
+    the LL baseline, read a batch at a time (``router_build.unperturbed_outcomes``)."""
+    outcomes = unperturbed_outcomes(store, ["logprob"], ["input_id", "dataset", "model", "value"])
     return outcomes.group_by("input_id", "dataset", "model").agg(pl.col("value").mean())
 
 
@@ -266,9 +260,14 @@ def refit_plan(store_url: str, embedder_id: str, sel: Selection, router: RouterS
     params = eval_params(embedder_id, router.k, router.weights)
     groups = []
     for g in store_groups(labels, exclude_models=list(sel.exclude_models or [])):
-        fingerprint, ids = _group_fingerprint(labels, g, models, params)
+        if g.skipped:  # its inputs counted, nothing hashed
+            ids = pl.concat([b["input_id"].unique() for b in
+                             labels.batches(group_filter(g), ["input_id"])()]).unique()
+            fingerprint = None
+        else:
+            fingerprint, ids = _group_fingerprint(labels, g, models, params)
         groups.append(GroupPlan(g.name, len(g.datasets), len(g.models), ids.len(),
-                                g.skipped or None, None if g.skipped else fingerprint))
+                                g.skipped or None, fingerprint))
     return RefitPlan(tuple(groups), labels.input_ids.len(), labels.coverage["model"].n_unique(),
                      labels.coverage["dataset"].n_unique())
 
