@@ -75,7 +75,7 @@ def lodo_accuracies(
     held_out: np.ndarray | None = None,
     families: np.ndarray | None = None,
     kept: dict | None = None,
-    base: dict | None = None,
+    base: LodoBase | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """p(d, m) (D × M) and u(d) (D,) by leave-one-dataset-out.
 

@@ -296,8 +296,8 @@ def evaluate_group(
         labels, found[0], models, eval_params(embedder_id, router.k, router.weights))[0]
     if now != fingerprint:
         raise PipelineError(
-            f"{store_url}: group {group!r} changed while this run was planning it "
-            "(another writer?); run again"
+            f"{store_url}: group {group!r} changed while this run was planning it (another "
+            "writer, or the code of this worker differs from the planner's); run again"
         )
     results, skipped = evaluate_groups(
         store, embedder_id, labels, models, EvalConfig(k=router.k, weights=router.weights),
