@@ -156,3 +156,19 @@ def test_labels_past_the_memory_limit_are_read_from_the_store_with_the_same_resu
     assert refit_plan(embedded_sample_store, eid, Selection(), RouterSpec()) == plan
     assert evaluate_group(embedded_sample_store, eid, group.name, group.fingerprint, Selection(),
                           RouterSpec()) == entry
+
+
+def test_a_group_evaluated_against_another_plan_is_refused(embedded_sample_store):
+    """``evaluate_group`` recomputes the group's fingerprint and refuses when it is not the
+    plan's (the store, the parameters or the code changed since): a cached result under the
+    plan's key would be wrong."""
+    from benchroute.artifacts import embeddings as emb
+    from benchroute.artifacts.stages import PipelineError
+
+    eid = emb.embedders(Store(embedded_sample_store))[0]
+    plan = refit_plan(embedded_sample_store, eid, Selection(), RouterSpec())
+    g = next(g for g in plan.groups if not g.skipped)
+    with pytest.raises(PipelineError, match=f"group {g.name!r} changed while this run was planning"):
+        evaluate_group(embedded_sample_store, eid, g.name, g.fingerprint, Selection(), RouterSpec(k=5))
+    with pytest.raises(PipelineError):
+        evaluate_group(embedded_sample_store, eid, g.name, "0" * 64, Selection(), RouterSpec())
