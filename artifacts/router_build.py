@@ -144,9 +144,9 @@ class SelectedLabels:
         if self.held is None:
             raise TooManyLabels(
                 f"{self.store.url}: the selection holds {self.rows:,} labels, more than "
-                f"{self.limit:,}, too many to hold in memory (pair routers, stability and "
-                "the backfill's plan read them all): publish without pair routers or stability, "
-                "or select fewer sources, datasets or models")
+                f"{self.limit:,}, too many to hold in memory (pair routers and stability read "
+                "them all): publish without pair routers or stability, or select fewer sources, "
+                "datasets or models")
         return (pl.concat(self.held, how="vertical_relaxed", rechunk=False) if self.held
                 else self.store.read_parts("labels", [], LABEL_COLUMNS))
 
