@@ -131,7 +131,9 @@ class SelectedLabels:
             for part in self.held:
                 yield part.filter(where).select(cols) if where is not None else part.select(cols)
 
-        read = list(dict.fromkeys([*cols, "dataset", "model"]))  # what the filters read
+        # what the filters read (the selection's dataset and model, and ``where``'s columns)
+        read = list(dict.fromkeys([*cols, "dataset", "model",
+                                   *(where.meta.root_names() if where is not None else [])]))
 
         def stored():
             for rel in self.parts:

@@ -146,3 +146,7 @@ def test_a_nested_fold_keeps_its_base_p_only_where_the_fallback_played_no_part()
     P_b, _ = lodo_accuracies(grouped, sigs, groups, Y, rows, labels, k=3, held_out=held, base=base)
     assert base.P[0, 1] == 1.0 and P[0, 1] == 0.0  # the fallback turned
     np.testing.assert_array_equal(P_b, P)
+    # a base measured otherwise would give another p: refused
+    for other in ({"k": 1}, {"k": 3, "fallback": "nan"}, {"k": 3, "weights": "distance"}):
+        with pytest.raises(ValueError, match="base folds were measured with"):
+            lodo_accuracies(grouped, sigs, groups, Y, rows, labels, held_out=held, base=base, **other)

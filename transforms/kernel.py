@@ -3,7 +3,8 @@
 - ``lodo_accuracies``: for each benchmark dataset d, the predictors fitted on the *other*
   datasets (and never on a held-out one) are scored on d: p(d, m) = binarized accuracy, and the
   task descriptor u(d) = mean over d's inputs of the mean cosine distance to their k nearest
-  neighbours in those other datasets. Uses one grouped neighbour search for every fold.
+  neighbours in those other datasets. Uses one grouped neighbour search for every fold (or, where
+  those lists would not fit, a search per fold; nested folds narrow ``lodo_base``'s).
 - ``NadarayaWatson``: p̂(u) = Σ_d K_h(u − u(d)) p(d, ·) / Σ_d K_h(u − u(d)), K_h Gaussian,
   with the bandwidth h chosen from a grid by leave-one-dataset-out error (mean absolute error by
   default; ties go to the larger h). Models with no p on a dataset (NaN) are averaged over the
@@ -93,10 +94,17 @@ def lodo_accuracies(
     from its lists (``knn.narrowed``), searched again only where a neighbour is now held out;
     a dataset none of whose lists changed, none of whose inputs is held out and none of whose
     labels came from the fallback (the one thing the held-out rows still change) keeps its p
-    and u. The same p and u either way.
+    and u (``base`` must come from the same index, labels and ``families``, with the same
+    k, weights, fallback and k_descriptor: the last four are checked). The same neighbours and
+    p either way, up to the float32 rounding of a similarity, which BLAS makes depend on which
+    queries are scored together: where two candidates are within it (near-duplicate inputs),
+    which enters the top k can differ, as between any two searches of other query blocks.
     """
     if base is not None and kept is not None:
         raise ValueError("kept lists are not recorded when folds come from a base")
+    if base is not None and base.P is not None and base.params != (k, weights, fallback, k_descriptor):
+        raise ValueError(f"the base folds were measured with (k, weights, fallback, k_descriptor) = "
+                         f"{base.params}, not {(k, weights, fallback, k_descriptor)}")
     D = group_members.shape[1]
     M = Y.shape[1]
     held = np.zeros(D, bool) if held_out is None else np.asarray(held_out, bool)
@@ -143,6 +151,7 @@ class LodoBase:
     P: np.ndarray | None = None
     u: np.ndarray | None = None
     fallback_free: np.ndarray | None = None
+    params: tuple | None = None  # (k, weights, fallback, k_descriptor) its p was measured with
 
 
 def lodo_base(grouped: GroupedNeighbors, group_members: np.ndarray, row_groups: np.ndarray,
@@ -163,7 +172,7 @@ def lodo_base(grouped: GroupedNeighbors, group_members: np.ndarray, row_groups: 
                            families=families, base=LodoBase(lists))
     free = np.array([bool(covered(Neighbors(n.indices[:, :k], n.similarities[:, :k]), Y).all())
                      for n in lists.values()], bool)
-    return LodoBase(lists, P, u, free)
+    return LodoBase(lists, P, u, free, (k, weights, fallback, k_descriptor))
 
 
 class NadarayaWatson:
@@ -263,7 +272,8 @@ def fallback_totals(Y: np.ndarray, matrix_bytes: int):
     """Column totals of ``Y`` (``column_counts_sums``) when the label matrix it belongs to
     (``matrix_bytes``) is larger than ``FOLD_TOTALS_BYTES``, else None: then each fold's
     fallback is its totals less the few rows the fold leaves out, not a pass over every allowed
-    row. (0/1 labels sum to integers, exact either way.)"""
+    row. (0/1 labels sum to integers, exact either way; a row's mean over several datasets,
+    e.g. 1/3, can differ in the last bits.)"""
     return column_counts_sums(Y) if matrix_bytes > FOLD_TOTALS_BYTES else None
 
 

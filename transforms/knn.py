@@ -73,7 +73,10 @@ def narrowed(base: Neighbors, allowed: np.ndarray, search) -> Neighbors:
     whose base list holds no row now disallowed keeps it (every allowed row ranked below those
     rows, in the same order: ties go to the lower row either way); the others are searched
     again, ``search(positions)`` giving the new top-k of the queries at those positions. Nested
-    leave-one-dataset-out leaves one more dataset out: most lists stay as they were."""
+    leave-one-dataset-out leaves one more dataset out: most lists stay as they were. Exact for
+    the same similarities; a search's float32 similarities can differ in the last bit with the
+    other queries of its block (BLAS), so near-ties can resolve differently than a search of
+    all the queries together would."""
     idx = base.indices
     stale = ((idx >= 0) & ~allowed[np.maximum(idx, 0)]).any(axis=1)
     if not stale.any():

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 
 # float64 bytes of one block of label rows: every float64 label matrix (evaluate.dense_dtype:
-# up to 64 M cells) is one block, so its statistics are numpy's whole-matrix ones, bit for bit.
+# up to 64 M cells) is one block, so its statistics here are numpy's whole-matrix ones, bit for
+# bit (the LODO's fold fallbacks above kernel.FOLD_TOTALS_BYTES come from totals instead).
 BLOCK_BYTES = 512 * 2**20
 
 
