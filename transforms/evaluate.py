@@ -405,7 +405,7 @@ def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator
         fb = ((means_of(*stats) if stats is not None else train_mean(bench.Y, train_rows))
               if cfg.fallback == "train_mean" else None)
         kernel, P, u, fit_on = task_kernel(bench, cfg, grouped, held, bench.Y, bench.dataset_y,
-                                           base=base)
+                                           base=base, totals=totals)
         d_acc = bench.dataset_accuracy(exclude_rows=~train_rows)  # no input of d' counts
         neigh = (grouped.merge(allowed, rows=rows) if base is None else
                  narrowed(base.neighbours[d].take(local), train_rows,
@@ -419,15 +419,17 @@ def held_out_tasks(bench: BenchmarkArrays, cfg: EvalConfig, grouped) -> Iterator
 
 
 def task_kernel(bench: BenchmarkArrays, cfg: EvalConfig, grouped, held: np.ndarray,
-                Y: np.ndarray, dataset_y: Sequence[np.ndarray], *, base=None):
+                Y: np.ndarray, dataset_y: Sequence[np.ndarray], *, base=None, totals=None):
     """(kernel, P, u, fit_on): nested LODO p(d, m), u(d) on the training datasets (``held``
     left out, each training dataset with its family) from the labels ``Y`` / ``dataset_y``, and
     the Gaussian smoother fitted on the datasets with a descriptor and some p. ``base``: the
-    folds nested LODO narrows (``kernel.lodo_base``; None: merged from ``grouped``)."""
+    folds nested LODO narrows (``kernel.lodo_base``; None: merged from ``grouped``);
+    ``totals``: the fold totals of ``Y`` (``kernel.fallback_totals``) when already made."""
     P, u = lodo_accuracies(
         grouped, bench.group_members, bench.row_groups, Y, bench.dataset_rows, dataset_y,
         k=cfg.k, weights=cfg.weights, fallback=cfg.fallback,
         k_descriptor=cfg.k_descriptor or cfg.k, held_out=held, families=bench.families(), base=base,
+        totals=totals,
     )
     fit_on = np.isfinite(u) & ~np.all(np.isnan(P), axis=1)
     return NadarayaWatson().fit(u[fit_on], P[fit_on]), P, u, fit_on

@@ -77,6 +77,7 @@ def lodo_accuracies(
     families: np.ndarray | None = None,
     kept: dict | None = None,
     base: LodoBase | None = None,
+    totals=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """p(d, m) (D × M) and u(d) (D,) by leave-one-dataset-out.
 
@@ -94,7 +95,8 @@ def lodo_accuracies(
     from its lists (``knn.narrowed``), searched again only where a neighbour is now held out;
     a dataset none of whose lists changed, none of whose inputs is held out and none of whose
     labels came from the fallback (the one thing the held-out rows still change) keeps its p
-    and u (``base`` must come from the same index, labels and ``families``, with the same
+    and u. ``totals``: ``fallback_totals(Y, Y.nbytes)`` when the caller has it (one pass over Y
+    per call otherwise) (``base`` must come from the same index, labels and ``families``, with the same
     k, weights, fallback and k_descriptor: the last four are checked). The same neighbours and
     p either way, up to the float32 rounding of a similarity, which BLAS makes depend on which
     queries are scored together: where two candidates are within it (near-duplicate inputs),
@@ -111,7 +113,8 @@ def lodo_accuracies(
     P = np.full((D, M), np.nan)
     u = np.full(D, np.nan)
     banned = group_members[:, held].any(axis=1)
-    totals = fallback_totals(Y, Y.nbytes) if fallback == "train_mean" else None
+    if totals is None and fallback == "train_mean":
+        totals = fallback_totals(Y, Y.nbytes)
     for d in range(D):
         keep = ~banned[row_groups[dataset_rows[d]]]  # d's inputs that are not held out
         if held[d] or not keep.any():

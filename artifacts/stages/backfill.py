@@ -28,7 +28,7 @@ def backfill_plan(
     known = set(store.units().values())
     new = [u.key for u in units if u.fingerprint not in known]
     _, identity = resolve(embedder)
-    labels = SelectedLabels(store, sel)
+    labels = SelectedLabels(store, sel, max_labels=0)  # its coverage and inputs: nothing held
     memberships = labels.memberships
     # the inputs the bundle is built from (``stages.embed.selected_ids``): the selection's, or all
     ids = (store.read("inputs", columns=["input_id"])["input_id"].unique() if sel.is_all
