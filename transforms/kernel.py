@@ -97,10 +97,9 @@ def lodo_accuracies(
     labels came from the fallback (the one thing the held-out rows still change) keeps its p
     and u. ``totals``: ``fallback_totals(Y, Y.nbytes)`` when the caller has it (one pass over Y
     per call otherwise) (``base`` must come from the same index, labels and ``families``, with the same
-    k, weights, fallback and k_descriptor: the last four are checked). The same neighbours and
-    p either way, up to the float32 rounding of a similarity, which BLAS makes depend on which
-    queries are scored together: where two candidates are within it (near-duplicate inputs),
-    which enters the top k can differ, as between any two searches of other query blocks.
+    k, weights, fallback and k_descriptor: the last four are checked). The same neighbours
+    either way (``knn``'s canonical order does not depend on which queries are searched
+    together); p equal up to the last bits of a distance weight.
     """
     if base is not None and kept is not None:
         raise ValueError("kept lists are not recorded when folds come from a base")

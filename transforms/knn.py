@@ -8,6 +8,15 @@ found once, then every model's label column is read through the same neighbours.
   rows in the order (similarity descending, row ascending), so equal similarities at the k-th
   place go to the lower row (real data has them: distinct texts with identical embeddings).
   scikit-learn cuts such ties arbitrarily, so the reference tests use data without them.
+- The order is decided by the *canonical* similarity (``canonical_similarity``: float32 products
+  summed in one fixed pairwise tree), not by the matrix product's float32 value: BLAS rounds a
+  product differently with the other rows of its block (up to ~1e-6 here), so two rows closer
+  than that would otherwise order by how the search was cut into blocks, and the searched, stored
+  and narrowed paths of leave-one-dataset-out could disagree on a neighbour. Products more than
+  twice BLAS's error bound apart (``similarity_tolerance``) order the same either way; only rows
+  that close to another candidate are scored again (``exact_order``), so the neighbours and
+  their order do not depend on blocking, groups or query batches. A reported similarity is the
+  canonical one where it was scored again, else the product's (they differ in the last bits).
 - ``exclude`` drops index rows for every query (the rows of a held-out dataset, chosen *by input
   id*: an input that also belongs to the held-out dataset is never a training neighbour), and
   ``self_rows`` drops one row per query (leave-one-out within the index).
@@ -73,10 +82,9 @@ def narrowed(base: Neighbors, allowed: np.ndarray, search) -> Neighbors:
     whose base list holds no row now disallowed keeps it (every allowed row ranked below those
     rows, in the same order: ties go to the lower row either way); the others are searched
     again, ``search(positions)`` giving the new top-k of the queries at those positions. Nested
-    leave-one-dataset-out leaves one more dataset out: most lists stay as they were. Exact for
-    the same similarities; a search's float32 similarities can differ in the last bit with the
-    other queries of its block (BLAS), so near-ties can resolve differently than a search of
-    all the queries together would."""
+    leave-one-dataset-out leaves one more dataset out: most lists stay as they were. Exact: the
+    lists are in the canonical order (module doc), which does not depend on which queries are
+    searched together."""
     idx = base.indices
     stale = ((idx >= 0) & ~allowed[np.maximum(idx, 0)]).any(axis=1)
     if not stale.any():
@@ -133,6 +141,131 @@ def topk_of_rows(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, vals
 
 
+UNIT_ROUNDOFF = 2.0 ** -24  # float32
+SPARE = 8  # candidates past the k-th that the search keeps for ``exact_order``
+RESCORE_BYTES = 16 * 2**20  # float32 products of one chunk of pairs scored again
+
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term float32 sum."""
+    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+
+
+def similarity_tolerance(Q: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Per query, a bound on |product - canonical similarity| against any row of ``X``: float32
+    dot products of length d err by at most gamma_d * |q| * |x| whatever the summation order
+    (BLAS, any blocking), the canonical tree by gamma_(log2 d + 1) * |q| * |x|."""
+    d = Q.shape[1]
+    levels = int(np.ceil(np.log2(max(d, 1)))) + 1
+    # squared norms in float32 err by at most gamma_d relative: 1.001 covers it
+    x_max = float(np.sqrt(np.einsum("ij,ij->i", X, X).max())) if X.size else 0.0
+    q = np.sqrt(np.einsum("ij,ij->i", Q, Q).astype(np.float64))
+    return (_gamma(d) + _gamma(levels)) * 1.001 * q * x_max + 1e-30
+
+
+def canonical_similarity(Q: np.ndarray, X: np.ndarray, q_rows: np.ndarray, x_rows: np.ndarray) -> np.ndarray:
+    """The dot products of pairs (``Q[q_rows[i]]``, ``X[x_rows[i]]``) in float32: each product
+    rounded, then summed in one fixed pairwise tree (zero-padded to a power of two). Every step
+    is an elementwise IEEE operation, so a pair's value does not depend on which other pairs,
+    blocks or threads it is computed with."""
+    q_rows, x_rows = np.asarray(q_rows).ravel(), np.asarray(x_rows).ravel()
+    d = Q.shape[1]
+    width = 1 << max(int(d) - 1, 0).bit_length()
+    out = np.empty(q_rows.size, np.float32)
+    step = max(1, RESCORE_BYTES // (4 * width))
+    for start in range(0, q_rows.size, step):
+        sl = slice(start, start + step)
+        P = np.zeros((len(q_rows[sl]), width), np.float32)
+        np.multiply(Q[q_rows[sl]], X[x_rows[sl]], out=P[:, :d], dtype=np.float32)
+        w = width
+        while w > 1:
+            w //= 2
+            P = P[:, :w] + P[:, w : 2 * w]
+        out[sl] = P[:, 0]
+    return out
+
+
+def _by_key(cand: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's candidates in the order (key descending, row ascending; -1 last)."""
+    order = np.lexsort((np.where(cand >= 0, cand, np.iinfo(np.int64).max), -keys), axis=-1)
+    return np.take_along_axis(cand, order, 1), np.take_along_axis(keys, order, 1)
+
+
+def exact_order(cand: np.ndarray, keys: np.ndarray, tol: np.ndarray, k: int, score, *,
+                presorted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The first k candidates of each query in the canonical order (similarity descending, row
+    ascending), from candidate rows ``cand`` (n × c, -1 for none) and their approximate
+    similarities ``keys`` (-inf for none), each within ``tol`` (n,) of the canonical value;
+    ``presorted``: already in the order (key descending, row ascending).
+
+    The candidates must hold every row whose key can reach the k-th largest key less 2 tol
+    (the callers check it). Two keys more than 2 tol apart order as their canonical values
+    do; within that, both are scored again with ``score(query_positions, rows)`` (canonical
+    values). Keys then compare as canonical values would, so the cut and the order are exact."""
+    n, c = cand.shape
+    if c == 0 or n == 0:
+        return np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
+    keys = np.where(cand >= 0, keys, -np.inf).astype(np.float32)
+    span = (2 * tol)[:, None]
+    if not presorted and c > 2 * k + SPARE:  # many candidates (merged groups): sort only the head
+        kth = -np.partition(-keys, k - 1, axis=1)[:, k - 1]
+        head = max(k, int((np.isfinite(keys) & (keys >= (kth[:, None] - span))).sum(axis=1).max()))
+        if head < c:
+            part = np.argpartition(-keys, head - 1, axis=1)[:, :head]
+            cand, keys = np.take_along_axis(cand, part, 1), np.take_along_axis(keys, part, 1)
+            c = head
+    if not presorted:
+        cand, keys = _by_key(cand, keys)
+    kth = keys[:, min(k, c) - 1]
+    near = np.isfinite(keys) & (keys >= (kth[:, None] - span))  # every possible member of the top k
+    width = max(min(k, c), int(near.sum(axis=1).max()))  # near is a prefix: the rest cannot matter
+    cand, keys, near = cand[:, :width], keys[:, :width].copy(), near[:, :width]
+    with np.errstate(invalid="ignore"):  # -inf - -inf past the candidates
+        pair = ((keys[:, :-1] - keys[:, 1:]) <= span) & near[:, :-1] & near[:, 1:]
+    close = np.zeros_like(near)
+    close[:, :-1] |= pair
+    close[:, 1:] |= pair
+    redo = np.flatnonzero(close.any(axis=1))
+    if redo.size:  # rows with keys within 2 tol of each other: scored again, sorted again
+        sub = close[redo]
+        r, j = np.nonzero(sub)
+        sub_keys = keys[redo]
+        sub_keys[r, j] = score(redo[r], cand[redo][r, j])
+        cand = cand.copy()
+        cand[redo], keys[redo] = _by_key(cand[redo], sub_keys)
+    out_i, out_s = cand[:, :k].astype(np.int64), keys[:, :k]
+    if out_i.shape[1] < k:
+        out_i = np.pad(out_i, ((0, 0), (0, k - out_i.shape[1])), constant_values=-1)
+        out_s = np.pad(out_s, ((0, 0), (0, k - out_s.shape[1])), constant_values=-np.inf)
+    out_i[~np.isfinite(out_s)] = -1
+    return out_i, out_s
+
+
+def exact_topk(S: np.ndarray, Q: np.ndarray, X: np.ndarray, k: int, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``topk_of_rows`` of the products ``S`` (Q × X.T, -inf where excluded) in the canonical
+    order: the first k + ``SPARE`` columns by product, then ``exact_order``. A row where the
+    spare candidates do not reach 2 tol below the k-th product (many near-equal rows, e.g.
+    duplicated inputs) takes every column that close from ``S``."""
+    n, c = S.shape
+    pool_i, pool_s = topk_of_rows(S, k + SPARE)
+    kth = pool_s[:, min(k, pool_s.shape[1]) - 1] if pool_s.shape[1] else np.full(n, -np.inf)
+    last = pool_s[:, -1] if pool_s.shape[1] else np.full(n, -np.inf)
+    short = np.isfinite(last) & (last >= kth - 2 * tol) & (c > k + SPARE)
+
+    whole = np.flatnonzero(~short)
+    out_i, out_s = exact_order(pool_i[whole], pool_s[whole], tol[whole], k,
+                               lambda r, cols: canonical_similarity(Q, X, whole[r], cols), presorted=True)
+    res_i = np.empty((n, k), np.int64)
+    res_s = np.empty((n, k), np.float32)
+    res_i[whole], res_s[whole] = out_i, out_s
+    for r in np.flatnonzero(short):  # rare: more near-equal rows than spare candidates
+        cols = np.flatnonzero(S[r] >= kth[r] - 2 * tol[r])
+        i, s = exact_order(cols[None, :], S[r, cols][None, :], tol[r : r + 1], k,
+                           lambda _, cc, q=r: canonical_similarity(Q, X, np.full(len(cc), q), cc))
+        res_i[r], res_s[r] = i[0], s[0]
+    return res_i, res_s
+
+
 def cosine_topk(
     Q: np.ndarray,
     X: np.ndarray,
@@ -154,6 +287,7 @@ def cosine_topk(
     n = Q.shape[0]
     out_i = np.empty((n, k), np.int64)
     out_s = np.empty((n, k), np.float32)
+    tol = similarity_tolerance(Q, X)
     step = block_rows(X.shape[0], max_block_bytes)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -164,7 +298,7 @@ def cosine_topk(
             rows = np.asarray(self_rows[start:stop])
             hit = rows >= 0
             S[np.nonzero(hit)[0], rows[hit]] = -np.inf
-        out_i[start:stop], out_s[start:stop] = topk_of_rows(S, k)
+        out_i[start:stop], out_s[start:stop] = exact_topk(S, Q[start:stop], X, k, tol[start:stop])
     return Neighbors(out_i, out_s)
 
 
@@ -334,10 +468,14 @@ class KNNCorrectness:
 class GroupedNeighbors:
     """Top-k of every query within each group of index rows: ``indices``/``similarities`` of
     shape (n_query, n_groups, k), padded with -1 / -inf. ``merge`` gives the exact top-k over
-    any union of groups."""
+    any union of groups (in the canonical order: candidates of different groups closer than the
+    tolerance are scored again from the queries ``Q`` and index rows ``X``)."""
 
     indices: np.ndarray
     similarities: np.ndarray
+    Q: np.ndarray
+    X: np.ndarray
+    tol: np.ndarray
 
     @property
     def k(self) -> int:
@@ -350,23 +488,15 @@ class GroupedNeighbors:
         k = self.k if k is None else k
         if k > self.k:
             raise ValueError(f"searched {self.k} per group; cannot merge to {k}")
-        rows = slice(None) if rows is None else rows
+        rows = np.arange(self.indices.shape[0]) if rows is None else np.arange(self.indices.shape[0])[rows]
         allowed = np.asarray(allowed, bool)
         idx = self.indices[rows][:, allowed, :k]
         sim = self.similarities[rows][:, allowed, :k]
         n = idx.shape[0]
-        idx = idx.reshape(n, -1)
-        sim = sim.reshape(n, -1)
-        # (similarity desc, row asc) over every allowed group's candidates: the same order and
-        # the same cut as one search over the union of the groups.
-        key = np.where(idx >= 0, idx, np.iinfo(np.int64).max)
-        order = np.lexsort((key, -sim), axis=-1)[:, :k]
-        out_i = np.take_along_axis(idx, order, axis=1)
-        out_s = np.take_along_axis(sim, order, axis=1)
-        if out_i.shape[1] < k:
-            pad = k - out_i.shape[1]
-            out_i = np.pad(out_i, ((0, 0), (0, pad)), constant_values=-1)
-            out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        # Each group's list is its canonical top k, so their union holds the union's top k;
+        # ``exact_order`` gives the same order and cut as one search over the union of groups.
+        out_i, out_s = exact_order(idx.reshape(n, -1), sim.reshape(n, -1), self.tol[rows], k,
+                                   lambda r, cols: canonical_similarity(self.Q, self.X, rows[r], cols))
         return Neighbors(out_i, out_s)
 
 
@@ -393,6 +523,7 @@ def grouped_topk(
     n = Q.shape[0]
     out_i = np.full((n, n_groups, k), -1, np.int64)
     out_s = np.full((n, n_groups, k), -np.inf, np.float32)
+    tol = similarity_tolerance(Q, X)
     step = block_rows(X.shape[0], max_block_bytes)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -405,10 +536,10 @@ def grouped_topk(
             lo, hi = bounds[g], bounds[g + 1]
             if hi == lo:
                 continue
-            i, s = topk_of_rows(S[:, lo:hi], k)
+            i, s = exact_topk(S[:, lo:hi], Q[start:stop], Xs[lo:hi], k, tol[start:stop])
             out_i[start:stop, g] = np.where(i >= 0, order[lo + np.maximum(i, 0)], -1)
             out_s[start:stop, g] = s
-    return GroupedNeighbors(out_i, out_s)
+    return GroupedNeighbors(out_i, out_s, Q, X, tol)
 
 
 GROUPED_MAX_BYTES = 512 * 2**20  # above this, ``self_neighbors`` searches per call instead
