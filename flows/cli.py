@@ -225,6 +225,8 @@ def evaluate(
         )
     for group, why in result["skipped"].items():
         print(f"{group}: not evaluated ({why})")
+    if result.get("stability", "").startswith("not computed"):
+        print(f"stability: {result['stability']}")
     for group, by_split in result.get("routing", {}).items():
         for split, rows in by_split.items():
             for r in rows:

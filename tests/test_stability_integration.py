@@ -115,8 +115,9 @@ def test_report_has_the_stability_section(embedded_sample_store, tmp_path):
     from benchroute.artifacts.stages.evaluate import evaluate_store
 
     out = tmp_path / "report"
-    evaluate_store(embedded_sample_store, str(out), sources=["mmlu_pro"], routing_splits=(),
-                   stability_B=50)
+    res = evaluate_store(embedded_sample_store, str(out), sources=["mmlu_pro"], routing_splits=(),
+                         stability_B=50)
+    assert res["stability"] == "computed"
     md = (out / "report.md").read_text()
     assert "# Stability" in md and "## Rank intervals per source group" in md
     assert "version:same_text" in md and "S3 flip" in md
@@ -127,6 +128,23 @@ def test_report_has_the_stability_section(embedded_sample_store, tmp_path):
     ranks = pl.read_parquet(out / "stability" / "rankings.parquet")
     assert set(ranks["scope"].str.split("/").list.first()) == {"mmlu_pro"}  # only the sources asked
     assert json.loads((out / "summary.json").read_text())["stability"]["groups"]["mmlu_pro"]
+
+
+def test_report_skips_stability_past_the_labels_held_in_memory(embedded_sample_store, tmp_path, monkeypatch):
+    """The stability section reads every stored label and outcome as one frame: past
+    ``FRAME_MAX_LABELS`` the report says why it is missing instead of reading them."""
+    from benchroute.artifacts import router_build
+    from benchroute.artifacts.stages.evaluate import evaluate_store
+
+    monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", 1000)
+    out = tmp_path / "report"
+    res = evaluate_store(embedded_sample_store, str(out), sources=["mmlu_pro"], routing_splits=(),
+                         stability_B=50)
+    assert res["stability"].startswith("not computed: the store holds") and "1,000" in res["stability"]
+    assert res["groups"]["mmlu_pro"]["n_tasks"] > 0  # the rest of the evaluation runs
+    md = (out / "report.md").read_text()
+    assert "# Stability" not in md and "not computed" in md
+    assert not (out / "stability").exists()
 
 
 def test_bundle_manifest_holds_the_stability_summary(embedded_sample_store, tmp_path, capsys):

@@ -200,7 +200,12 @@ def evaluate_store(
     }
     meta["predictors"] = ", ".join(dict.fromkeys(predictors or ["knn", DEFAULT_PREDICTOR]))
     stability = None
-    if stability_B > 0:
+    # the stability section reads every stored label and outcome as one frame: not past the limit
+    stored = max(sum(store.part_rows(rel) for rel in store.parts(t)) for t in ("labels", "outcomes"))
+    if stability_B > 0 and stored > labels.limit:
+        meta["stability"] = (f"not computed: the store holds {stored:,} labels or outcomes, more than "
+                             f"the {labels.limit:,} it reads into memory (--stability-B 0 skips it)")
+    elif stability_B > 0:
         datasets = (memberships.filter(pl.col("source").is_in(sources))["dataset"].unique().to_list()
                     if sources else None)
         kept = labels.coverage.filter(~pl.col("model").is_in(exclude_models or []))["model"].unique()
@@ -214,6 +219,7 @@ def evaluate_store(
         "groups": {g: ev.summary for g, ev in results.items()},
         "routing": {g: {sp: r.summary.to_dicts() for sp, r in by.items()} for g, by in routing.items()},
         "skipped": skipped,
+        "stability": meta.get("stability", "computed" if stability is not None else "not asked"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
