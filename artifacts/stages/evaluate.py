@@ -107,9 +107,9 @@ def evaluate_groups(
         results[g.name] = ev
         if log:
             log.info(
-                "evaluated %s: %d datasets, %d models, %d inputs in %.1f s (dropped models: %d)",
-                g.name, len(g.datasets), len(g.models), bench.X.shape[0],
-                time.perf_counter() - t, len(g.dropped_models),
+                "evaluated %s: %d datasets, %d models, %d inputs in %.1f s (dropped: %d models, "
+                "%d datasets)", g.name, len(g.datasets), len(g.models), bench.X.shape[0],
+                time.perf_counter() - t, len(g.dropped_models), len(g.dropped_datasets),
             )
         del bench
     return results, skipped
