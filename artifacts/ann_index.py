@@ -48,7 +48,7 @@ from typing import Literal
 import numpy as np
 
 from benchroute.io import npy_bytes
-from benchroute.transforms.knn import cosine_topk, normalize_rows
+from benchroute.transforms.knn import cosine_topk, max_norm, normalize_rows
 
 Kind = Literal["auto", "exact", "hnsw"]
 # Exact search up to this many index rows. benchmarks/scale.py, d = 384, one thread on a busy
@@ -110,6 +110,7 @@ class Index:
     def __init__(self, params: IndexParams, X: np.ndarray, hnsw=None, storage=None):
         self.params = params
         self.X = X
+        self._x_norm = None  # max_norm(X), on the first exact search
         self._hnsw = hnsw
         self._storage = storage  # keeps the flat storage alive while the graph points at it
 
@@ -133,7 +134,9 @@ class Index:
             raise ValueError("k must be positive")
         Q = prepare(Q)
         if self._hnsw is None or k >= self.params.n:
-            neigh = cosine_topk(Q, self.X, k)
+            if self._x_norm is None:
+                self._x_norm = max_norm(self.X)
+            neigh = cosine_topk(Q, self.X, k, x_norm=self._x_norm)
             return neigh.similarities, neigh.indices
         faiss = _faiss()
         ef = max(int(ef_search or self.params.ef_search or DEFAULT_EF_SEARCH), k)

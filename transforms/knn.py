@@ -151,16 +151,22 @@ def _gamma(n: int) -> float:
     return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
 
 
-def similarity_tolerance(Q: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Per query, a bound on |product - canonical similarity| against any row of ``X``: float32
-    dot products of length d err by at most gamma_d * |q| * |x| whatever the summation order
-    (BLAS, any blocking), the canonical tree by gamma_(log2 d + 1) * |q| * |x|."""
+def max_norm(X: np.ndarray) -> float:
+    """The largest L2 norm of a row of ``X`` (0 for none): what ``similarity_tolerance`` needs of
+    an index, computed once per index by the callers that search it many times."""
+    # squared norms in float32 err by at most gamma_d relative: similarity_tolerance's 1.001 covers it
+    return float(np.sqrt(np.einsum("ij,ij->i", X, X).max())) if X.size else 0.0
+
+
+def similarity_tolerance(Q: np.ndarray, x_norm: float) -> np.ndarray:
+    """Per query, a bound on |product - canonical similarity| against any index row of norm at
+    most ``x_norm`` (``max_norm``): float32 dot products of length d err by at most
+    gamma_d * |q| * |x| whatever the summation order (BLAS, any blocking), the canonical tree by
+    gamma_(log2 d + 1) * |q| * |x|."""
     d = Q.shape[1]
     levels = int(np.ceil(np.log2(max(d, 1)))) + 1
-    # squared norms in float32 err by at most gamma_d relative: 1.001 covers it
-    x_max = float(np.sqrt(np.einsum("ij,ij->i", X, X).max())) if X.size else 0.0
     q = np.sqrt(np.einsum("ij,ij->i", Q, Q).astype(np.float64))
-    return (_gamma(d) + _gamma(levels)) * 1.001 * q * x_max + 1e-30
+    return (_gamma(d) + _gamma(levels)) * 1.001 * q * x_norm + 1e-30
 
 
 def canonical_similarity(Q: np.ndarray, X: np.ndarray, q_rows: np.ndarray, x_rows: np.ndarray) -> np.ndarray:
@@ -274,11 +280,13 @@ def cosine_topk(
     exclude: np.ndarray | None = None,
     self_rows: np.ndarray | None = None,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    x_norm: float | None = None,
 ) -> Neighbors:
     """Exact top-k cosine neighbours in ``X`` of each row of ``Q`` (both already L2-normalised).
 
     ``exclude``: boolean mask over the rows of ``X`` never to return; ``self_rows``: for each query
-    one row of ``X`` not to return (-1 for none).
+    one row of ``X`` not to return (-1 for none); ``x_norm``: ``max_norm(X)`` when the caller
+    keeps it (else a pass over ``X`` per call).
     """
     Q = np.asarray(Q, dtype=np.float32)
     X = np.asarray(X, dtype=np.float32)
@@ -287,7 +295,7 @@ def cosine_topk(
     n = Q.shape[0]
     out_i = np.empty((n, k), np.int64)
     out_s = np.empty((n, k), np.float32)
-    tol = similarity_tolerance(Q, X)
+    tol = similarity_tolerance(Q, max_norm(X) if x_norm is None else x_norm)
     step = block_rows(X.shape[0], max_block_bytes)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -421,6 +429,7 @@ class KNNCorrectness:
         if self.fallback not in ("train_mean", "nan"):
             raise ValueError(f"fallback must be 'train_mean' or 'nan', got {self.fallback!r}")
         self.X_ = X
+        self.x_norm_ = max_norm(X)
         self.Y_ = Y
         if packed:
             self.train_mean_ = np.asarray(Y.column_means(), np.float64)
@@ -441,6 +450,7 @@ class KNNCorrectness:
         return cosine_topk(
             normalize_rows(Q), self.X_, self.n_neighbors,
             exclude=exclude, self_rows=self_rows, max_block_bytes=self.max_block_bytes,
+            x_norm=getattr(self, "x_norm_", None),
         )
 
     def predict_from_neighbors(self, neighbors: Neighbors) -> np.ndarray:
@@ -523,7 +533,7 @@ def grouped_topk(
     n = Q.shape[0]
     out_i = np.full((n, n_groups, k), -1, np.int64)
     out_s = np.full((n, n_groups, k), -np.inf, np.float32)
-    tol = similarity_tolerance(Q, X)
+    tol = similarity_tolerance(Q, max_norm(X))
     step = block_rows(X.shape[0], max_block_bytes)
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -557,6 +567,11 @@ class SearchedNeighbors:
     groups: np.ndarray
     k: int
     max_block_bytes: int = DEFAULT_BLOCK_BYTES
+    x_norm: float | None = None  # max_norm(X), kept: a leaderboard's LODO merges thousands of times
+
+    def __post_init__(self):
+        if self.x_norm is None:
+            object.__setattr__(self, "x_norm", max_norm(self.X))
 
     def merge(self, allowed: np.ndarray, rows: np.ndarray | None = None, k: int | None = None) -> Neighbors:
         k = self.k if k is None else k
@@ -564,7 +579,7 @@ class SearchedNeighbors:
             raise ValueError(f"searched {self.k} per group; cannot merge to {k}")
         rows = np.arange(self.X.shape[0]) if rows is None else np.asarray(rows)
         return cosine_topk(self.X[rows], self.X, k, exclude=~np.asarray(allowed, bool)[self.groups],
-                           self_rows=rows, max_block_bytes=self.max_block_bytes)
+                           self_rows=rows, max_block_bytes=self.max_block_bytes, x_norm=self.x_norm)
 
 
 def self_neighbors(X: np.ndarray, groups: np.ndarray, k: int, *,

@@ -48,6 +48,7 @@ from benchroute.transforms.knn import (
     DEFAULT_BLOCK_BYTES,
     KNNCorrectness,
     Neighbors,
+    max_norm,
     normalize_rows,
 )
 from benchroute.transforms.label_matrix import column_means, labelled_counts, rows_with_label, value_range
@@ -232,6 +233,7 @@ class _KNNBase(BasePredictor):
             self.n_neighbors, weights=weights, fallback="nan", max_block_bytes=DEFAULT_BLOCK_BYTES
         )
         knn.X_ = np.ascontiguousarray(X, dtype=np.float32)
+        knn.x_norm_ = max_norm(knn.X_)  # once per index, not per search
         self.Y_ = np.asarray(Y, dtype=np.float32)
         knn.Y_ = self.Y_.astype(np.float64)
         knn.train_mean_ = label_counts_and_means(knn.Y_)[1]
