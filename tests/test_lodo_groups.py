@@ -115,3 +115,4 @@ def test_a_synthetic_leaderboard_without_a_complete_model_is_evaluated_on_its_bl
     assert kept.height == len(g.datasets) * len(g.models)
     ev = evaluate_all(Store(store), identity.id, Selection(), RouterSpec())[g.name]
     assert "skipped" not in ev and ev["n_tasks"] == len(g.datasets) and ev["n_models"] == len(g.models)
+    assert ev["datasets_dropped"] == len(g.dropped_datasets)  # the bundle's manifest says so

@@ -104,6 +104,8 @@ def evaluate_groups(
         if ev.table1.height == 0:
             skipped[g.name] = f"no held-out dataset has {config.min_inputs}+ inputs labelled for every model"
             continue
+        if g.dropped_datasets:  # a complete block of a partly covered source (lodo_groups)
+            ev.summary["datasets_dropped"] = len(g.dropped_datasets)
         results[g.name] = ev
         if log:
             log.info(
