@@ -50,11 +50,13 @@ def selection_filter(memberships: pl.DataFrame, sel: Selection) -> pl.Expr:
     return keep
 
 
-def label_batches(store: Store, keep: pl.Expr, columns: list[str] | None = None):
-    """A callable giving the selected labels a stored part at a time (``LABEL_COLUMNS``), the
-    same parts in the same order on every call (``BenchmarkArrays.from_batches`` reads them
+def label_batches(store: Store, keep: pl.Expr, columns: list[str] | None = None,
+                  parts: list[str] | None = None):
+    """A callable giving the selected labels a stored part at a time (``columns``, default
+    ``LABEL_COLUMNS``; they must include what ``keep`` reads), the same parts (``parts``, default
+    the store's now) in the same order on every call (``BenchmarkArrays.from_batches`` reads them
     two or three times)."""
-    parts = store.parts("labels")
+    parts = store.parts("labels") if parts is None else parts
     cols = columns or LABEL_COLUMNS
 
     def batches():
@@ -136,8 +138,8 @@ class SelectedLabels:
                                    *(where.meta.root_names() if where is not None else [])]))
 
         def stored():
-            for rel in self.parts:
-                yield self.store.read_parts("labels", [rel], read).filter(keep).select(cols)
+            for part in label_batches(self.store, keep, read, self.parts)():
+                yield part.select(cols)
 
         return held if self.held is not None else stored
 

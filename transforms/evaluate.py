@@ -203,6 +203,10 @@ class DatasetRows(Sequence):
             return [self[i] for i in range(*d.indices(len(self)))]
         return self.Y[self.d_rows[d]]
 
+    def take(self, d: int, keep: np.ndarray) -> np.ndarray:
+        """``self[d][keep]`` in one copy (not all of d's rows, then the kept ones)."""
+        return self.Y[self.d_rows[d][keep]]
+
 
 @dataclass(frozen=True)
 class BenchmarkArrays:
