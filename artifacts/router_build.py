@@ -311,6 +311,17 @@ def routing_curve(bench: BenchmarkArrays, cost: CostData, predictor: str, *, see
 # on the bundle's own datasets and models.
 
 
+def stability_too_big(store: Store) -> str | None:
+    """Why a stability summary is not computed for ``store``, or None: it reads every stored
+    label and outcome as one frame (``transforms.stability_summary``), so not past
+    ``FRAME_MAX_LABELS`` of either (counted from the parts' footers, nothing read)."""
+    stored = max(sum(store.part_rows(rel) for rel in store.parts(t)) for t in ("labels", "outcomes"))
+    if stored <= FRAME_MAX_LABELS:
+        return None
+    return (f"not computed: the store holds {stored:,} labels or outcomes, more than the "
+            f"{FRAME_MAX_LABELS:,} the stability summary reads into memory (--stability-B 0 skips it)")
+
+
 def bundle_stability(store: Store, labels: pl.DataFrame, B: int = STABILITY_B, *,
                      embeddings: tuple[np.ndarray, list[str]] | None = None, eval_config=None):
     """``transforms.stability_summary`` of the bundle's datasets and models (its labels); with
@@ -507,7 +518,10 @@ def bundle_content(
         "evaluation": finite(evaluation),
         "spec": {"selection": sel.to_dict(), "router": router.to_dict()},
     }
-    if evaluation and router.stability_B > 0:
+    too_big = stability_too_big(store) if evaluation and router.stability_B > 0 else None
+    if too_big:  # a leaderboard: the bundle says why it has no stability summary
+        meta["stability"] = {"notes": [too_big], "groups": {}, "models": {}}
+    elif evaluation and router.stability_B > 0:
         from benchroute.transforms.evaluate import EvalConfig
 
         routing_ok = weights == "uniform"  # the exact kNN bootstrap's condition

@@ -147,6 +147,24 @@ def test_report_skips_stability_past_the_labels_held_in_memory(embedded_sample_s
     assert not (out / "stability").exists()
 
 
+def test_a_bundle_past_the_limit_says_why_it_has_no_stability_summary(embedded_sample_store, tmp_path, monkeypatch):
+    """A publish with evaluation on a store too big for the stability summary still publishes:
+    its manifest's stability holds the reason (a valid manifest), not a refusal."""
+    from benchroute.artifacts import router_build
+    from benchroute.artifacts.bundle import BundleStore, open_bundle
+    from benchroute.flows.publish import build_content
+
+    monkeypatch.setattr(router_build, "FRAME_MAX_LABELS", 1000)
+    content = build_content(embedded_sample_store, "stab", FitOptions(Selection(sources=["mmlu_pro"])))
+    st = content.meta["stability"]
+    assert st["groups"] == {} and st["models"] == {} and st["notes"][0].startswith("not computed")
+    assert content.meta["evaluation"]["mmlu_pro"]["n_tasks"] > 0
+    assert all("rank_lo" not in m for m in content.meta["models"])
+    target = str(tmp_path / "bundles")
+    BundleStore(target).publish(content, code_version="t")
+    assert open_bundle(target, "stab").manifest["stability"] == st
+
+
 def test_bundle_manifest_holds_the_stability_summary(embedded_sample_store, tmp_path, capsys):
     from benchroute.artifacts.bundle import BundleError, BundleStore, open_bundle
     from benchroute.flows.publish import build_content

@@ -22,6 +22,7 @@ from benchroute.artifacts.router_build import (
     SelectedLabels,
     cost_data,
     evaluation_entry,
+    stability_too_big,
     token_frames,
     unperturbed_outcomes,
 )
@@ -202,11 +203,9 @@ def evaluate_store(
     }
     meta["predictors"] = ", ".join(dict.fromkeys(predictors or ["knn", DEFAULT_PREDICTOR]))
     stability = None
-    # the stability section reads every stored label and outcome as one frame: not past the limit
-    stored = max(sum(store.part_rows(rel) for rel in store.parts(t)) for t in ("labels", "outcomes"))
-    if stability_B > 0 and stored > labels.limit:
-        meta["stability"] = (f"not computed: the store holds {stored:,} labels or outcomes, more than "
-                             f"the {labels.limit:,} it reads into memory (--stability-B 0 skips it)")
+    too_big = stability_too_big(store) if stability_B > 0 else None
+    if too_big:
+        meta["stability"] = too_big
     elif stability_B > 0:
         datasets = (memberships.filter(pl.col("source").is_in(sources))["dataset"].unique().to_list()
                     if sources else None)
