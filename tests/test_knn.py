@@ -320,3 +320,37 @@ def test_grouped_searched_and_narrowed_lists_agree_on_near_duplicates():
         nar = narrowed(base, allowed[groups], lambda at: searched.merge(allowed, rows=at))
         for got in (kept.merge(allowed), searched.merge(allowed), nar):
             np.testing.assert_array_equal(got.indices, ref)
+
+
+def test_keys_within_twice_the_tolerance_are_scored_again_across_binades():
+    """The gap between two keys is taken in float64: 1.0 and -(2^-24 + 2^-26) are within 2 tol,
+    but their float32 difference rounds past it (found by review): both are scored again."""
+    from benchroute.transforms.knn import exact_order
+
+    a, b = np.float32(1.0), np.float32(-(2.0**-24 + 2.0**-26))
+    scored = []
+
+    def score(r, cols):
+        scored.extend(cols.tolist())
+        return np.full(len(cols), 0.5, np.float32)
+
+    i, _ = exact_order(np.array([[0, 1]]), np.array([[a, b]], np.float32), np.array([0.50000005]), 1,
+                       score, presorted=True)
+    assert sorted(scored) == [0, 1] and i.tolist() == [[0]]  # equal canonical values: the lower row
+
+
+def test_a_zero_query_takes_the_lowest_allowed_rows_without_scoring_the_index_again():
+    from benchroute.transforms import knn
+
+    X = _near_duplicates(n_base=4, copies=10, d=16)
+    exclude = np.zeros(len(X), bool)
+    exclude[[0, 2]] = True
+    scored = []
+    real = knn.canonical_similarity
+    knn.canonical_similarity = lambda *a: scored.append(len(a[2])) or real(*a)
+    try:
+        got = cosine_topk(np.zeros((1, 16), np.float32), X, 3, exclude=exclude)
+    finally:
+        knn.canonical_similarity = real
+    assert got.indices.tolist() == [[1, 3, 4]] and (got.similarities == 0).all()
+    assert sum(scored) <= 3 + knn.SPARE  # the spare candidates at most, never all 40 rows

@@ -137,8 +137,8 @@ def lodo_accuracies(
         if kept is not None:
             kept[d] = (dataset_rows[d][keep], first_k)
         G = aggregate_labels(first_k, Y, weights=weights, fallback=fb)
-        P[d] = binarized_accuracy(G, dataset_labels.take(d, keep) if hasattr(dataset_labels, "take")
-                                  else dataset_labels[d][keep])  # DatasetRows: one copy
+        take = None if isinstance(dataset_labels, np.ndarray) else getattr(dataset_labels, "take", None)
+        P[d] = binarized_accuracy(G, take(d, keep) if take else dataset_labels[d][keep])  # DatasetRows: one copy
         u[d] = mean_knn_distance(neigh, k_descriptor or k)
     return P, u
 

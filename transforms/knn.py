@@ -166,7 +166,9 @@ def similarity_tolerance(Q: np.ndarray, x_norm: float) -> np.ndarray:
     d = Q.shape[1]
     levels = int(np.ceil(np.log2(max(d, 1)))) + 1
     q = np.sqrt(np.einsum("ij,ij->i", Q, Q).astype(np.float64))
-    return (_gamma(d) + _gamma(levels)) * 1.001 * q * x_norm + 1e-30
+    bound = (_gamma(d) + _gamma(levels)) * 1.001 * q * x_norm
+    # a zero query's products and canonical values are all exactly 0: nothing to score again
+    return np.where(q > 0, np.maximum(bound, 1e-30), 0.0)
 
 
 def canonical_similarity(Q: np.ndarray, X: np.ndarray, q_rows: np.ndarray, x_rows: np.ndarray) -> np.ndarray:
@@ -204,10 +206,11 @@ def exact_order(cand: np.ndarray, keys: np.ndarray, tol: np.ndarray, k: int, sco
     similarities ``keys`` (-inf for none), each within ``tol`` (n,) of the canonical value;
     ``presorted``: already in the order (key descending, row ascending).
 
-    The candidates must hold every row whose key can reach the k-th largest key less 2 tol
-    (the callers check it). Two keys more than 2 tol apart order as their canonical values
-    do; within that, both are scored again with ``score(query_positions, rows)`` (canonical
-    values). Keys then compare as canonical values would, so the cut and the order are exact."""
+    The candidates must hold each query's canonical top k (the callers ensure it: a search keeps
+    every row within 2 tol of its k-th product, a merge each group's canonical top k). Two keys
+    more than 2 tol apart order as their canonical values do; within that, both are scored
+    again with ``score(query_positions, rows)`` (canonical values). Keys then compare as
+    canonical values would, so the cut and the order are exact."""
     n, c = cand.shape
     if c == 0 or n == 0:
         return np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
@@ -227,7 +230,8 @@ def exact_order(cand: np.ndarray, keys: np.ndarray, tol: np.ndarray, k: int, sco
     width = max(min(k, c), int(near.sum(axis=1).max()))  # near is a prefix: the rest cannot matter
     cand, keys, near = cand[:, :width], keys[:, :width].copy(), near[:, :width]
     with np.errstate(invalid="ignore"):  # -inf - -inf past the candidates
-        pair = ((keys[:, :-1] - keys[:, 1:]) <= span) & near[:, :-1] & near[:, 1:]
+        # in float64: a float32 difference of keys in different binades can round past span
+        pair = ((keys[:, :-1].astype(np.float64) - keys[:, 1:]) <= span) & near[:, :-1] & near[:, 1:]
     close = np.zeros_like(near)
     close[:, :-1] |= pair
     close[:, 1:] |= pair
@@ -256,7 +260,7 @@ def exact_topk(S: np.ndarray, Q: np.ndarray, X: np.ndarray, k: int, tol: np.ndar
     pool_i, pool_s = topk_of_rows(S, k + SPARE)
     kth = pool_s[:, min(k, pool_s.shape[1]) - 1] if pool_s.shape[1] else np.full(n, -np.inf)
     last = pool_s[:, -1] if pool_s.shape[1] else np.full(n, -np.inf)
-    short = np.isfinite(last) & (last >= kth - 2 * tol) & (c > k + SPARE)
+    short = np.isfinite(last) & (last >= kth - 2 * tol) & (c > k + SPARE) & (tol > 0)
 
     whole = np.flatnonzero(~short)
     out_i, out_s = exact_order(pool_i[whole], pool_s[whole], tol[whole], k,
@@ -264,11 +268,13 @@ def exact_topk(S: np.ndarray, Q: np.ndarray, X: np.ndarray, k: int, tol: np.ndar
     res_i = np.empty((n, k), np.int64)
     res_s = np.empty((n, k), np.float32)
     res_i[whole], res_s[whole] = out_i, out_s
-    for r in np.flatnonzero(short):  # rare: more near-equal rows than spare candidates
-        cols = np.flatnonzero(S[r] >= kth[r] - 2 * tol[r])
-        i, s = exact_order(cols[None, :], S[r, cols][None, :], tol[r : r + 1], k,
-                           lambda _, cc, q=r: canonical_similarity(Q, X, np.full(len(cc), q), cc))
-        res_i[r], res_s[r] = i[0], s[0]
+    wide = np.flatnonzero(short)
+    if wide.size:  # more near-equal rows than spare candidates (duplicated inputs): all of them
+        near = S[wide] >= (kth[wide] - 2 * tol[wide])[:, None]
+        wide_i, wide_s = topk_of_rows(S[wide], int(near.sum(axis=1).max()))
+        res_i[wide], res_s[wide] = exact_order(
+            wide_i, wide_s, tol[wide], k, lambda r, cols: canonical_similarity(Q, X, wide[r], cols),
+            presorted=True)
     return res_i, res_s
 
 
@@ -498,10 +504,11 @@ class GroupedNeighbors:
         k = self.k if k is None else k
         if k > self.k:
             raise ValueError(f"searched {self.k} per group; cannot merge to {k}")
-        rows = np.arange(self.indices.shape[0]) if rows is None else np.arange(self.indices.shape[0])[rows]
+        sel = slice(None) if rows is None else rows  # a view of every query's lists, not a copy
+        rows = np.arange(self.indices.shape[0])[sel]
         allowed = np.asarray(allowed, bool)
-        idx = self.indices[rows][:, allowed, :k]
-        sim = self.similarities[rows][:, allowed, :k]
+        idx = self.indices[sel][:, allowed, :k]
+        sim = self.similarities[sel][:, allowed, :k]
         n = idx.shape[0]
         # Each group's list is its canonical top k, so their union holds the union's top k;
         # ``exact_order`` gives the same order and cut as one search over the union of groups.
