@@ -354,3 +354,16 @@ def test_a_zero_query_takes_the_lowest_allowed_rows_without_scoring_the_index_ag
         knn.canonical_similarity = real
     assert got.indices.tolist() == [[1, 3, 4]] and (got.similarities == 0).all()
     assert sum(scored) <= 3 + knn.SPARE  # the spare candidates at most, never all 40 rows
+
+
+def test_stored_group_lists_take_every_near_equal_row_of_a_group():
+    """Per-group lists where one group holds more near-equal rows than spare candidates: merged,
+    they equal the canonical reference (each group's list is cut by the short path too)."""
+    X = _near_duplicates(n_base=4, copies=90, seed=5)
+    n = len(X)
+    groups = np.random.default_rng(6).integers(0, 3, n)
+    grouped = grouped_topk(X, X, groups, 5, self_rows=np.arange(n), max_block_bytes=13 * n * 4)
+    for allowed in ([1, 1, 1], [0, 1, 1], [1, 0, 0]):
+        allowed = np.array(allowed, bool)
+        ref = _canonical_reference(X, X, 5, exclude=~allowed[groups], self_rows=np.arange(n))
+        np.testing.assert_array_equal(grouped.merge(allowed).indices, ref)

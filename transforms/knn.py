@@ -143,6 +143,7 @@ def topk_of_rows(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
 SPARE = 8  # candidates past the k-th that the search keeps for ``exact_order``
+POOL_BYTES = 32 * 2**20  # grouped_topk: candidate pools of this many bytes ordered in one batch
 RESCORE_BYTES = 16 * 2**20  # float32 products of one chunk of pairs scored again
 
 
@@ -251,30 +252,41 @@ def exact_order(cand: np.ndarray, keys: np.ndarray, tol: np.ndarray, k: int, sco
     return out_i, out_s
 
 
-def exact_topk(S: np.ndarray, Q: np.ndarray, X: np.ndarray, k: int, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``topk_of_rows`` of the products ``S`` (Q × X.T, -inf where excluded) in the canonical
-    order: the first k + ``SPARE`` columns by product, then ``exact_order``. A row where the
-    spare candidates do not reach 2 tol below the k-th product (many near-equal rows, e.g.
-    duplicated inputs) takes every column that close from ``S``."""
+def candidate_pool(S: np.ndarray, k: int, tol: np.ndarray):
+    """The first k + ``SPARE`` columns of each row of the products ``S`` (``topk_of_rows``), and
+    which rows they do not cover (``short``: the spare candidates do not reach 2 tol below the
+    k-th product, so a row past them may belong to the canonical top k)."""
     n, c = S.shape
     pool_i, pool_s = topk_of_rows(S, k + SPARE)
-    kth = pool_s[:, min(k, pool_s.shape[1]) - 1] if pool_s.shape[1] else np.full(n, -np.inf)
-    last = pool_s[:, -1] if pool_s.shape[1] else np.full(n, -np.inf)
-    short = np.isfinite(last) & (last >= kth - 2 * tol) & (c > k + SPARE) & (tol > 0)
+    kth = pool_s[:, k - 1]
+    short = np.isfinite(pool_s[:, -1]) & (pool_s[:, -1] >= kth - 2 * tol) & (c > k + SPARE) & (tol > 0)
+    return pool_i, pool_s, short, kth
 
+
+def wide_topk(S: np.ndarray, Q: np.ndarray, X: np.ndarray, kth: np.ndarray, tol: np.ndarray, k: int):
+    """``exact_topk`` of rows the spare candidates do not cover (many near-equal rows, e.g.
+    duplicated inputs): every column within 2 tol of the k-th product is a candidate."""
+    near = S >= (kth - 2 * tol)[:, None]
+    cand_i, cand_s = topk_of_rows(S, int(near.sum(axis=1).max()))
+    return exact_order(cand_i, cand_s, tol, k, lambda r, cols: canonical_similarity(Q, X, r, cols),
+                       presorted=True)
+
+
+def exact_topk(S: np.ndarray, Q: np.ndarray, X: np.ndarray, k: int, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``topk_of_rows`` of the products ``S`` (Q × X.T, -inf where excluded) in the canonical
+    order: the first k + ``SPARE`` columns by product, then ``exact_order``; rows those do not
+    cover by ``wide_topk``."""
+    n = S.shape[0]
+    pool_i, pool_s, short, kth = candidate_pool(S, k, tol)
     whole = np.flatnonzero(~short)
-    out_i, out_s = exact_order(pool_i[whole], pool_s[whole], tol[whole], k,
-                               lambda r, cols: canonical_similarity(Q, X, whole[r], cols), presorted=True)
     res_i = np.empty((n, k), np.int64)
     res_s = np.empty((n, k), np.float32)
-    res_i[whole], res_s[whole] = out_i, out_s
+    res_i[whole], res_s[whole] = exact_order(
+        pool_i[whole], pool_s[whole], tol[whole], k,
+        lambda r, cols: canonical_similarity(Q, X, whole[r], cols), presorted=True)
     wide = np.flatnonzero(short)
-    if wide.size:  # more near-equal rows than spare candidates (duplicated inputs): all of them
-        near = S[wide] >= (kth[wide] - 2 * tol[wide])[:, None]
-        wide_i, wide_s = topk_of_rows(S[wide], int(near.sum(axis=1).max()))
-        res_i[wide], res_s[wide] = exact_order(
-            wide_i, wide_s, tol[wide], k, lambda r, cols: canonical_similarity(Q, X, wide[r], cols),
-            presorted=True)
+    if wide.size:
+        res_i[wide], res_s[wide] = wide_topk(S[wide], Q[wide], X, kth[wide], tol[wide], k)
     return res_i, res_s
 
 
@@ -549,13 +561,38 @@ def grouped_topk(
             rows = np.asarray(self_rows[start:stop])
             hit = rows >= 0
             S[np.nonzero(hit)[0], pos_of_row[rows[hit]]] = -np.inf
+        Qb, tb = Q[start:stop], tol[start:stop]
+        pending: list = []  # groups' candidate pools, ordered in one ``exact_order`` per batch
+
+        def flush():
+            gs = [g for g, _, _ in pending]
+            pi = np.stack([p for _, p, _ in pending], axis=1)  # (b, groups, k + SPARE), global rows
+            ps = np.stack([p for _, _, p in pending], axis=1)
+            m = len(gs)
+            i, s = exact_order(pi.reshape(-1, pi.shape[2]), ps.reshape(-1, ps.shape[2]), np.repeat(tb, m), k,
+                               lambda r, cols: canonical_similarity(Qb, X, r // m, cols), presorted=True)
+            out_i[start:stop, gs] = i.reshape(-1, m, k)
+            out_s[start:stop, gs] = s.reshape(-1, m, k)
+            pending.clear()
+
+        wide = []
         for g in range(n_groups):
             lo, hi = bounds[g], bounds[g + 1]
             if hi == lo:
                 continue
-            i, s = exact_topk(S[:, lo:hi], Q[start:stop], Xs[lo:hi], k, tol[start:stop])
-            out_i[start:stop, g] = np.where(i >= 0, order[lo + np.maximum(i, 0)], -1)
-            out_s[start:stop, g] = s
+            # Xs's rows of a group keep X's order (stable sort): local column order = row order
+            pi, ps, short, kth = candidate_pool(S[:, lo:hi], k, tb)
+            pending.append((g, np.where(pi >= 0, order[lo + np.maximum(pi, 0)], -1), ps))
+            if short.any():
+                r = np.flatnonzero(short)
+                i, s = wide_topk(S[r, lo:hi], Qb[r], Xs[lo:hi], kth[r], tb[r], k)
+                wide.append((g, start + r, np.where(i >= 0, order[lo + np.maximum(i, 0)], -1), s))
+            if len(pending) * (stop - start) * (k + SPARE) * 12 >= POOL_BYTES:
+                flush()
+        if pending:
+            flush()
+        for g, r, i, s in wide:  # after the pools: these rows' lists come from every close column
+            out_i[r, g], out_s[r, g] = i, s
     return GroupedNeighbors(out_i, out_s, Q, X, tol)
 
 
