@@ -107,9 +107,8 @@ class SelectedLabels:
         coverage = pl.DataFrame(schema={"dataset": pl.String, "model": pl.String})
         ids = pl.Series("input_id", [], pl.String)
         rows = 0
-        for rel in self.parts:
-            cols = LABEL_COLUMNS if held is not None else ["input_id", "dataset", "model"]
-            part = self.store.read_parts("labels", [rel], cols).filter(self.keep)
+        cols = LABEL_COLUMNS if held is not None else ["input_id", "dataset", "model"]
+        for part in label_batches(store, self.keep, cols, self.parts)():
             coverage = pl.concat([coverage, part.select("dataset", "model").unique()]).unique()
             ids = pl.concat([ids, part["input_id"].unique()]).unique()
             rows += part.height

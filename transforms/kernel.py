@@ -114,6 +114,8 @@ def lodo_accuracies(
     banned = group_members[:, held].any(axis=1)
     if totals is None and fallback == "train_mean":
         totals = fallback_totals(Y, Y.nbytes)
+    # DatasetRows (a leaderboard's labels as Y's rows) takes the kept rows in one copy
+    take = None if isinstance(dataset_labels, np.ndarray) else getattr(dataset_labels, "take", None)
     for d in range(D):
         keep = ~banned[row_groups[dataset_rows[d]]]  # d's inputs that are not held out
         if held[d] or not keep.any():
@@ -137,8 +139,7 @@ def lodo_accuracies(
         if kept is not None:
             kept[d] = (dataset_rows[d][keep], first_k)
         G = aggregate_labels(first_k, Y, weights=weights, fallback=fb)
-        take = None if isinstance(dataset_labels, np.ndarray) else getattr(dataset_labels, "take", None)
-        P[d] = binarized_accuracy(G, take(d, keep) if take else dataset_labels[d][keep])  # DatasetRows: one copy
+        P[d] = binarized_accuracy(G, take(d, keep) if take else dataset_labels[d][keep])
         u[d] = mean_knn_distance(neigh, k_descriptor or k)
     return P, u
 

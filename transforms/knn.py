@@ -562,6 +562,10 @@ def grouped_topk(
             hit = rows >= 0
             S[np.nonzero(hit)[0], pos_of_row[rows[hit]]] = -np.inf
         Qb, tb = Q[start:stop], tol[start:stop]
+
+        def rows_of(i, lo):  # a group's local columns as X's rows (-1 stays -1)
+            return np.where(i >= 0, order[lo + np.maximum(i, 0)], -1)
+
         pending: list = []  # groups' candidate pools, ordered in one ``exact_order`` per batch
 
         def flush():
@@ -582,11 +586,11 @@ def grouped_topk(
                 continue
             # Xs's rows of a group keep X's order (stable sort): local column order = row order
             pi, ps, short, kth = candidate_pool(S[:, lo:hi], k, tb)
-            pending.append((g, np.where(pi >= 0, order[lo + np.maximum(pi, 0)], -1), ps))
+            pending.append((g, rows_of(pi, lo), ps))
             if short.any():
                 r = np.flatnonzero(short)
                 i, s = wide_topk(S[r, lo:hi], Qb[r], Xs[lo:hi], kth[r], tb[r], k)
-                wide.append((g, start + r, np.where(i >= 0, order[lo + np.maximum(i, 0)], -1), s))
+                wide.append((g, start + r, rows_of(i, lo), s))
             if len(pending) * (stop - start) * (k + SPARE) * 12 >= POOL_BYTES:
                 flush()
         if pending:
